@@ -1,0 +1,309 @@
+//! The contract between the nmifuzz guest kernel and the host VMM.
+//!
+//! Both sides compile this crate: the guest (`no_std`, `x86_64-unknown-none`) and the VMM. Every
+//! structure that crosses the boundary lives in guest memory, is `#[repr(C)]`, holds only
+//! integers (so any bit pattern is a valid value) and has its size pinned by a test below.
+//!
+//! - **Reports** go from guest to host through port I/O: a byte on [`port::CONSOLE`], or a
+//!   [`Report`] code in EAX on [`port::REPORT`]. DONE and PANIC leave their details in the
+//!   [`Mailbox`], a guest static the host finds by the symbol [`MAILBOX_SYMBOL`].
+//! - **The script** goes from host to guest: before each run the VMM writes a [`Script`] into the
+//!   guest static named [`SCRIPT_SYMBOL`]. It selects the workload and the NMI entry variant and
+//!   says what each `do_nmi` call does.
+#![no_std]
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Version of this contract; bumped on every incompatible change to the structures below.
+pub const ABI_VERSION: u32 = 1;
+
+/// Symbol of the guest's [`Script`] buffer.
+pub const SCRIPT_SYMBOL: &str = "NMIFUZZ_SCRIPT";
+/// Symbol of the guest's [`Mailbox`].
+pub const MAILBOX_SYMBOL: &str = "NMIFUZZ_MAILBOX";
+
+/// I/O ports the guest writes to. `out` is never used inside an NMI entry path: on kvm_pvm the
+/// single-step stop right after an `out` is lost.
+pub mod port {
+    /// One byte of console output per `out dx, al` (the legacy COM1 data port).
+    pub const CONSOLE: u16 = 0x3f8;
+    /// A [`Report`](super::Report) code per `out dx, eax`.
+    pub const REPORT: u16 = 0xf4;
+    /// `out dx, al` that means nothing: the ping workload's exits, for measuring exit cost.
+    pub const PING: u16 = 0x80;
+}
+
+/// What the guest tells the host on [`port::REPORT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Report {
+    /// Boot finished; the host takes its snapshot here and writes the script.
+    Ready = 1,
+    /// The workload finished; [`Mailbox::counters`] holds its counters.
+    Done = 2,
+    /// The guest panicked; [`Mailbox::panic`] holds the message and location.
+    Panic = 3,
+}
+
+impl Report {
+    /// Decodes a report code; `None` for anything the contract does not define.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            1 => Some(Self::Ready),
+            2 => Some(Self::Done),
+            3 => Some(Self::Panic),
+            _ => None,
+        }
+    }
+}
+
+/// `Script::magic`: "NMIS" little-endian. A script without it was never written by the host.
+pub const SCRIPT_MAGIC: u32 = u32::from_le_bytes(*b"NMIS");
+/// `Mailbox::magic`: "NMIM" little-endian, set by the guest at boot.
+pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"NMIM");
+
+/// Number of per-call entries in [`Script::actions`]. Calls beyond the last entry return at once.
+pub const MAX_ACTIONS: usize = 32;
+
+/// The NMI entry variant. The host points IDT vector 2 at its [`Variant::entry_symbol`] when it
+/// writes the script, so that even an NMI at the first instruction of a run enters it; the
+/// guest checks that the gate matches the script.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Variant {
+    /// IST entry, save registers, call `do_nmi`, IRETQ: no nesting support (Linux before 3.3).
+    Naive = 1,
+}
+
+impl Variant {
+    /// Every variant the guest links in, in a stable order.
+    pub const ALL: &'static [Variant] = &[Variant::Naive];
+
+    /// Decodes a script's variant field.
+    pub fn from_code(code: u32) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| *v as u32 == code)
+    }
+
+    /// The variant called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.name() == name)
+    }
+
+    /// The name users type (`--variant NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Naive => "naive",
+        }
+    }
+
+    /// The symbol of the variant's NMI entry, which the VMM installs in IDT vector 2.
+    pub fn entry_symbol(self) -> &'static str {
+        match self {
+            Self::Naive => "nmi_naive",
+        }
+    }
+
+    /// One line on what the variant is.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Self::Naive => {
+                "IST entry, save registers, call do_nmi, IRETQ; no nesting support (Linux < 3.3)"
+            }
+        }
+    }
+}
+
+/// What the code NMIs interrupt does. Only [`Workload::Loop`] is a real fuzzing target; the
+/// others are purpose-made misbehaviours that let tests produce every host-side verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Workload {
+    /// `workload_arg` iterations of a register-checking loop, then DONE.
+    Loop = 0,
+    /// Panic at once with a fixed message (tests the PANIC report).
+    Panic = 1,
+    /// Load an empty IDT and execute `ud2`: #UD, #DF and then a triple fault.
+    TripleFault = 2,
+    /// Execute an instruction KVM cannot emulate at ring 0 on kvm_pvm (`popcnt`).
+    EmulationError = 3,
+    /// Spin forever on a `jmp` to itself without any exit.
+    Spin = 4,
+    /// Execute `vmcall`, which never returns to the host on kvm_pvm.
+    Vmcall = 5,
+    /// Write one qword into each of `workload_arg` consecutive pages of scratch memory, then DONE.
+    Scribble = 6,
+    /// Execute `workload_arg` ring-0 `int3`s, each handled by #BP on its IST stack, then DONE.
+    Breakpoint = 7,
+    /// `workload_arg` times `out` to [`port::PING`], then DONE; 0 is the idle guest.
+    Ping = 8,
+}
+
+impl Workload {
+    /// Decodes a script's workload field.
+    pub fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
+            0 => Self::Loop,
+            1 => Self::Panic,
+            2 => Self::TripleFault,
+            3 => Self::EmulationError,
+            4 => Self::Spin,
+            5 => Self::Vmcall,
+            6 => Self::Scribble,
+            7 => Self::Breakpoint,
+            8 => Self::Ping,
+            _ => return None,
+        })
+    }
+}
+
+/// Bits of [`Action::faults`]: exceptions `do_nmi` raises, in this order, after its busy work.
+pub mod fault {
+    /// Execute `ud2`; #UD is handled on the current stack and returns with IRETQ.
+    pub const UD: u32 = 1 << 0;
+    /// Every bit the guest understands; any other bit is a malformed script.
+    pub const ALL: u32 = UD;
+}
+
+/// What one `do_nmi` call does.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct Action {
+    /// Iterations of busy work (a few instructions each) before any fault.
+    pub busy: u32,
+    /// [`fault`] bits; 0 returns right after the busy work.
+    pub faults: u32,
+}
+
+/// The host-written half of an input; see the crate documentation.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Script {
+    /// [`SCRIPT_MAGIC`].
+    pub magic: u32,
+    /// [`ABI_VERSION`].
+    pub version: u32,
+    /// A [`Variant`] code.
+    pub variant: u32,
+    /// Reserved for entry options; must be 0 in this version.
+    pub options: u32,
+    /// A [`Workload`] code.
+    pub workload: u32,
+    /// The workload's parameter (iterations, pages, breakpoints).
+    pub workload_arg: u32,
+    /// How many entries of `actions` are valid (at most [`MAX_ACTIONS`]).
+    pub action_count: u32,
+    /// Must be 0.
+    pub reserved: u32,
+    /// `actions[i]` is what the i-th `do_nmi` call of the run does.
+    pub actions: [Action; MAX_ACTIONS],
+}
+
+impl Script {
+    /// A script that runs `workload` with `workload_arg` under `variant`, every NMI returning at once.
+    pub const fn new(variant: Variant, workload: Workload, workload_arg: u32) -> Self {
+        Self {
+            magic: SCRIPT_MAGIC,
+            version: ABI_VERSION,
+            variant: variant as u32,
+            options: 0,
+            workload: workload as u32,
+            workload_arg,
+            action_count: 0,
+            reserved: 0,
+            actions: [Action { busy: 0, faults: 0 }; MAX_ACTIONS],
+        }
+    }
+}
+
+/// Counters the guest keeps for one run; reported with DONE and readable at any exit.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct Counters {
+    /// Completed iterations of the workload loop.
+    pub workload_iterations: u64,
+    /// Calls of `do_nmi` (one per NMI the entry let through to it).
+    pub do_nmi_calls: u64,
+    /// #UD exceptions handled.
+    pub invalid_opcodes: u64,
+    /// #BP exceptions handled.
+    pub breakpoints: u64,
+    /// Pages written by the scribble workload.
+    pub pages_scribbled: u64,
+    /// A checksum of the workload's results, so the host can see it really ran.
+    pub checksum: u64,
+}
+
+/// Bytes of the panic message kept in the mailbox; longer messages are cut.
+pub const PANIC_MESSAGE_LEN: usize = 256;
+/// Bytes of the panic location's file name kept in the mailbox.
+pub const PANIC_FILE_LEN: usize = 96;
+
+/// Where and why the guest panicked.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct PanicRecord {
+    /// The instruction the panic is about: the faulting RIP for an unexpected exception, 0
+    /// for other panics (core's panic machinery keeps no frame pointers to find the caller).
+    pub rip: u64,
+    /// Source line of the panic.
+    pub line: u32,
+    /// Source column of the panic.
+    pub column: u32,
+    /// Valid bytes in `file`.
+    pub file_len: u32,
+    /// Valid bytes in `message`.
+    pub message_len: u32,
+    /// Source file of the panic, UTF-8, cut at [`PANIC_FILE_LEN`].
+    pub file: [u8; PANIC_FILE_LEN],
+    /// The panic message, UTF-8, cut at [`PANIC_MESSAGE_LEN`].
+    pub message: [u8; PANIC_MESSAGE_LEN],
+}
+
+/// The guest's report area; see the crate documentation.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Mailbox {
+    /// [`MAILBOX_MAGIC`] once the guest booted.
+    pub magic: u32,
+    /// The guest's [`ABI_VERSION`].
+    pub version: u32,
+    /// This run's counters.
+    pub counters: Counters,
+    /// Filled before a PANIC report.
+    pub panic: PanicRecord,
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_are_pinned() {
+        assert_eq!(size_of::<Action>(), 8);
+        assert_eq!(size_of::<Script>(), 32 + 8 * MAX_ACTIONS);
+        assert_eq!(size_of::<Counters>(), 48);
+        assert_eq!(size_of::<PanicRecord>(), 24 + PANIC_FILE_LEN + PANIC_MESSAGE_LEN);
+        assert_eq!(size_of::<Mailbox>(), 8 + 48 + 376);
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for r in [Report::Ready, Report::Done, Report::Panic] {
+            assert_eq!(Report::from_code(r as u32), Some(r));
+        }
+        assert_eq!(Report::from_code(0), None);
+        for v in Variant::ALL {
+            assert_eq!(Variant::from_code(*v as u32), Some(*v));
+        }
+        for code in 0..9 {
+            assert_eq!(Workload::from_code(code).map(|w| w as u32), Some(code));
+        }
+        assert_eq!(Workload::from_code(9), None);
+    }
+}

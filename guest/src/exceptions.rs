@@ -1,0 +1,225 @@
+//! Exception and interrupt handlers for all 256 vectors.
+//!
+//! One 16-byte stub per vector (generated with `.rept`) gives every vector a uniform frame and
+//! jumps to `exception_common`, which saves the general registers and calls
+//! [`exception_dispatch`]. Handled: #UD from `ud2` (counted, skipped), #BP (counted). Everything
+//! else is a guest panic naming the exception, since nothing in this guest expects it.
+
+use core::arch::{asm, global_asm};
+use core::mem::{offset_of, size_of};
+use core::ptr::addr_of;
+
+use crate::mailbox::{self, Counter};
+use crate::panic;
+use crate::regs::{GeneralRegs, InterruptFrame, pop_general_regs, push_general_regs};
+use crate::tss::Ist;
+
+/// Vectors with their own handling or stack (SDM Vol. 3A Table 6-1).
+const DEBUG: u64 = 1;
+pub const NMI: u64 = 2;
+const BREAKPOINT: u64 = 3;
+const INVALID_OPCODE: u64 = 6;
+const DOUBLE_FAULT: u64 = 8;
+const PAGE_FAULT: u64 = 14;
+
+/// `ud2` (SDM Vol. 2B "UD—Undefined Instruction"): the one #UD the guest raises on purpose.
+const UD2: [u8; 2] = [0x0f, 0x0b];
+
+/// Mnemonics of the architectural exception vectors: Intel SDM Vol. 3A Table 6-1, plus #HV,
+/// #VC and #SX from the AMD APM Vol. 2 Table 8-1.
+const NAMES: [&str; 32] = [
+    "#DE",
+    "#DB",
+    "NMI",
+    "#BP",
+    "#OF",
+    "#BR",
+    "#UD",
+    "#NM",
+    "#DF",
+    "coprocessor segment overrun",
+    "#TS",
+    "#NP",
+    "#SS",
+    "#GP",
+    "#PF",
+    "reserved",
+    "#MF",
+    "#AC",
+    "#MC",
+    "#XM",
+    "#VE",
+    "#CP",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "#HV",
+    "#VC",
+    "#SX",
+    "reserved",
+];
+
+/// What the stubs leave on the stack for [`exception_dispatch`], lowest address first.
+#[repr(C)]
+pub struct TrapFrame {
+    /// Pushed by `exception_common`.
+    pub regs: GeneralRegs,
+    /// Pushed by the vector's stub.
+    pub vector: u64,
+    /// Pushed by the CPU for vectors 8, 10-14, 17, 21, 29 and 30; a 0 pushed by the stub for
+    /// all others.
+    pub error_code: u64,
+    /// Pushed by the CPU; IRETQ returns through it.
+    pub frame: InterruptFrame,
+}
+
+// The assembly below depends on these.
+const _: () = assert!(size_of::<TrapFrame>() == 22 * 8);
+const _: () = assert!(offset_of!(TrapFrame, vector) == 15 * 8);
+const _: () = assert!(offset_of!(TrapFrame, frame) == 17 * 8);
+
+// exception_common: the half of the exception entry that all 256 stubs share. Runs on the stack
+// the gate chose: an IST stack for NMI, #DF, #BP and #DB, the interrupted stack otherwise.
+//
+// Here's the stack at `call exception_dispatch`:
+//
+// +---------------------------------------------------------+ <- RSP before delivery, aligned
+// | SS                                                      |    to 16 by the CPU
+// | Return RSP       } pushed by the CPU:                   |
+// | RFLAGS           } TrapFrame::frame                     |
+// | CS               }                                      |
+// | RIP              }                                      |
+// +---------------------------------------------------------+
+// | error code       } by the CPU, or 0 by the stub         |
+// | vector           } by the stub                          |
+// +---------------------------------------------------------+
+// | rax .. r15       } by exception_common: TrapFrame::regs |
+// +---------------------------------------------------------+ <- RDI = RBX = &mut TrapFrame
+// | 0 or 8 bytes of padding                                 |
+// +---------------------------------------------------------+ <- RSP at the call, 16-aligned
+//
+// With the CPU's own alignment (SDM Vol. 3A §6.14.2) the 176-byte TrapFrame already ends
+// aligned and the padding is empty; `and rsp, -16` keeps the call aligned even if an emulated
+// delivery skipped that step. RBX is callee-saved, so it still holds the TrapFrame's address
+// after the call, and IRETQ needs nothing but RSP at the hardware frame.
+global_asm!(
+    r#"
+    .pushsection .text.exceptions, "ax"
+    .balign 16
+    .global exception_stubs
+    .type exception_stubs, @function
+exception_stubs:
+    .set .Lvector, 0
+    .rept 256
+    .if (.Lvector == 8) || ((.Lvector >= 10) && (.Lvector <= 14)) || (.Lvector == 17) || (.Lvector == 21) || (.Lvector == 29) || (.Lvector == 30)
+    .else
+    push 0                      /* TrapFrame::error_code: the CPU pushes none for this vector */
+    .endif
+    push .Lvector               /* TrapFrame::vector */
+    jmp exception_common
+    /* Pad to the next 16-byte slot; an error if the stub outgrew its slot. The padding is
+       never executed: int3 (0xcc) would stop the VM if it were. */
+    .org exception_stubs + 16 * (.Lvector + 1), 0xcc
+    .set .Lvector, .Lvector + 1
+    .endr
+    .size exception_stubs, . - exception_stubs
+
+    .global exception_common
+    .type exception_common, @function
+exception_common:
+    cld                         /* the interrupted code may run with DF set; Rust may not */
+"#,
+    push_general_regs!(),
+    r#"
+    mov rbx, rsp                /* callee-saved: the TrapFrame, across the call */
+    mov rdi, rsp                /* exception_dispatch(frame) */
+    and rsp, -16
+    call exception_dispatch
+    mov rsp, rbx
+"#,
+    pop_general_regs!(),
+    r#"
+    add rsp, 16                 /* drop TrapFrame::vector and ::error_code */
+    iretq
+    .size exception_common, . - exception_common
+    .popsection
+"#
+);
+
+unsafe extern "C" {
+    /// The first stub; vector `v`'s is at `+ 16 * v`. Code, not data: only its address is used.
+    #[link_name = "exception_stubs"]
+    static STUBS: u8;
+}
+
+/// The address of `vector`'s stub.
+pub fn stub(vector: usize) -> u64 {
+    addr_of!(STUBS) as u64 + 16 * vector as u64
+}
+
+/// The stack `vector` runs on: NMI, #DF, #BP and #DB have their own; everything else stays on
+/// the interrupted stack, so that a #UD inside `do_nmi` runs on the NMI stack below the NMI's
+/// frame and its IRETQ re-opens NMIs, as it would in Linux.
+pub fn ist(vector: usize) -> Option<Ist> {
+    match vector as u64 {
+        NMI => Some(Ist::Nmi),
+        DOUBLE_FAULT => Some(Ist::DoubleFault),
+        DEBUG | BREAKPOINT => Some(Ist::Debug),
+        _ => None,
+    }
+}
+
+/// Handles the exception described by `trap`; returning resumes at `trap.frame.rip`.
+#[unsafe(no_mangle)]
+extern "C" fn exception_dispatch(trap: &mut TrapFrame) {
+    let rip = trap.frame.rip;
+    match trap.vector {
+        INVALID_OPCODE if is_ud2(rip) => {
+            mailbox::increment(Counter::InvalidOpcodes);
+            trap.frame.rip = rip + UD2.len() as u64;
+        }
+        // A trap: RIP already points after the int3.
+        BREAKPOINT => {
+            mailbox::increment(Counter::Breakpoints);
+        }
+        // The saved RIP of a #DF is undefined (SDM Vol. 3A §6.15, "Interrupt 8"); it is still
+        // the best hint there is.
+        DOUBLE_FAULT => {
+            panic::exception(rip, format_args!("double fault at RIP {rip:#x}"));
+        }
+        PAGE_FAULT => {
+            let cr2: u64;
+            // SAFETY: reading CR2 has no side effects.
+            unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+            panic::exception(
+                rip,
+                format_args!(
+                    "unexpected exception #PF (vector {PAGE_FAULT}), error code {:#x}, at RIP \
+                     {rip:#x}, CR2 {cr2:#x}",
+                    trap.error_code
+                ),
+            );
+        }
+        vector => {
+            let name = NAMES.get(vector as usize).copied().unwrap_or("interrupt");
+            panic::exception(
+                rip,
+                format_args!(
+                    "unexpected exception {name} (vector {vector}), error code {:#x}, at RIP \
+                     {rip:#x}",
+                    trap.error_code
+                ),
+            );
+        }
+    }
+}
+
+/// Whether the instruction at `rip` is `ud2`.
+fn is_ud2(rip: u64) -> bool {
+    // SAFETY: `rip` is where the CPU just decoded the instruction that raised #UD, so its first
+    // two bytes are mapped (all guest memory is, identity-mapped).
+    unsafe { (rip as *const [u8; 2]).read_unaligned() == UD2 }
+}

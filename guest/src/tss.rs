@@ -1,0 +1,141 @@
+//! The 64-bit Task-State Segment and the interrupt stacks (IST) it points to.
+//!
+//! In 64-bit mode the TSS holds no task state: the CPU reads it only for stack pointers (Intel
+//! SDM Vol. 3A §8.7 "Task Management in 64-bit Mode", Figure 8-11). A gate with a non-zero IST
+//! field makes the CPU load RSP from `ist[n - 1]` on every delivery through it, nested or not
+//! (§6.14.5 "Interrupt Stack Table"); that unconditional reload is what makes nested NMIs
+//! overwrite each other's frames. (Section numbers are those of recent SDM editions, where Task
+//! Management is chapter 8; older ones number it 7.)
+//!
+//! Each IST stack has guard qwords at both ends; [`check_guards`] verifies them at the end of a
+//! run (invariant 3 of the design: stack discipline).
+
+use core::mem::{offset_of, size_of};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+/// The guest's IST stacks, as the 1-based numbers a gate's IST field holds (0 in that field
+/// means "stay on the current stack").
+#[derive(Clone, Copy)]
+#[repr(u8)]
+pub enum Ist {
+    /// NMI (vector 2).
+    Nmi = 1,
+    /// #DF (vector 8), so that a double fault caused by a broken stack still has one.
+    DoubleFault = 2,
+    /// #BP and #DB (vectors 3 and 1), as Linux once had them (`DEBUG_STACK`).
+    Debug = 3,
+}
+
+/// The 64-bit TSS (SDM Vol. 3A Figure 8-11). `packed(4)`: the 64-bit fields sit at offsets that
+/// are multiples of 4 only.
+#[repr(C, packed(4))]
+struct Tss {
+    reserved_0: u32,
+    /// Stack pointers for privilege changes to rings 0-2; unused, the guest stays in ring 0.
+    rsp: [u64; 3],
+    reserved_1: u64,
+    /// IST1..IST7.
+    ist: [u64; 7],
+    reserved_2: u64,
+    reserved_3: u16,
+    /// Offset of the I/O permission bitmap; at the limit means "none" (ring 0 needs none).
+    iomap_base: u16,
+}
+
+const _: () = assert!(size_of::<Tss>() == 0x68);
+const _: () = assert!(offset_of!(Tss, ist) == 0x24);
+
+/// The TSS descriptor's limit: the last byte of the TSS.
+pub const LIMIT: u64 = size_of::<Tss>() as u64 - 1;
+
+/// Bytes in each IST stack, guard qwords included.
+const STACK_SIZE: usize = 16 * 1024;
+const STACK_QWORDS: usize = STACK_SIZE / 8;
+/// Guard qwords above the usable top: two, so the top stays 16-byte aligned.
+const TOP_GUARDS: usize = 2;
+/// The guard value: "ISTGUARD" in memory, easy to spot in a dump.
+const GUARD: u64 = u64::from_le_bytes(*b"ISTGUARD");
+
+/// One IST stack: `[GUARD, usable..., GUARD, GUARD]`, 16-byte aligned.
+#[repr(C, align(16))]
+struct IstStack([u64; STACK_QWORDS]);
+
+/// The NMI stack (IST1).
+#[unsafe(no_mangle)]
+static mut NMI_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
+/// The double-fault stack (IST2).
+#[unsafe(no_mangle)]
+static mut DOUBLE_FAULT_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
+/// The breakpoint / debug stack (IST3).
+#[unsafe(no_mangle)]
+static mut DEBUG_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
+
+static mut TSS: Tss = Tss {
+    reserved_0: 0,
+    rsp: [0; 3],
+    reserved_1: 0,
+    ist: [0; 7],
+    reserved_2: 0,
+    reserved_3: 0,
+    iomap_base: size_of::<Tss>() as u16,
+};
+
+/// Each IST stack with the name its guard-check panic uses.
+fn stacks() -> [(*mut IstStack, &'static str); 3] {
+    [
+        (addr_of_mut!(NMI_IST_STACK), "NMI"),
+        (addr_of_mut!(DOUBLE_FAULT_IST_STACK), "double-fault"),
+        (addr_of_mut!(DEBUG_IST_STACK), "debug"),
+    ]
+}
+
+/// Where the guard qwords of `stack` live: its lowest qword and the `TOP_GUARDS` (two) highest.
+fn guard_slots(stack: *mut IstStack) -> [*mut u64; 1 + TOP_GUARDS] {
+    let base = stack.cast::<u64>();
+    // SAFETY: all three offsets are inside the stack's `STACK_QWORDS` qwords.
+    unsafe { [base, base.add(STACK_QWORDS - TOP_GUARDS), base.add(STACK_QWORDS - 1)] }
+}
+
+/// The usable top of `stack`: just below its top guards, 16-byte aligned.
+fn top(stack: *mut IstStack) -> u64 {
+    // SAFETY: the offset is inside the stack.
+    unsafe { stack.cast::<u64>().add(STACK_QWORDS - TOP_GUARDS) as u64 }
+}
+
+/// Writes the guard qwords and fills in the TSS; returns the TSS's address for its descriptor.
+pub fn init() -> u64 {
+    for (stack, _) in stacks() {
+        for slot in guard_slots(stack) {
+            // SAFETY: the slot is inside an IST stack that nothing uses yet.
+            unsafe { write_volatile(slot, GUARD) };
+        }
+    }
+    let mut ist = [0; 7];
+    ist[Ist::Nmi as usize - 1] = top(addr_of_mut!(NMI_IST_STACK));
+    ist[Ist::DoubleFault as usize - 1] = top(addr_of_mut!(DOUBLE_FAULT_IST_STACK));
+    ist[Ist::Debug as usize - 1] = top(addr_of_mut!(DEBUG_IST_STACK));
+    // SAFETY: a field of the TSS static, which the CPU does not read before `ltr`. The field is
+    // only 4-byte aligned, hence the unaligned write.
+    unsafe { addr_of_mut!(TSS.ist).write_unaligned(ist) };
+    addr_of!(TSS) as u64
+}
+
+/// Panics if any IST stack's guard qwords changed since [`init`]: something wrote past a
+/// stack's end, below or above. Three loads and compares per stack on the good path.
+pub fn check_guards() {
+    for (stack, name) in stacks() {
+        for slot in guard_slots(stack) {
+            // SAFETY: the slot is inside an IST stack; guards are never written after `init`.
+            let value = unsafe { read_volatile(slot) };
+            if value != GUARD {
+                smashed(name, slot, value);
+            }
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn smashed(name: &str, slot: *mut u64, value: u64) -> ! {
+    panic!("{name} IST stack guard at {:#x} smashed: {value:#x}", slot as u64);
+}

@@ -1,0 +1,127 @@
+//! The workloads ([`Workload`]): what the code that NMIs interrupt does. `Loop` is the fuzzing
+//! target; the others misbehave on purpose so the host's tests can produce every verdict.
+
+use core::arch::asm;
+use core::ptr::{addr_of_mut, write_volatile};
+
+use nmifuzz_abi::Workload;
+
+use crate::mailbox::{self, Counter};
+use crate::{console, idt};
+
+/// `Loop` iterations when `workload_arg` is 0.
+const DEFAULT_LOOP_ITERATIONS: u32 = 100;
+/// The checksum before the first `Loop` iteration.
+const LOOP_SEED: u64 = 0x6e6d_6966_757a_7a21;
+/// The multiplier of the checksum's multiply-xorshift (2^64 / golden ratio, odd).
+const LOOP_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Pages of [`NMIFUZZ_SCRATCH`].
+const SCRATCH_PAGES: usize = 256;
+const PAGE_QWORDS: usize = 4096 / 8;
+/// XORed with the page index to make the qword `Scribble` writes at the start of each page.
+const SCRIBBLE_PATTERN: u64 = 0x5343_5249_4242_4c45;
+
+/// 1 MiB of page-aligned scratch memory for `Scribble`, found by the host through its symbol.
+#[repr(C, align(4096))]
+struct Scratch([[u64; PAGE_QWORDS]; SCRATCH_PAGES]);
+
+#[unsafe(no_mangle)]
+static mut NMIFUZZ_SCRATCH: Scratch = Scratch([[0; PAGE_QWORDS]; SCRATCH_PAGES]);
+
+/// Runs `workload` with its parameter `arg`; returns only if the workload finished.
+pub fn run(workload: Workload, arg: u32) {
+    match workload {
+        Workload::Loop => run_loop(if arg == 0 { DEFAULT_LOOP_ITERATIONS } else { arg }),
+        Workload::Panic => panic!("workload asked to panic"),
+        Workload::TripleFault => triple_fault(),
+        Workload::EmulationError => emulation_error(),
+        Workload::Spin => spin(),
+        Workload::Vmcall => vmcall(),
+        Workload::Scribble => scribble(arg),
+        Workload::Breakpoint => breakpoints(if arg == 0 { 1 } else { arg }),
+        Workload::Ping => ping(arg),
+    }
+}
+
+/// `iterations` rounds of a multiply-xorshift over the iteration number, publishing the count
+/// and the checksum after each, so the result depends on every iteration, in order. Not
+/// inlined: the host can name it as a symbol.
+#[inline(never)]
+fn run_loop(iterations: u32) {
+    let mut checksum = LOOP_SEED;
+    for i in 1..u64::from(iterations) + 1 {
+        checksum = (checksum ^ i).wrapping_mul(LOOP_MULTIPLIER);
+        checksum ^= checksum >> 29;
+        mailbox::set(Counter::WorkloadIterations, i);
+        mailbox::set(Counter::Checksum, checksum);
+    }
+}
+
+/// Loads an empty IDT and executes `ud2`: the #UD cannot be delivered, nor the #GP that
+/// replaces it, nor the #DF after that, so the CPU shuts down (a triple fault).
+fn triple_fault() -> ! {
+    // SAFETY: making every exception undeliverable is the point of this workload.
+    unsafe { idt::load_empty() };
+    // SAFETY: raises #UD; with no IDT it never returns.
+    unsafe { asm!("ud2", options(nomem, nostack)) };
+    panic!("ud2 returned with an empty IDT");
+}
+
+/// Executes `popcnt rax, rax` (as bytes: the target has no popcnt feature, on purpose), which
+/// kvm_pvm cannot emulate at ring 0; an ordinary KVM runs it and the workload finishes.
+fn emulation_error() {
+    // SAFETY: popcnt changes only RAX and the flags, both declared.
+    unsafe {
+        asm!(
+            ".byte 0xf3, 0x48, 0x0f, 0xb8, 0xc0", // popcnt rax, rax
+            inout("rax") 0u64 => _,
+            options(nomem, nostack)
+        );
+    }
+}
+
+/// Jumps to itself forever, without any exit.
+fn spin() -> ! {
+    // SAFETY: an endless loop touches nothing.
+    unsafe { asm!("2: jmp 2b", options(noreturn, nomem, nostack)) }
+}
+
+/// Executes `vmcall`, which never comes back on kvm_pvm.
+fn vmcall() -> ! {
+    // SAFETY: a KVM hypercall (RAX = 0, not a defined one) changes only RAX.
+    unsafe { asm!("vmcall", inout("rax") 0u64 => _, options(nomem, nostack)) };
+    panic!("vmcall returned");
+}
+
+/// Writes `page ^ SCRIBBLE_PATTERN` at the start of each of the first `pages` scratch pages.
+fn scribble(pages: u32) {
+    let pages = pages as usize;
+    if pages > SCRATCH_PAGES {
+        panic!("scribble: workload_arg {pages} exceeds the {SCRATCH_PAGES} scratch pages");
+    }
+    for page in 0..pages {
+        // SAFETY: an in-bounds qword of the scratch static, which only this workload writes.
+        unsafe {
+            write_volatile(addr_of_mut!(NMIFUZZ_SCRATCH.0[page][0]), page as u64 ^ SCRIBBLE_PATTERN)
+        };
+        mailbox::increment(Counter::PagesScribbled);
+    }
+}
+
+/// Executes `count` ring-0 `int3`s; each is a #BP that its handler counts (on kvm_pvm the VMM
+/// emulates the int3 by injecting that #BP).
+fn breakpoints(count: u32) {
+    for _ in 0..count {
+        // SAFETY: #BP is handled on IST3 and returns right after the int3 with everything as
+        // before, except the breakpoint counter in memory.
+        unsafe { asm!("int3") };
+    }
+}
+
+/// `count` exits to the host through the ping port, and nothing else: the host times them.
+fn ping(count: u32) {
+    for _ in 0..count {
+        console::ping();
+    }
+}
