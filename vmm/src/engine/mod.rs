@@ -1,0 +1,295 @@
+//! The exact NMI injection engine: executes a [`Plan`] so that every NMI arrives at exactly the
+//! instruction boundary the schedule names, deterministically, and checks the host-side
+//! invariants on the way.
+//!
+//! # Counting rule
+//! Instructions are *retired* guest instructions, counted from the snapshot. The engine
+//! single-steps while an injection is due, while an NMI is pending, and while any NMI handling
+//! is in progress, and runs freely otherwise; only stepped instructions are counted. Each stop
+//! is a boundary "before the instruction at RIP", and each step retires one instruction, with
+//! these host quirks handled so the count stays exact:
+//! - an event (NMI, exception) delivered during a step retires nothing itself, but the host
+//!   runs the handler's first instruction before stopping: one instruction. Where a hardware
+//!   breakpoint on a handler entry stops before that instruction, the stop retires nothing;
+//! - IRETQ: where the host runs IRETQ and the next instruction as one step, the VMM performs
+//!   the IRETQ itself at the stop before it (one instruction) and stops again after it;
+//! - `out`: the stop after it is the I/O exit itself (kvm_pvm advances RIP before exiting);
+//! - a `rep` string instruction counts as one instruction, however many stops KVM makes
+//!   inside it (kvm_pvm stops every 1024 iterations);
+//! - a ring-0 `int3` the host cannot execute is performed by the VMM: one instruction.
+//!
+//! # Host-side oracles (design.md section 4, items 4, 7 to 9)
+//! Every delivery must be followed by the start of a `do_nmi` iteration and iterations never
+//! outnumber deliveries; the VMM's NMI count must add up and agree with the guest's; at DONE
+//! NMIs must be unblocked and a probe NMI must start an iteration.
+
+pub mod decode;
+mod drive;
+pub mod profile;
+pub mod schedule;
+pub mod trace;
+
+use std::time::Instant;
+
+use nmifuzz_abi::Counters;
+use serde::Serialize;
+
+use self::decode::InsnCache;
+use self::profile::HostProfile;
+use self::schedule::{Plan, Trigger};
+use self::trace::{Event, Recorder, Step};
+use crate::error::{Error, Result};
+use crate::outcome::{Outcome, Verdict};
+use crate::vm::{RunLimits, Vm};
+
+/// The guest symbol at which every `do_nmi` iteration starts.
+pub const ITERATION_SYMBOL: &str = "do_nmi";
+
+/// DR6.BS: the stop is a single-step trap (Intel SDM vol. 3, 18.2.3).
+const DR6_BS: u64 = 1 << 14;
+/// DR6.B0-B3: which hardware breakpoint stopped the guest.
+const DR6_BREAKPOINTS: u64 = 0xf;
+
+/// Offset of IST1 in the 64-bit TSS (Intel SDM vol. 3, figure 8-11).
+const TSS_IST1: u64 = 0x24;
+/// Size of an IDT gate in long mode.
+const GATE_SIZE: u64 = 16;
+/// Exceptions whose handler entries get hardware breakpoints, so that an NMI can arrive
+/// between the exception's delivery and its handler's first instruction.
+const WATCHED_VECTORS: [u8; 3] = [3, 6, 14];
+
+/// Options of one execution.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Wall-clock and exit limits.
+    pub limits: RunLimits,
+    /// Most stepped instructions; exceeding it is the deterministic
+    /// [`Verdict::InstructionBudget`].
+    pub max_instructions: u64,
+    /// Keep the full per-step trace.
+    pub keep_trace: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { limits: RunLimits::default(), max_instructions: 200_000, keep_trace: false }
+    }
+}
+
+/// The NMI bookkeeping of one execution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NmiStats {
+    /// NMIs injected by the schedule.
+    pub injected: u64,
+    /// Of those, delivered to the guest.
+    pub delivered: u64,
+    /// Of those, latched at injection (NMIs blocked); each is later delivered or still pending.
+    pub latched: u64,
+    /// Of those, dropped because one was already latched.
+    pub dropped: u64,
+    /// `do_nmi` iterations the VMM saw start.
+    pub iterations: u64,
+    /// Whether the probe NMI after DONE started an iteration (`None`: no probe was made).
+    pub probe: Option<bool>,
+}
+
+/// The result of executing a plan.
+#[derive(Clone, Debug)]
+pub struct Execution {
+    /// Verdict, guest counters, exits, time.
+    pub outcome: Outcome,
+    /// NMI bookkeeping.
+    pub nmi: NmiStats,
+    /// Retired instructions counted while stepping.
+    pub instructions: u64,
+    /// Hash of the stops and events; equal hashes mean equal paths.
+    pub trace_hash: u64,
+    /// The stops, if [`RunOptions::keep_trace`] was set.
+    pub trace: Vec<Step>,
+}
+
+/// Addresses in the guest the engine needs, read once from the snapshot.
+#[derive(Clone, Debug)]
+struct GuestFacts {
+    /// Where each `do_nmi` iteration starts.
+    iteration: u64,
+    /// IST1, the NMI stack's top.
+    nmi_stack_top: u64,
+    /// The handler entries of [`WATCHED_VECTORS`].
+    exception_entries: [u64; WATCHED_VECTORS.len()],
+}
+
+impl GuestFacts {
+    fn read(vm: &Vm) -> Result<Self> {
+        let snapshot = vm.snapshot();
+        let memory = &snapshot.memory;
+        let read_u64 = |address: u64| -> Result<u64> {
+            let bytes = memory.get(address as usize..address as usize + 8).ok_or_else(|| {
+                Error::Memory(format!("guest table at {address:#x} is outside memory"))
+            })?;
+            Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+        };
+        let idt = snapshot.sregs.idt.base;
+        let gate_target = |vector: u8| -> Result<u64> {
+            let low = read_u64(idt + GATE_SIZE * u64::from(vector))?;
+            let high = read_u64(idt + GATE_SIZE * u64::from(vector) + 8)?;
+            Ok((low & 0xffff) | ((low >> 32) & 0xffff_0000) | ((high & 0xffff_ffff) << 32))
+        };
+        let mut exception_entries = [0; WATCHED_VECTORS.len()];
+        for (entry, vector) in exception_entries.iter_mut().zip(WATCHED_VECTORS) {
+            *entry = gate_target(vector)?;
+        }
+        Ok(Self {
+            iteration: vm.image().symbol(ITERATION_SYMBOL)?,
+            nmi_stack_top: read_u64(snapshot.sregs.tr.base + TSS_IST1)?,
+            exception_entries,
+        })
+    }
+}
+
+/// An interrupted context an NMI will return to.
+#[derive(Clone, Copy, Debug)]
+struct Context {
+    rip: u64,
+    rsp: u64,
+}
+
+/// The state of one execution.
+struct Run<'p> {
+    plan: &'p Plan,
+    /// Retired instructions so far.
+    insn: u64,
+    exits: u64,
+    stepping: bool,
+    /// Index of the next injection.
+    next: usize,
+    /// When the next injection is due (absolute instruction count), once known.
+    due: Option<u64>,
+    /// Times the next injection's symbolic point was reached.
+    hits: u32,
+    /// NMIs injected but not yet delivered (KVM's pending + injected).
+    undelivered: u64,
+    /// Interrupted contexts, innermost last: the NMI nesting depth is their number.
+    contexts: Vec<Context>,
+    /// Instruction count at the oldest delivery not yet followed by an iteration.
+    awaiting_iteration: Option<u64>,
+    /// The stop before the last KVM_RUN and the instruction there.
+    last_stop: Option<(u64, decode::Insn)>,
+    /// A hardware breakpoint to leave out for one KVM_RUN, so execution can move past it.
+    resume_breakpoint: Option<usize>,
+    /// The guest state after the last exit is not an instruction boundary: run on.
+    skip_stop: bool,
+    /// Events seen since the last stop, recorded at the stop they led to.
+    pending_events: Vec<Event>,
+    nmi: NmiStats,
+    /// The guest's counters when it reported DONE, before the probe NMI.
+    done_counters: Option<Counters>,
+    recorder: Recorder,
+}
+
+impl<'p> Run<'p> {
+    fn new(plan: &'p Plan, keep_trace: bool) -> Self {
+        let mut run = Self {
+            plan,
+            insn: 0,
+            exits: 0,
+            stepping: false,
+            next: 0,
+            due: None,
+            hits: 0,
+            undelivered: 0,
+            contexts: Vec::new(),
+            awaiting_iteration: None,
+            last_stop: None,
+            resume_breakpoint: None,
+            skip_stop: false,
+            pending_events: Vec::new(),
+            nmi: NmiStats::default(),
+            done_counters: None,
+            recorder: Recorder::new(keep_trace),
+        };
+        run.arm_next();
+        run.stepping = run.wants_stepping();
+        run
+    }
+
+    /// Computes when the next injection is due, relative to now.
+    fn arm_next(&mut self) {
+        self.hits = 0;
+        self.due = match self.plan.injections.get(self.next) {
+            Some(Trigger::After(n)) => Some(self.insn + n),
+            _ => None,
+        };
+    }
+
+    fn wants_stepping(&self) -> bool {
+        self.next < self.plan.injections.len()
+            || self.undelivered > 0
+            || !self.contexts.is_empty()
+            || self.awaiting_iteration.is_some()
+    }
+
+    /// Notes an event that belongs to the next stop.
+    fn note(&mut self, event: Event) {
+        self.pending_events.push(event);
+    }
+
+    /// Records the stop at `rip` and the events that led to it.
+    fn record_stop(&mut self, rip: u64) {
+        self.recorder.stop(self.insn, rip, self.depth(), None);
+        for event in std::mem::take(&mut self.pending_events) {
+            self.recorder.event(event);
+        }
+    }
+
+    fn depth(&self) -> u32 {
+        self.contexts.len() as u32
+    }
+}
+
+/// The engine: per-VM facts, the host profile and a decoded-instruction cache.
+pub struct Engine {
+    profile: HostProfile,
+    facts: GuestFacts,
+    insns: InsnCache,
+}
+
+impl Engine {
+    /// An engine for `vm` on a host with `profile` (see [`profile::calibrate`]).
+    pub fn new(vm: &Vm, profile: HostProfile) -> Result<Self> {
+        Ok(Self { profile, facts: GuestFacts::read(vm)?, insns: InsnCache::default() })
+    }
+
+    /// The host profile the engine works with.
+    pub fn profile(&self) -> &HostProfile {
+        &self.profile
+    }
+
+    /// Resets the VM and executes `plan`.
+    pub fn run(&mut self, vm: &mut Vm, plan: &Plan, options: &RunOptions) -> Result<Execution> {
+        let start = Instant::now();
+        vm.reset()?;
+        vm.write_script(&plan.script)?;
+        let mut run = Run::new(plan, options.keep_trace);
+        let deadline = vm.watchdog().arm(options.limits.wall);
+        let verdict = self.drive(vm, &mut run, options, deadline);
+        vm.watchdog().disarm();
+        let verdict = verdict?;
+        // Events of the exit that ended the run belong to its last stop.
+        for event in std::mem::take(&mut run.pending_events) {
+            run.recorder.event(event);
+        }
+        let counters = match &verdict {
+            // The probe after DONE changed the counters; report them as they were at DONE.
+            Verdict::Done => run.done_counters.unwrap_or_default(),
+            _ => vm.mailbox()?.counters,
+        };
+        Ok(Execution {
+            outcome: Outcome { verdict, counters, exits: run.exits, elapsed: start.elapsed() },
+            nmi: run.nmi,
+            instructions: run.insn,
+            trace_hash: run.recorder.hash(),
+            trace: run.recorder.into_steps(),
+        })
+    }
+}

@@ -1,0 +1,182 @@
+//! The host profile: how this host's KVM single-steps and delivers NMIs, probed at start-up so
+//! that the engine is exact both on kvm_pvm and on ordinary VMX/SVM KVM.
+
+use std::fmt;
+
+use nmifuzz_abi::{Script, Variant, Workload};
+use serde::{Deserialize, Serialize};
+
+use super::GuestFacts;
+use super::decode::InsnCache;
+use crate::error::{Error, Result};
+use crate::exit::Exit;
+use crate::vm::{GuestDebug, Vm};
+
+/// Steps the calibration allows itself to reach a point of interest.
+const CALIBRATION_STEPS: usize = 5_000;
+
+/// What the engine must know about the host's KVM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HostProfile {
+    /// IRETQ gets a single-step stop of its own. Where it does not (kvm_pvm), IRETQ and the
+    /// next instruction run as one step, and the engine performs IRETQs itself.
+    pub iretq_single_step: bool,
+    /// Single-stepping stops at an event handler's first instruction. Where it does not
+    /// (kvm_pvm), the engine puts hardware breakpoints on the exception entries.
+    pub event_entry_stop: bool,
+    /// A ring-0 `int3` raises #BP. Where it does not (kvm_pvm: an emulation error), the VMM
+    /// performs the `int3` and injects #BP.
+    pub int3_native: bool,
+    /// A latched NMI is delivered right after the IRETQ that unblocks NMIs, as on hardware.
+    /// Where it is not (kvm_pvm: at the next VM entry), the engine's own IRETQ gives the
+    /// hardware timing.
+    pub latched_nmi_at_iret: bool,
+}
+
+impl HostProfile {
+    /// kvm_pvm's measured behaviour (`shared/reference/kvm-on-this-host.md`), for tests that
+    /// need a profile without calibrating.
+    pub const KVM_PVM: Self = Self {
+        iretq_single_step: false,
+        event_entry_stop: false,
+        int3_native: false,
+        latched_nmi_at_iret: false,
+    };
+
+    /// Explanations of each property, for `nmifuzz doctor`.
+    pub fn explain(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![
+            (
+                "IRETQ has its own single-step stop",
+                self.iretq_single_step,
+                if self.iretq_single_step {
+                    "the instruction after an IRETQ is reached by stepping"
+                } else {
+                    "IRETQ runs together with the next instruction; the VMM performs ring-0 IRETQs itself"
+                },
+            ),
+            (
+                "stepping stops at an event handler's first instruction",
+                self.event_entry_stop,
+                if self.event_entry_stop {
+                    "NMIs can be placed before an exception handler's first instruction by stepping"
+                } else {
+                    "hardware breakpoints on the #BP, #UD and #PF entries make that boundary reachable"
+                },
+            ),
+            (
+                "ring-0 int3 raises #BP",
+                self.int3_native,
+                if self.int3_native {
+                    "int3 runs natively"
+                } else {
+                    "KVM cannot emulate int3 at ring 0; the VMM advances RIP and injects #BP"
+                },
+            ),
+            (
+                "a latched NMI arrives right after the unblocking IRETQ",
+                self.latched_nmi_at_iret,
+                if self.latched_nmi_at_iret {
+                    "hardware timing"
+                } else {
+                    "KVM delivers it at the next VM entry; the VMM's own IRETQ restores hardware timing while stepping"
+                },
+            ),
+        ]
+    }
+}
+
+impl fmt::Display for HostProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "iretq-step={} entry-stop={} int3-native={} latched-nmi-at-iret={}",
+            yes_no(self.iretq_single_step),
+            yes_no(self.event_entry_stop),
+            yes_no(self.int3_native),
+            yes_no(self.latched_nmi_at_iret)
+        )
+    }
+}
+
+/// Probes the host with the guest's `naive` NMI entry and a short workload. Leaves the VM
+/// reset, with single-stepping off.
+pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
+    let facts = GuestFacts::read(vm)?;
+    let mut insns = InsnCache::default();
+    let entry = vm.image().symbol(Variant::Naive.entry_symbol())?;
+
+    // 1. An NMI during the workload: where is the first stop, and does IRETQ stop on its own?
+    let target = start_nmi_and_step_to_iretq(vm, &mut insns)?;
+    let event_entry_stop = target.entry_stop == entry;
+    let after = step(vm)?;
+    let iretq_single_step = after == target.rip;
+
+    // 2. The same with a second NMI latched before the IRETQ: where does it arrive?
+    let target = start_nmi_and_step_to_iretq(vm, &mut insns)?;
+    vm.inject_nmi()?;
+    let mut latched_nmi_at_iret = false;
+    for _ in 0..3 {
+        step(vm)?;
+        let nmi = vm.sync_state().events.nmi;
+        if nmi.masked != 0 && nmi.pending == 0 {
+            let frame_rip = vm.ram().read_u64((facts.nmi_stack_top & !0xf) - 40)?;
+            latched_nmi_at_iret = frame_rip == target.rip;
+            break;
+        }
+    }
+
+    // 3. A ring-0 int3 outside of single-stepping.
+    vm.set_debug(GuestDebug::default())?;
+    vm.reset()?;
+    vm.write_script(&Script::new(Variant::Naive, Workload::Breakpoint, 1))?;
+    let mut int3_native = true;
+    for _ in 0..CALIBRATION_STEPS {
+        match vm.run_once()? {
+            Exit::EmulationFailure { bytes } if bytes.first() == Some(&0xcc) => int3_native = false,
+            Exit::IoOut { port: nmifuzz_abi::port::REPORT, .. } => break,
+            _ => {}
+        }
+    }
+    vm.reset()?;
+    Ok(HostProfile { iretq_single_step, event_entry_stop, int3_native, latched_nmi_at_iret })
+}
+
+/// Where calibration stands after [`start_nmi_and_step_to_iretq`].
+struct IretqStop {
+    /// RIP of the first stop after the NMI was injected.
+    entry_stop: u64,
+    /// Where the NMI handler's IRETQ returns to.
+    rip: u64,
+}
+
+/// Resets, single-steps a few instructions into a run, injects an NMI and steps to the NMI
+/// handler's IRETQ.
+fn start_nmi_and_step_to_iretq(vm: &mut Vm, insns: &mut InsnCache) -> Result<IretqStop> {
+    vm.reset()?;
+    vm.write_script(&Script::new(Variant::Naive, Workload::Loop, 20))?;
+    vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() })?;
+    for _ in 0..3 {
+        step(vm)?;
+    }
+    vm.inject_nmi()?;
+    let entry_stop = step(vm)?;
+    for _ in 0..CALIBRATION_STEPS {
+        let pc = vm.sync_state().regs.rip;
+        if insns.get(vm.ram(), pc)?.is_iretq {
+            let rsp = vm.sync_state().regs.rsp;
+            return Ok(IretqStop { entry_stop, rip: vm.ram().read_u64(rsp)? });
+        }
+        step(vm)?;
+    }
+    Err(Error::Calibration("the NMI handler's IRETQ was never reached".into()))
+}
+
+/// One single-step; returns the new RIP.
+fn step(vm: &mut Vm) -> Result<u64> {
+    match vm.run_once()? {
+        Exit::Debug { pc, .. } => Ok(pc),
+        other => Err(Error::Calibration(format!("expected a single-step stop, got {other:?}"))),
+    }
+}

@@ -1,0 +1,170 @@
+//! The guest image: validating and loading the guest ELF, and its symbols.
+//!
+//! linux-loader copies each `PT_LOAD` segment's file bytes to its physical address; it neither
+//! checks where segments land nor zeroes their `.bss` tails, so both are done here.
+
+use std::io::Cursor;
+
+use linux_loader::loader::{KernelLoader, elf::Elf};
+use object::elf::{EM_X86_64, PT_LOAD};
+use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
+use object::{Endianness, Object, ObjectSymbol, SymbolKind};
+use vm_memory::GuestAddress;
+
+use crate::error::{Error, Result};
+use crate::layout::KERNEL_MIN;
+use crate::memory::GuestRam;
+
+/// One symbol of the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub address: u64,
+    /// Its size in bytes; 0 for assembly labels without a `.size`.
+    pub size: u64,
+}
+
+/// A validated guest ELF: where it loads, where it starts, and its symbols.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    bytes: Vec<u8>,
+    entry: u64,
+    /// `(paddr, filesz, memsz)` of each loadable segment.
+    segments: Vec<(u64, u64, u64)>,
+    /// Sorted by address.
+    symbols: Vec<Symbol>,
+    hash: u64,
+}
+
+impl GuestImage {
+    /// Parses and validates `bytes` for a guest memory of `mem_size` bytes: a 64-bit x86-64
+    /// executable whose loadable segments lie between [`KERNEL_MIN`] and the end of memory.
+    pub fn parse(bytes: Vec<u8>, mem_size: u64) -> Result<Self> {
+        let elf = ElfFile64::<Endianness>::parse(&*bytes)
+            .map_err(|e| Error::BadElf(format!("not a 64-bit ELF file: {e}")))?;
+        let endian = elf.endian();
+        let header = elf.elf_header();
+        if header.e_machine(endian) != EM_X86_64 {
+            return Err(Error::BadElf(format!(
+                "machine type {} is not x86-64 ({EM_X86_64})",
+                header.e_machine(endian)
+            )));
+        }
+        if endian != Endianness::Little {
+            return Err(Error::BadElf("big-endian ELF".into()));
+        }
+        let mut segments = Vec::new();
+        for (i, ph) in elf.elf_program_headers().iter().enumerate() {
+            if ph.p_type(endian) != PT_LOAD {
+                continue;
+            }
+            let (paddr, filesz, memsz) =
+                (ph.p_paddr(endian), ph.p_filesz(endian), ph.p_memsz(endian));
+            let end = paddr.checked_add(memsz).filter(|_| filesz <= memsz);
+            match end {
+                Some(end) if paddr >= KERNEL_MIN && end <= mem_size => {
+                    segments.push((paddr, filesz, memsz))
+                }
+                Some(end) if paddr < KERNEL_MIN => {
+                    return Err(Error::BadElf(format!(
+                        "segment {i} at [{paddr:#x}, {end:#x}) overlaps the VMM's reserved \
+                         area below {KERNEL_MIN:#x}"
+                    )));
+                }
+                Some(end) => {
+                    return Err(Error::BadElf(format!(
+                        "segment {i} at [{paddr:#x}, {end:#x}) does not fit in {mem_size:#x} \
+                         bytes of guest memory"
+                    )));
+                }
+                None => return Err(Error::BadElf(format!("segment {i} has impossible sizes"))),
+            }
+        }
+        if segments.is_empty() {
+            return Err(Error::BadElf("no loadable segment".into()));
+        }
+        let entry = header.e_entry(endian);
+        if !segments.iter().any(|&(p, _, m)| (p..p + m).contains(&entry)) {
+            return Err(Error::BadElf(format!("entry point {entry:#x} is not in any segment")));
+        }
+        let mut symbols: Vec<Symbol> = elf
+            .symbols()
+            .filter(|s| matches!(s.kind(), SymbolKind::Text | SymbolKind::Data | SymbolKind::Label))
+            .filter(|s| s.address() != 0)
+            .filter_map(|s| {
+                let name = s.name().ok()?;
+                (!name.is_empty() && !name.starts_with(".L") && !name.starts_with('$'))
+                    .then(|| Symbol { name: name.to_owned(), address: s.address(), size: s.size() })
+            })
+            .collect();
+        symbols.sort_by(|a, b| a.address.cmp(&b.address).then(b.size.cmp(&a.size)));
+        let hash = fnv1a(&bytes);
+        Ok(Self { bytes, entry, segments, symbols, hash })
+    }
+
+    /// Copies the segments into `ram` and zeroes their `.bss` tails.
+    pub fn load(&self, ram: &mut GuestRam) -> Result<()> {
+        let mut cursor = Cursor::new(&self.bytes[..]);
+        Elf::load(ram.mmap(), None, &mut cursor, Some(GuestAddress(KERNEL_MIN)))
+            .map_err(|e| Error::BadElf(format!("loading failed: {e}")))?;
+        for &(paddr, filesz, memsz) in &self.segments {
+            ram.zero(paddr + filesz, memsz - filesz)?;
+        }
+        Ok(())
+    }
+
+    /// The entry point.
+    pub fn entry(&self) -> u64 {
+        self.entry
+    }
+
+    /// A 64-bit FNV-1a hash of the ELF file; artifacts record it so replays can tell when the
+    /// guest changed.
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// All symbols, sorted by address.
+    pub fn symbols(&self) -> &[Symbol] {
+        &self.symbols
+    }
+
+    /// The address of the symbol `name`.
+    pub fn symbol(&self, name: &str) -> Result<u64> {
+        self.symbols
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.address)
+            .ok_or_else(|| Error::MissingSymbol(name.to_owned()))
+    }
+
+    /// The closest symbol at or below `addr` that contains it (sizeless assembly labels contain
+    /// everything up to the next symbol), and the offset into it.
+    pub fn locate(&self, addr: u64) -> Option<(&Symbol, u64)> {
+        let below = &self.symbols[..self.symbols.partition_point(|s| s.address <= addr)];
+        below
+            .iter()
+            .rev()
+            .find(|s| s.size == 0 || addr < s.address + s.size)
+            .map(|s| (s, addr - s.address))
+    }
+
+    /// `symbol+0xoff` for `addr`, or the bare hex address if no symbol covers it.
+    pub fn symbolize(&self, addr: u64) -> String {
+        match self.locate(addr) {
+            Some((s, 0)) => s.name.clone(),
+            Some((s, off)) => format!("{}+{off:#x}", s.name),
+            None => format!("{addr:#x}"),
+        }
+    }
+}
+
+/// 64-bit FNV-1a: small, dependency-free and stable across releases, which is all an image
+/// fingerprint needs (this is not a security boundary).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}

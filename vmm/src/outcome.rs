@@ -1,0 +1,168 @@
+//! What a run ends in: a [`Verdict`] plus the counters and statistics of the run.
+
+use std::fmt;
+use std::time::Duration;
+
+use nmifuzz_abi::Counters;
+
+/// A guest panic, as the guest reported it in its mailbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestPanic {
+    /// The panic message.
+    pub message: String,
+    /// Source file, line and column of the panic.
+    pub file: String,
+    /// Line in `file`.
+    pub line: u32,
+    /// Column in `file`.
+    pub column: u32,
+    /// The instruction the panic is about: the faulting RIP of an unexpected exception, 0
+    /// for a Rust panic (whose file and line say where it is).
+    pub rip: u64,
+    /// `rip` as `symbol+offset`; empty when `rip` is 0.
+    pub symbol: String,
+}
+
+/// How a run ended. Everything the guest can do ends in one of these; none is an error of
+/// the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The workload reported DONE.
+    Done,
+    /// The guest panicked (an invariant, an unexpected exception, a double fault...).
+    GuestPanic(GuestPanic),
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault {
+        /// RIP at the shutdown.
+        rip: u64,
+        /// `rip` as `symbol+offset`.
+        symbol: String,
+    },
+    /// KVM could not emulate a guest instruction.
+    EmulationError {
+        /// RIP of the instruction.
+        rip: u64,
+        /// `rip` as `symbol+offset`.
+        symbol: String,
+        /// The instruction bytes KVM reported (may be empty).
+        bytes: Vec<u8>,
+    },
+    /// The run exceeded its wall-clock limit.
+    Timeout {
+        /// The limit.
+        limit: Duration,
+        /// RIP when the watchdog stopped the guest.
+        rip: u64,
+        /// `rip` as `symbol+offset`.
+        symbol: String,
+    },
+    /// The run exceeded its exit budget.
+    BudgetExhausted {
+        /// The budget.
+        exits: u64,
+    },
+    /// The single-stepped part of the run exceeded its instruction budget (deterministic,
+    /// e.g. an IRETQ looping on itself in NMI context).
+    InstructionBudget {
+        /// The budget.
+        instructions: u64,
+        /// Where the guest was.
+        symbol: String,
+    },
+    /// An NMI was delivered but no `do_nmi` iteration followed, or an iteration ran without
+    /// a delivery.
+    LostNmi {
+        /// What was expected and what happened.
+        message: String,
+    },
+    /// The VMM's count of NMIs (injected = delivered + dropped + pending) or the guest's
+    /// count of `do_nmi` iterations does not add up.
+    NmiCountMismatch {
+        /// The two counts.
+        message: String,
+    },
+    /// NMIs were still blocked when the workload finished.
+    NmiLeftBlocked {
+        /// What showed it: KVM's NMI mask or an ignored probe NMI.
+        message: String,
+    },
+    /// An exit the guest never causes when it follows the contract.
+    UnexpectedExit {
+        /// What it was.
+        description: String,
+    },
+}
+
+impl Verdict {
+    /// A short kebab-case name, stable for file names and JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Done => "pass",
+            Self::GuestPanic(_) => "guest-panic",
+            Self::TripleFault { .. } => "triple-fault",
+            Self::EmulationError { .. } => "emulation-error",
+            Self::Timeout { .. } => "timeout",
+            Self::BudgetExhausted { .. } => "budget-exhausted",
+            Self::InstructionBudget { .. } => "instruction-budget",
+            Self::LostNmi { .. } => "lost-nmi",
+            Self::NmiCountMismatch { .. } => "nmi-count-mismatch",
+            Self::NmiLeftBlocked { .. } => "nmi-left-blocked",
+            Self::UnexpectedExit { .. } => "unexpected-exit",
+        }
+    }
+
+    /// Whether the run is a finding.
+    pub fn is_finding(&self) -> bool {
+        !matches!(self, Self::Done)
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Done => write!(f, "pass: the workload reported DONE"),
+            Self::GuestPanic(p) => {
+                write!(f, "guest panic: {} (at {}:{}:{}", p.message, p.file, p.line, p.column)?;
+                if !p.symbol.is_empty() {
+                    write!(f, ", rip {}", p.symbol)?;
+                }
+                write!(f, ")")
+            }
+            Self::TripleFault { symbol, .. } => write!(f, "triple fault at {symbol}"),
+            Self::EmulationError { symbol, bytes, .. } => {
+                write!(f, "KVM cannot emulate the instruction at {symbol} (bytes")?;
+                for b in bytes {
+                    write!(f, " {b:02x}")?;
+                }
+                write!(f, ")")
+            }
+            Self::Timeout { limit, symbol, .. } => {
+                write!(f, "timeout: still running after {limit:?}, at {symbol}")
+            }
+            Self::BudgetExhausted { exits } => {
+                write!(f, "budget exhausted: {exits} exits without finishing")
+            }
+            Self::InstructionBudget { instructions, symbol } => write!(
+                f,
+                "instruction budget exhausted: {instructions} stepped instructions, at {symbol}"
+            ),
+            Self::LostNmi { message } => write!(f, "lost NMI: {message}"),
+            Self::NmiCountMismatch { message } => write!(f, "NMI count mismatch: {message}"),
+            Self::NmiLeftBlocked { message } => write!(f, "NMIs left blocked: {message}"),
+            Self::UnexpectedExit { description } => write!(f, "unexpected exit: {description}"),
+        }
+    }
+}
+
+/// The result of one run.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// How it ended.
+    pub verdict: Verdict,
+    /// The guest's counters at the end.
+    pub counters: Counters,
+    /// KVM_RUN round trips.
+    pub exits: u64,
+    /// Wall-clock time of the run.
+    pub elapsed: Duration,
+}

@@ -1,0 +1,513 @@
+//! The VM: one vCPU running the guest kernel, booted to READY, snapshotted there, and run
+//! again and again from that snapshot.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, kvm_guest_debug,
+    kvm_regs, kvm_sync_regs,
+};
+use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
+use nmifuzz_abi::{
+    ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, Mailbox, Report, SCRIPT_SYMBOL, Script, Variant,
+    port,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::boot;
+use crate::error::{Error, Result};
+use crate::exit::{self, Exit};
+use crate::image::GuestImage;
+use crate::kvm::{self, KVM_DEVICE};
+use crate::layout::{DEFAULT_MEMORY, LARGE_PAGE, MAX_MEMORY};
+use crate::memory::GuestRam;
+use crate::outcome::{GuestPanic, Outcome, Verdict};
+use crate::snapshot::Snapshot;
+use crate::watchdog::Watchdog;
+
+/// Most console bytes kept per run; a guest that prints without end cannot exhaust host memory.
+const CONSOLE_LIMIT: usize = 64 << 10;
+
+/// x86 exception vector of #BP (Intel SDM vol. 3, table 6-1).
+const BREAKPOINT_VECTOR: u8 = 3;
+/// The `int3` opcode.
+const INT3: u8 = 0xcc;
+/// Size of a long-mode IDT gate (Intel SDM vol. 3, 6.14.1).
+const GATE_SIZE: u64 = 16;
+/// The NMI vector.
+const NMI_VECTOR: u64 = 2;
+/// RFLAGS.RF, the resume flag.
+const RFLAGS_RF: u64 = 1 << 16;
+
+/// DR7 local-enable bit of breakpoint `i` (Intel SDM vol. 3, 18.2.4); R/W and LEN stay 0,
+/// which means "break on instruction execution".
+const fn dr7_local_enable(i: usize) -> u64 {
+    1 << (2 * i)
+}
+
+/// Single-stepping and hardware execute breakpoints, as set with KVM_SET_GUEST_DEBUG.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Stop after every instruction.
+    pub single_step: bool,
+    /// Stop before executing these addresses (DR0-DR3).
+    pub breakpoints: [Option<u64>; 4],
+}
+
+impl GuestDebug {
+    fn to_kvm(self) -> kvm_guest_debug {
+        let mut debug = kvm_guest_debug::default();
+        if self.single_step {
+            debug.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        }
+        for (i, address) in self.breakpoints.iter().enumerate() {
+            if let Some(address) = address {
+                debug.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+                debug.arch.debugreg[i] = *address;
+                debug.arch.debugreg[7] |= dr7_local_enable(i);
+            }
+        }
+        debug
+    }
+}
+
+/// The five qwords IRETQ pops, in stack order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IretFrame {
+    /// Return RIP.
+    pub rip: u64,
+    /// Return CS.
+    pub cs: u64,
+    /// Return RFLAGS.
+    pub rflags: u64,
+    /// Return RSP.
+    pub rsp: u64,
+    /// Return SS.
+    pub ss: u64,
+}
+
+/// How to build a [`Vm`].
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The KVM device.
+    pub kvm_device: PathBuf,
+    /// Guest memory in bytes: a multiple of 2 MiB, from 4 MiB to 1 GiB.
+    pub memory: u64,
+    /// Wall-clock limit for booting to READY.
+    pub boot_timeout: Duration,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kvm_device: KVM_DEVICE.into(),
+            memory: DEFAULT_MEMORY,
+            boot_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Limits of one run; exceeding either ends the run with a verdict.
+#[derive(Clone, Copy, Debug)]
+pub struct RunLimits {
+    /// Wall-clock limit, enforced by the watchdog even if the guest never exits.
+    pub wall: Duration,
+    /// Most KVM_RUN round trips (exits, including single-steps).
+    pub max_exits: u64,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self { wall: Duration::from_secs(2), max_exits: 1_000_000 }
+    }
+}
+
+/// The guest VM.
+pub struct Vm {
+    // Declaration order is drop order: the vCPU and VM fds go before the memory they map.
+    vcpu: VcpuFd,
+    vm: VmFd,
+    _kvm: Kvm,
+    ram: GuestRam,
+    image: GuestImage,
+    snapshot: Snapshot,
+    watchdog: Watchdog,
+    script_address: u64,
+    mailbox_address: u64,
+    console: Vec<u8>,
+    /// The snapshot's vCPU state waits in the sync-regs area for the next KVM_RUN.
+    reset_pending: bool,
+    /// What KVM_SET_GUEST_DEBUG was last given.
+    debug: GuestDebug,
+}
+
+impl Vm {
+    /// Creates the VM, loads `elf`, boots it to READY and takes the snapshot there.
+    pub fn new(config: &VmConfig, elf: Vec<u8>) -> Result<Self> {
+        if !config.memory.is_multiple_of(LARGE_PAGE)
+            || !(4 << 20..=MAX_MEMORY).contains(&config.memory)
+        {
+            return Err(Error::MemorySize(config.memory));
+        }
+        let image = GuestImage::parse(elf, config.memory)?;
+        let script_address = image.symbol(SCRIPT_SYMBOL)?;
+        let mailbox_address = image.symbol(MAILBOX_SYMBOL)?;
+
+        let kvm = kvm::open(&config.kvm_device)?;
+        let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        // Only Intel VMX needs this (real-mode TSS), but it is harmless elsewhere; the address is
+        // Firecracker's, above any guest memory nmifuzz supports.
+        vm.set_tss_address(0xfffb_d000).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        let mut ram = GuestRam::new(&vm, config.memory)?;
+        boot::write_boot_tables(&mut ram)?;
+        image.load(&mut ram)?;
+
+        let mut vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        boot::setup_vcpu(&kvm, &vcpu, image.entry())?;
+        for reg in [SyncReg::Register, SyncReg::SystemRegister, SyncReg::VcpuEvents] {
+            vcpu.set_sync_valid_reg(reg);
+        }
+
+        let watchdog = Watchdog::new()?;
+        let mut console = Vec::new();
+        boot_to_ready(&mut vcpu, &watchdog, &image, &mut console, config.boot_timeout)?;
+        flush_pending_io(&mut vcpu)?;
+
+        let snapshot = Snapshot::take(&vm, &vcpu, &mut ram)?;
+        let vm = Self {
+            vcpu,
+            vm,
+            _kvm: kvm,
+            ram,
+            image,
+            snapshot,
+            watchdog,
+            script_address,
+            mailbox_address,
+            console,
+            reset_pending: false,
+            debug: GuestDebug::default(),
+        };
+        let mailbox = vm.mailbox()?;
+        if mailbox.magic != MAILBOX_MAGIC || mailbox.version != ABI_VERSION {
+            return Err(Error::AbiMismatch { found: mailbox.version, expected: ABI_VERSION });
+        }
+        Ok(vm)
+    }
+
+    /// The guest image and its symbols.
+    pub fn image(&self) -> &GuestImage {
+        &self.image
+    }
+
+    /// Guest memory.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Guest memory, for writing; host writes are restored by the next reset.
+    pub fn ram_mut(&mut self) -> &mut GuestRam {
+        &mut self.ram
+    }
+
+    /// The snapshot taken at READY.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Restores guest memory and vCPU state to the snapshot. Returns the number of pages
+    /// copied back.
+    pub fn reset(&mut self) -> Result<usize> {
+        self.console.clear();
+        let pages = self.snapshot.restore(&self.vm, &mut self.vcpu, &mut self.ram)?;
+        self.reset_pending = true;
+        Ok(pages)
+    }
+
+    /// Makes a pending reset take effect now instead of at the next run, so that vCPU ioctls
+    /// see the restored state (KVM applies sync registers at the start of KVM_RUN).
+    pub fn apply_pending_reset(&mut self) -> Result<()> {
+        if self.reset_pending {
+            flush_pending_io(&mut self.vcpu)?;
+            self.reset_pending = false;
+        }
+        Ok(())
+    }
+
+    /// The vCPU, for ioctls the VM does not wrap.
+    pub fn vcpu(&self) -> &VcpuFd {
+        &self.vcpu
+    }
+
+    /// The general registers as of the last exit (from the sync-regs area; no ioctl).
+    pub fn regs(&self) -> kvm_regs {
+        self.vcpu.sync_regs().regs
+    }
+
+    /// Registers, system registers and events as of the last exit, plus any change queued for
+    /// the next KVM_RUN, without copying them.
+    pub fn sync_state(&mut self) -> &kvm_sync_regs {
+        self.vcpu.sync_regs_mut()
+    }
+
+    /// The watchdog, for callers that drive [`Vm::run_once`] themselves.
+    pub fn watchdog(&self) -> &Watchdog {
+        &self.watchdog
+    }
+
+    /// Sets single-stepping and hardware breakpoints; no ioctl when nothing changes.
+    pub fn set_debug(&mut self, debug: GuestDebug) -> Result<()> {
+        if debug != self.debug {
+            self.vcpu
+                .set_guest_debug(&debug.to_kvm())
+                .map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))?;
+            self.debug = debug;
+        }
+        Ok(())
+    }
+
+    /// Makes an NMI pending (KVM_NMI).
+    ///
+    /// Right after a reset the sync-regs area carries the snapshot's events with
+    /// KVM_VCPUEVENT_VALID_NMI_PENDING; KVM applies them on entry, after a KVM_NMI, and would
+    /// silently cancel it. Then the NMI is added to those events instead.
+    pub fn inject_nmi(&mut self) -> Result<()> {
+        if self.reset_pending {
+            let events = &mut self.vcpu.sync_regs_mut().events;
+            events.nmi.pending = events.nmi.pending.saturating_add(1);
+            Ok(())
+        } else {
+            self.vcpu.nmi().map_err(Error::kvm("KVM_NMI"))
+        }
+    }
+
+    /// Performs a same-privilege IRETQ that popped `frame`: RIP, RFLAGS and RSP from the
+    /// frame, and NMIs unblocked, as every IRET does. On hosts where IRETQ and the next
+    /// instruction run as one single-step, this is how the VMM stops right after an IRETQ.
+    /// The events go with `flags = 0`, so a KVM_NMI made at the same stop is kept.
+    pub fn emulate_iretq(&mut self, frame: &IretFrame) {
+        let reset_pending = self.reset_pending;
+        let sync = self.vcpu.sync_regs_mut();
+        sync.regs.rip = frame.rip;
+        // Bit 1 of RFLAGS always reads as 1; RF is cleared by a completed instruction.
+        sync.regs.rflags = (frame.rflags | 0x2) & !RFLAGS_RF;
+        sync.regs.rsp = frame.rsp;
+        sync.events.nmi.masked = 0;
+        if !reset_pending {
+            sync.events.flags = 0;
+        }
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+        self.vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
+    }
+
+    /// Writes the script the guest reads after READY, and points IDT vector 2 at the script's
+    /// NMI entry variant (a script with an unknown variant is written as it is: the guest
+    /// refuses it with a panic that names the field).
+    pub fn write_script(&mut self, script: &Script) -> Result<()> {
+        self.ram.write(self.script_address, script.as_bytes())?;
+        match Variant::from_code(script.variant) {
+            Some(variant) => self.install_nmi_entry(self.image.symbol(variant.entry_symbol())?),
+            None => Ok(()),
+        }
+    }
+
+    /// Points the guest's NMI gate at `entry`, keeping its selector, IST and type.
+    fn install_nmi_entry(&mut self, entry: u64) -> Result<()> {
+        let gate = self.snapshot.sregs.idt.base + GATE_SIZE * NMI_VECTOR;
+        let low = self.ram.read_u64(gate)?;
+        let low = (low & 0x0000_ffff_ffff_0000) | (entry & 0xffff) | ((entry & 0xffff_0000) << 32);
+        self.ram.write_u64(gate, low)?;
+        self.ram.write_u64(gate + 8, entry >> 32)
+    }
+
+    /// Reads the guest's mailbox.
+    pub fn mailbox(&self) -> Result<Mailbox> {
+        let mut bytes = [0u8; size_of::<Mailbox>()];
+        self.ram.read(self.mailbox_address, &mut bytes)?;
+        Ok(Mailbox::read_from_bytes(&bytes).expect("the buffer has the mailbox's exact size"))
+    }
+
+    /// Console output of the current run so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console).into_owned()
+    }
+
+    /// Runs the guest once and returns the exit, handling what belongs to the VMM itself:
+    /// console bytes are collected, and on hosts that cannot run a ring-0 `int3` it is
+    /// emulated (RIP advanced past it, #BP injected), as hardware would have done it.
+    pub fn run_once(&mut self) -> Result<Exit> {
+        let exit = exit::run(&mut self.vcpu)?;
+        self.reset_pending = false;
+        match exit {
+            Exit::IoOut { port: port::CONSOLE, value, .. }
+                if self.console.len() < CONSOLE_LIMIT =>
+            {
+                self.console.push(value as u8);
+            }
+            Exit::EmulationFailure { ref bytes } if bytes.first() == Some(&INT3) => {
+                self.inject_breakpoint();
+            }
+            _ => {}
+        }
+        Ok(exit)
+    }
+
+    /// Completes an `int3` the host could not execute: RIP moves past it and #BP is injected,
+    /// exactly the state hardware leaves before delivering #BP. Both go through the sync-regs
+    /// area; the events keep `flags = 0` so that the NMI state KVM reported is left alone.
+    fn inject_breakpoint(&mut self) {
+        let sync = self.vcpu.sync_regs_mut();
+        sync.regs.rip += 1;
+        sync.events.exception.injected = 1;
+        sync.events.exception.nr = BREAKPOINT_VECTOR;
+        sync.events.exception.has_error_code = 0;
+        sync.events.flags = 0;
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+        self.vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
+    }
+
+    /// Runs the guest until it reports DONE or PANIC, or something else ends the run.
+    pub fn run(&mut self, limits: &RunLimits) -> Result<Outcome> {
+        let start = Instant::now();
+        let deadline = self.watchdog.arm(limits.wall);
+        let mut exits = 0;
+        let verdict = loop {
+            if exits == limits.max_exits {
+                break Verdict::BudgetExhausted { exits };
+            }
+            let exit = self.run_once();
+            exits += 1;
+            let exit = match exit {
+                Ok(exit) => exit,
+                Err(e) => {
+                    self.watchdog.disarm();
+                    return Err(e);
+                }
+            };
+            if let Some(verdict) = self.classify(&exit, deadline, limits.wall) {
+                break verdict;
+            }
+        };
+        self.watchdog.disarm();
+        Ok(Outcome { verdict, counters: self.mailbox()?.counters, exits, elapsed: start.elapsed() })
+    }
+
+    /// Decides whether `exit` ends a run with the given deadline and wall-clock limit, and
+    /// how. Console and ping output, emulated `int3`s and watchdog kicks before the deadline
+    /// do not end it.
+    pub fn classify(&self, exit: &Exit, deadline: Instant, limit: Duration) -> Option<Verdict> {
+        let rip = self.regs().rip;
+        let symbol = || self.image.symbolize(rip);
+        match exit {
+            Exit::IoOut { port: port::CONSOLE | port::PING, .. } => None,
+            Exit::IoOut { port: port::REPORT, value, .. } => Some(self.report(*value)),
+            Exit::EmulationFailure { bytes } if bytes.first() == Some(&INT3) => None,
+            Exit::EmulationFailure { bytes } => {
+                Some(Verdict::EmulationError { rip, symbol: symbol(), bytes: bytes.clone() })
+            }
+            Exit::Shutdown => Some(Verdict::TripleFault { rip, symbol: symbol() }),
+            Exit::Interrupted if Instant::now() >= deadline => {
+                Some(Verdict::Timeout { limit, rip, symbol: symbol() })
+            }
+            Exit::Interrupted => None,
+            other => {
+                Some(Verdict::UnexpectedExit { description: format!("{other:?} at {}", symbol()) })
+            }
+        }
+    }
+
+    /// Turns a report code into a verdict.
+    fn report(&self, code: u32) -> Verdict {
+        match Report::from_code(code) {
+            Some(Report::Done) => Verdict::Done,
+            Some(Report::Panic) => match self.mailbox() {
+                Ok(mailbox) => Verdict::GuestPanic(self.guest_panic(&mailbox)),
+                Err(e) => Verdict::UnexpectedExit { description: format!("PANIC report: {e}") },
+            },
+            Some(Report::Ready) => {
+                Verdict::UnexpectedExit { description: "READY reported a second time".into() }
+            }
+            None => {
+                Verdict::UnexpectedExit { description: format!("unknown report code {code:#x}") }
+            }
+        }
+    }
+
+    fn guest_panic(&self, mailbox: &Mailbox) -> GuestPanic {
+        let record = &mailbox.panic;
+        let text = |bytes: &[u8], len: u32| {
+            String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()
+        };
+        GuestPanic {
+            message: text(&record.message, record.message_len),
+            file: text(&record.file, record.file_len),
+            line: record.line,
+            column: record.column,
+            rip: record.rip,
+            // 0: a Rust panic, whose caller the guest cannot find; file and line say where.
+            symbol: if record.rip == 0 { String::new() } else { self.image.symbolize(record.rip) },
+        }
+    }
+}
+
+/// Runs a freshly created vCPU until the guest reports READY.
+fn boot_to_ready(
+    vcpu: &mut VcpuFd,
+    watchdog: &Watchdog,
+    image: &GuestImage,
+    console: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = watchdog.arm(timeout);
+    let failed = |verdict: Verdict, console: &[u8]| Error::Boot {
+        verdict: Box::new(verdict),
+        console: if console.is_empty() {
+            String::new()
+        } else {
+            format!("\nguest console:\n{}", String::from_utf8_lossy(console))
+        },
+    };
+    let result = loop {
+        let exit = match exit::run(vcpu) {
+            Ok(exit) => exit,
+            Err(e) => break Err(e),
+        };
+        let rip = vcpu.sync_regs().regs.rip;
+        let verdict = match exit {
+            Exit::IoOut { port: port::CONSOLE, value, .. } => {
+                console.push(value as u8);
+                continue;
+            }
+            Exit::IoOut { port: port::REPORT, value, .. }
+                if Report::from_code(value) == Some(Report::Ready) =>
+            {
+                break Ok(());
+            }
+            Exit::Interrupted if Instant::now() < deadline => continue,
+            Exit::Interrupted => {
+                Verdict::Timeout { limit: timeout, rip, symbol: image.symbolize(rip) }
+            }
+            Exit::Shutdown => Verdict::TripleFault { rip, symbol: image.symbolize(rip) },
+            other => Verdict::UnexpectedExit {
+                description: format!("{other:?} at {}", image.symbolize(rip)),
+            },
+        };
+        break Err(failed(verdict, console));
+    };
+    watchdog.disarm();
+    result
+}
+
+/// Enters KVM_RUN with `immediate_exit` set: KVM applies pending sync registers and completes
+/// a pending I/O instruction (stock KVM finishes an `out` only on the next entry) and returns
+/// at once without running guest code.
+fn flush_pending_io(vcpu: &mut VcpuFd) -> Result<()> {
+    vcpu.set_kvm_immediate_exit(1);
+    let result = exit::run(vcpu);
+    vcpu.set_kvm_immediate_exit(0);
+    match result? {
+        Exit::Interrupted => Ok(()),
+        other => Err(Error::Flush(format!("{other:?}"))),
+    }
+}
