@@ -21,6 +21,8 @@ pub struct Insn {
     pub is_rep_string: bool,
     /// `out` (port I/O write).
     pub is_out: bool,
+    /// `int3`, a trap: it retires before its #BP is delivered.
+    pub is_int3: bool,
 }
 
 /// A cache of decoded guest instructions.
@@ -41,6 +43,7 @@ impl InsnCache {
             is_iretq: decoded.mnemonic() == Mnemonic::Iretq,
             is_rep_string: decoded.is_string_instruction()
                 && (decoded.has_rep_prefix() || decoded.has_repne_prefix()),
+            is_int3: decoded.mnemonic() == Mnemonic::Int3,
             is_out: matches!(
                 decoded.mnemonic(),
                 Mnemonic::Out | Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd

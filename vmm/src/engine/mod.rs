@@ -72,7 +72,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { limits: RunLimits::default(), max_instructions: 200_000, keep_trace: false }
+        Self { limits: RunLimits::default(), max_instructions: 20_000, keep_trace: false }
     }
 }
 

@@ -151,13 +151,16 @@ struct IretqStop {
     rip: u64,
 }
 
-/// Resets, single-steps a few instructions into a run, injects an NMI and steps to the NMI
-/// handler's IRETQ.
+/// Resets, single-steps into a run up to an ordinary instruction, injects an NMI there and
+/// steps to the NMI handler's IRETQ.
 fn start_nmi_and_step_to_iretq(vm: &mut Vm, insns: &mut InsnCache) -> Result<IretqStop> {
     vm.reset()?;
     vm.write_script(&Script::new(Variant::Naive, Workload::Loop, 20))?;
     vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() })?;
-    for _ in 0..3 {
+    step(vm)?;
+    // The NMI must interrupt an ordinary instruction: after an IRETQ back into a `rep` string
+    // instruction KVM stops at the same RIP again, which would look like an IRETQ stop.
+    while insns.get(vm.ram(), vm.regs().rip)?.is_rep_string {
         step(vm)?;
     }
     vm.inject_nmi()?;
