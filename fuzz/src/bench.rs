@@ -4,8 +4,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use nmifuzz_abi::{Script, Variant, Workload, port};
+use nmifuzz_abi::{Action, Script, Variant, Workload, fault, port};
 use serde::Serialize;
+use vmm::engine::profile;
+use vmm::engine::schedule::{MAX_DELAY, Plan, Trigger};
+use vmm::engine::{Engine, RunOptions};
 use vmm::exit::Exit;
 use vmm::{RunLimits, Verdict, Vm, VmConfig};
 
@@ -30,6 +33,16 @@ struct Report {
     reset_ratio: f64,
     /// `reset_run_idle_us / exit_roundtrip_us`.
     reset_run_idle_ratio: f64,
+    /// Median time per single-stepped guest instruction (a fully stepped run), in µs.
+    step_us: f64,
+    /// `step_us / exit_roundtrip_us`.
+    step_ratio: f64,
+    /// Median execution of a typical 3-NMI schedule by the engine (reset to verdict), in µs.
+    exec_3nmi_us: f64,
+    /// `exec_3nmi_us / exit_roundtrip_us`.
+    exec_3nmi_ratio: f64,
+    /// Share of the 3-NMI execution spent outside KVM_RUN: the VMM's and engine's own work.
+    engine_overhead: f64,
     /// Samples per measurement.
     samples: u32,
 }
@@ -40,6 +53,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let exit_roundtrip = exit_roundtrip(&mut vm, args.samples)?;
     let (reset, reset_pages) = reset_cost(&mut vm, args.samples)?;
     let reset_run_idle = reset_run_idle(&mut vm, args.samples)?;
+    let profile = profile::calibrate(&mut vm).context("cannot calibrate the engine")?;
+    let mut engine = Engine::new(&vm, profile)?;
+    let step = step_cost(&mut engine, &mut vm, args.samples)?;
+    let (exec_3nmi, engine_overhead) = three_nmi_cost(&mut engine, &mut vm, args.samples)?;
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let report = Report {
         exit_roundtrip_us: us(exit_roundtrip),
@@ -48,6 +65,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         reset_run_idle_us: us(reset_run_idle),
         reset_ratio: us(reset) / us(exit_roundtrip),
         reset_run_idle_ratio: us(reset_run_idle) / us(exit_roundtrip),
+        step_us: step,
+        step_ratio: step / us(exit_roundtrip),
+        exec_3nmi_us: us(exec_3nmi),
+        exec_3nmi_ratio: us(exec_3nmi) / us(exit_roundtrip),
+        engine_overhead,
         samples: args.samples,
     };
     if args.json {
@@ -66,6 +88,12 @@ fn print_table(r: &Report) {
     row("raw exit round trip (guest `out`)", r.exit_roundtrip_us, 1.0);
     row(&format!("reset() ({} dirty pages)", r.reset_pages), r.reset_us, r.reset_ratio);
     row("reset() + run to DONE, idle guest", r.reset_run_idle_us, r.reset_run_idle_ratio);
+    row("one single-stepped instruction", r.step_us, r.step_ratio);
+    row("execution of a 3-NMI schedule", r.exec_3nmi_us, r.exec_3nmi_ratio);
+    println!(
+        "engine overhead (time outside KVM_RUN) in a 3-NMI execution: {:.1}%",
+        r.engine_overhead * 100.0
+    );
     println!("({} samples each)", r.samples);
 }
 
@@ -127,4 +155,52 @@ fn reset_run_idle(vm: &mut Vm, samples: u32) -> Result<Duration> {
         ensure!(outcome.verdict == Verdict::Done, "idle run: {}", outcome.verdict);
     }
     Ok(median(times))
+}
+
+/// Runs the loop workload single-stepped from start to DONE (an injection that never comes
+/// keeps the engine stepping) and divides by the instructions stepped.
+fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
+    let plan = Plan {
+        script: Script::new(Variant::Naive, Workload::Loop, 20),
+        injections: vec![Trigger::After(MAX_DELAY)],
+    };
+    let mut per_step = Vec::with_capacity(samples as usize);
+    for _ in 0..samples.div_ceil(10) {
+        let execution = engine.run(vm, &plan, &RunOptions::default())?;
+        ensure!(
+            execution.outcome.verdict == Verdict::Done,
+            "stepped run: {}",
+            execution.outcome.verdict
+        );
+        per_step.push(execution.outcome.elapsed / execution.instructions as u32);
+    }
+    Ok(median(per_step).as_secs_f64() * 1e6)
+}
+
+/// A typical schedule: three NMIs during the workload, each `do_nmi` doing a little work and
+/// taking a #UD. Returns the median execution time and the share spent outside KVM_RUN.
+fn three_nmi_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<(Duration, f64)> {
+    let mut script = Script::new(Variant::Naive, Workload::Loop, 40);
+    script.action_count = 3;
+    script.actions[..3].fill(Action { busy: 3, faults: fault::UD });
+    let plan = Plan {
+        script,
+        injections: vec![Trigger::After(60), Trigger::After(150), Trigger::After(150)],
+    };
+    let mut times = Vec::with_capacity(samples as usize);
+    let (mut total, mut inside) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..samples.div_ceil(4) {
+        let before = vm.kvm_run_time();
+        let execution = engine.run(vm, &plan, &RunOptions::default())?;
+        ensure!(
+            execution.outcome.verdict == Verdict::Done,
+            "3-NMI run: {}",
+            execution.outcome.verdict
+        );
+        ensure!(execution.nmi.delivered == 3, "3-NMI run delivered {:?}", execution.nmi);
+        inside += vm.kvm_run_time() - before;
+        total += execution.outcome.elapsed;
+        times.push(execution.outcome.elapsed);
+    }
+    Ok((median(times), 1.0 - inside.as_secs_f64() / total.as_secs_f64()))
 }

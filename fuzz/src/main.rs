@@ -1,7 +1,10 @@
 //! `nmifuzz`: a hypervisor-based fuzzer for x86-64 NMI entry code. See the README.
 
 mod bench;
+mod doctor;
 mod options;
+mod replay;
+mod target;
 
 use std::process::ExitCode;
 
@@ -11,21 +14,39 @@ use crate::options::{Cli, Command};
 
 /// Exit code for usage and setup errors (libFuzzer and cargo-fuzz use 1 for findings).
 const EXIT_SETUP_ERROR: u8 = 2;
+/// Exit code when a finding was made or reproduced.
+const EXIT_FINDING: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(args) => bench::run(&args),
+        Command::Replay(args) => replay::run(&args),
+        Command::Doctor => doctor::run().map(|()| false),
+        Command::Bench(args) => bench::run(&args).map(|()| false),
         Command::Variants => {
             options::print_variants();
-            Ok(())
+            Ok(false)
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::from(EXIT_FINDING),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::from(EXIT_SETUP_ERROR)
         }
     }
+}
+
+/// The error and its causes, leaving out a cause that the message before it already quotes
+/// (most of nmifuzz's errors include their source in their own message).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }

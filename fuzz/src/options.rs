@@ -1,7 +1,10 @@
 //! Command-line interface.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
 use nmifuzz_abi::Variant;
+use vmm::engine::schedule::variant_names;
 
 /// A hypervisor-based fuzzer for x86-64 NMI entry code.
 ///
@@ -16,10 +19,42 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Replay reproducers (schedule JSON files) and print each verdict.
+    ///
+    /// Exits 1 if any replay ends in a finding, 0 if all pass.
+    Replay(ReplayArgs),
+    /// Check KVM and print this host's stepping and NMI profile and what it means.
+    Doctor,
     /// Measure the VMM's costs on this host: exit round trip, reset, reset + idle run.
     Bench(BenchArgs),
     /// List the NMI entry variants linked into the guest.
     Variants,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Schedule files to replay (artifacts, corpus entries, hand-written seeds).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Replay against this entry variant instead of the one in the file (e.g. check that
+    /// `linux` survives what kills `naive`).
+    #[arg(long, value_parser = parse_variant)]
+    pub variant: Option<String>,
+    /// Print the per-step trace: instruction count, RIP as symbol+offset, disassembly, NMI
+    /// depth and events.
+    #[arg(long)]
+    pub trace: bool,
+    /// Print one JSON object per file instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Accepts a variant name, or explains which names are valid.
+pub fn parse_variant(name: &str) -> Result<String, String> {
+    match Variant::from_name(name) {
+        Some(_) => Ok(name.to_owned()),
+        None => Err(format!("unknown variant `{name}`; valid variants: {}", variant_names())),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -95,8 +95,11 @@ impl GuestImage {
             .filter(|s| s.address() != 0)
             .filter_map(|s| {
                 let name = s.name().ok()?;
-                (!name.is_empty() && !name.starts_with(".L") && !name.starts_with('$'))
-                    .then(|| Symbol { name: name.to_owned(), address: s.address(), size: s.size() })
+                (!name.is_empty() && !name.starts_with(".L") && !name.starts_with('$')).then(|| {
+                    // `{:#}` leaves out the hash suffix of Rust's mangled names.
+                    let name = format!("{:#}", rustc_demangle::demangle(name));
+                    Symbol { name, address: s.address(), size: s.size() }
+                })
             })
             .collect();
         symbols.sort_by(|a, b| a.address.cmp(&b.address).then(b.size.cmp(&a.size)));

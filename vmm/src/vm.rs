@@ -140,6 +140,8 @@ pub struct Vm {
     reset_pending: bool,
     /// What KVM_SET_GUEST_DEBUG was last given.
     debug: GuestDebug,
+    /// Wall-clock time spent inside KVM_RUN by [`Vm::run_once`], for overhead measurements.
+    kvm_run_time: Duration,
 }
 
 impl Vm {
@@ -188,6 +190,7 @@ impl Vm {
             console,
             reset_pending: false,
             debug: GuestDebug::default(),
+            kvm_run_time: Duration::ZERO,
         };
         let mailbox = vm.mailbox()?;
         if mailbox.magic != MAILBOX_MAGIC || mailbox.version != ABI_VERSION {
@@ -249,6 +252,12 @@ impl Vm {
     /// the next KVM_RUN, without copying them.
     pub fn sync_state(&mut self) -> &kvm_sync_regs {
         self.vcpu.sync_regs_mut()
+    }
+
+    /// Total wall-clock time spent inside KVM_RUN so far; the rest of a run's time is the
+    /// VMM's own overhead.
+    pub fn kvm_run_time(&self) -> Duration {
+        self.kvm_run_time
     }
 
     /// The watchdog, for callers that drive [`Vm::run_once`] themselves.
@@ -337,7 +346,10 @@ impl Vm {
     /// console bytes are collected, and on hosts that cannot run a ring-0 `int3` it is
     /// emulated (RIP advanced past it, #BP injected), as hardware would have done it.
     pub fn run_once(&mut self) -> Result<Exit> {
-        let exit = exit::run(&mut self.vcpu)?;
+        let start = Instant::now();
+        let exit = exit::run(&mut self.vcpu);
+        self.kvm_run_time += start.elapsed();
+        let exit = exit?;
         self.reset_pending = false;
         match exit {
             Exit::IoOut { port: port::CONSOLE, value, .. }

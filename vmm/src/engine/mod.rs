@@ -157,6 +157,10 @@ struct Context {
 /// The state of one execution.
 struct Run<'p> {
     plan: &'p Plan,
+    /// The coverage map the stops are recorded in (may be empty).
+    coverage: &'p mut [u8],
+    /// The previous stop's coverage location, for edges.
+    previous_location: u64,
     /// Retired instructions so far.
     insn: u64,
     exits: u64,
@@ -188,9 +192,11 @@ struct Run<'p> {
 }
 
 impl<'p> Run<'p> {
-    fn new(plan: &'p Plan, keep_trace: bool) -> Self {
+    fn new(plan: &'p Plan, coverage: &'p mut [u8], keep_trace: bool) -> Self {
         let mut run = Self {
             plan,
+            coverage,
+            previous_location: 0,
             insn: 0,
             exits: 0,
             stepping: false,
@@ -237,9 +243,31 @@ impl<'p> Run<'p> {
     /// Records the stop at `rip` and the events that led to it.
     fn record_stop(&mut self, rip: u64) {
         self.recorder.stop(self.insn, rip, self.depth(), None);
+        self.cover(rip);
         for event in std::mem::take(&mut self.pending_events) {
             self.recorder.event(event);
         }
+    }
+
+    /// Counts the edge from the previous stop to this one in the coverage map, while NMI
+    /// handling is in progress or an NMI is pending: a location is the RIP together with the
+    /// nesting depth and whether an NMI waits in the latch, so that the same code reached in a
+    /// new NMI state is new coverage. Stops of the plain workload are not coverage: reaching
+    /// them only means injecting later.
+    fn cover(&mut self, rip: u64) {
+        if self.coverage.is_empty() || (self.contexts.is_empty() && self.undelivered == 0) {
+            return;
+        }
+        let location =
+            rip ^ (u64::from(self.depth()) << 56) ^ (u64::from(self.undelivered > 0) << 62);
+        // Mix (a splitmix64 finalizer) so nearby RIPs spread over the map.
+        let mut edge = location ^ self.previous_location.rotate_left(1);
+        edge = (edge ^ (edge >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        edge = (edge ^ (edge >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        edge ^= edge >> 31;
+        let slot = &mut self.coverage[(edge % self.coverage.len() as u64) as usize];
+        *slot = slot.saturating_add(1);
+        self.previous_location = location;
     }
 
     fn depth(&self) -> u32 {
@@ -267,10 +295,22 @@ impl Engine {
 
     /// Resets the VM and executes `plan`.
     pub fn run(&mut self, vm: &mut Vm, plan: &Plan, options: &RunOptions) -> Result<Execution> {
+        self.run_with_coverage(vm, plan, options, &mut [])
+    }
+
+    /// Resets the VM and executes `plan`, counting NMI-path edges in `coverage` (which the
+    /// caller clears; see `Run::cover`).
+    pub fn run_with_coverage(
+        &mut self,
+        vm: &mut Vm,
+        plan: &Plan,
+        options: &RunOptions,
+        coverage: &mut [u8],
+    ) -> Result<Execution> {
         let start = Instant::now();
         vm.reset()?;
         vm.write_script(&plan.script)?;
-        let mut run = Run::new(plan, options.keep_trace);
+        let mut run = Run::new(plan, coverage, options.keep_trace);
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();

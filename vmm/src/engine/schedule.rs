@@ -174,7 +174,7 @@ pub enum ScheduleError {
 }
 
 /// What is wrong with a parsed schedule.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
     /// Another format version.
     Format(u32),

@@ -1,0 +1,74 @@
+//! The fuzzing target: the VM booted with the embedded guest, the host profile, and the engine,
+//! executing schedules. Every subcommand that runs guest code goes through it.
+
+use anyhow::{Context, Result};
+use vmm::engine::profile::{self, HostProfile};
+use vmm::engine::schedule::{Origin, Schedule};
+use vmm::engine::{Engine, Execution, RunOptions};
+use vmm::{Vm, VmConfig};
+
+/// The VM and the engine that drives it.
+pub struct Target {
+    vm: Vm,
+    engine: Engine,
+}
+
+impl Target {
+    /// Boots the embedded guest and calibrates the engine for this host.
+    pub fn new() -> Result<Self> {
+        let mut vm = Vm::new(&VmConfig::default(), vmm::EMBEDDED_GUEST.to_vec())
+            .context("cannot start the VM")?;
+        let profile = profile::calibrate(&mut vm).context("cannot calibrate the engine")?;
+        let engine = Engine::new(&vm, profile)?;
+        Ok(Self { vm, engine })
+    }
+
+    /// The host profile found at start-up.
+    pub fn profile(&self) -> &HostProfile {
+        self.engine.profile()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// What artifacts found here record about their origin.
+    pub fn origin(&self) -> Origin {
+        Origin {
+            guest_hash: format!("{:016x}", self.vm.image().hash()),
+            host_profile: self.profile().to_string(),
+        }
+    }
+
+    /// Warnings about a schedule recorded on another guest or host, for replays.
+    pub fn provenance_warnings(&self, schedule: &Schedule) -> Vec<String> {
+        let Some(recorded) = &schedule.origin else { return Vec::new() };
+        let here = self.origin();
+        let mut warnings = Vec::new();
+        if recorded.guest_hash != here.guest_hash {
+            warnings.push(format!(
+                "recorded with guest {}, replaying on guest {}: timings may differ",
+                recorded.guest_hash, here.guest_hash
+            ));
+        }
+        if recorded.host_profile != here.host_profile {
+            warnings.push(format!(
+                "recorded on a host with profile `{}`, this host is `{}`",
+                recorded.host_profile, here.host_profile
+            ));
+        }
+        warnings
+    }
+
+    /// Executes `schedule`, counting NMI-path edges into `coverage` (may be empty).
+    pub fn execute(
+        &mut self,
+        schedule: &Schedule,
+        options: &RunOptions,
+        coverage: &mut [u8],
+    ) -> Result<Execution> {
+        let plan = schedule.resolve(self.vm.image())?;
+        Ok(self.engine.run_with_coverage(&mut self.vm, &plan, options, coverage)?)
+    }
+}
