@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use vmm::Vm;
 use vmm::engine::schedule::Schedule;
@@ -44,7 +44,9 @@ pub fn run(args: &ReplayArgs) -> Result<bool> {
             }
         }
         let options = RunOptions { keep_trace: args.trace, ..RunOptions::default() };
-        let execution = target.execute(&schedule, &options, &mut [])?;
+        let execution = target
+            .execute(&schedule, &options, &mut [])
+            .with_context(|| file.display().to_string())?;
         let verdict = &execution.outcome.verdict;
         any_finding |= verdict.is_finding();
         if args.trace {

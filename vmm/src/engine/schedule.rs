@@ -459,6 +459,50 @@ mod tests {
     }
 
     #[test]
+    fn files_are_checked_before_parsing() {
+        let dir =
+            std::env::temp_dir().join(format!("nmifuzz-schedule-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.json");
+        let err = Schedule::load(&missing).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&missing.display().to_string()) && err.contains("cannot read"),
+            "{err}"
+        );
+        // An absurdly large file is refused by its size, without reading it.
+        let huge = dir.join("huge.json");
+        std::fs::File::create(&huge).unwrap().set_len(MAX_FILE_SIZE + 1).unwrap();
+        let err = Schedule::load(&huge).unwrap_err().to_string();
+        assert!(err.contains("too large"), "{err}");
+        let good = dir.join("good.json");
+        std::fs::write(&good, MINIMAL).unwrap();
+        assert_eq!(Schedule::load(&good).unwrap().injections.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn symbols_resolve_against_the_guest() {
+        let image = GuestImage::parse(crate::EMBEDDED_GUEST.to_vec(), 16 << 20).unwrap();
+        let mut s = parse(MINIMAL).unwrap();
+        s.injections = vec![Injection::At(Point {
+            symbol: "do_nmi".into(),
+            offset: 0,
+            occurrence: 1,
+            extra: 2,
+        })];
+        let plan = s.resolve(&image).unwrap();
+        let address = image.symbol("do_nmi").unwrap();
+        assert_eq!(plan.injections, vec![Trigger::At { address, occurrence: 1, extra: 2 }]);
+        let Injection::At(point) = &mut s.injections[0] else { unreachable!() };
+        point.symbol = "no_such_symbol".into();
+        assert_eq!(s.resolve(&image).unwrap_err(), Problem::UnknownSymbol("no_such_symbol".into()));
+        let Injection::At(point) = &mut s.injections[0] else { unreachable!() };
+        point.symbol = "do_nmi".into();
+        point.offset = 1 << 20;
+        assert!(matches!(s.resolve(&image).unwrap_err(), Problem::OffsetOutsideSymbol { .. }));
+    }
+
+    #[test]
     fn script_carries_actions() {
         let mut s = parse(MINIMAL).unwrap();
         s.actions =

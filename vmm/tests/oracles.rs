@@ -1,0 +1,112 @@
+//! Every host-side verdict kind, each produced by a purpose-made guest behaviour or schedule.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use nmifuzz_abi::{Script, Variant, Workload};
+use vmm::engine::profile::{self, HostProfile};
+use vmm::engine::schedule::{MAX_DELAY, Plan, Trigger};
+use vmm::engine::{Engine, ITERATION_SYMBOL, RunOptions};
+use vmm::{RunLimits, Verdict, Vm};
+
+/// `iretq` (REX.W + CF).
+const IRETQ: [u8; 2] = [0x48, 0xcf];
+/// `ret`.
+const RET: [u8; 1] = [0xc3];
+/// `hlt`.
+const HLT: [u8; 1] = [0xf4];
+
+/// This host's profile, calibrated once with the unpatched guest (a patched one may not have
+/// a working NMI entry to calibrate with).
+fn host_profile() -> HostProfile {
+    static PROFILE: OnceLock<HostProfile> = OnceLock::new();
+    *PROFILE.get_or_init(|| profile::calibrate(&mut common::boot().unwrap()).unwrap())
+}
+
+fn run(vm: &mut Vm, workload: Workload, arg: u32, injections: &[Trigger]) -> Verdict {
+    let mut engine = Engine::new(vm, host_profile()).unwrap();
+    let plan = Plan {
+        script: Script::new(Variant::Naive, workload, arg),
+        injections: injections.to_vec(),
+    };
+    let options = RunOptions {
+        limits: RunLimits { wall: Duration::from_millis(500), ..RunLimits::default() },
+        ..RunOptions::default()
+    };
+    engine.run(vm, &plan, &options).unwrap().outcome.verdict
+}
+
+#[test]
+fn kvm_wall_clock_timeout() {
+    let Some(mut vm) = common::boot() else { return };
+    let verdict = run(&mut vm, Workload::Spin, 0, &[]);
+    assert!(matches!(verdict, Verdict::Timeout { .. }), "{verdict}");
+}
+
+#[test]
+fn kvm_instruction_budget_is_deterministic() {
+    let Some(mut vm) = common::boot() else { return };
+    // An injection that never comes keeps the engine stepping the spinning guest.
+    let verdict = run(&mut vm, Workload::Spin, 0, &[Trigger::After(MAX_DELAY)]);
+    let Verdict::InstructionBudget { instructions, .. } = &verdict else { panic!("{verdict}") };
+    assert_eq!(*instructions, RunOptions::default().max_instructions);
+    assert_eq!(run(&mut vm, Workload::Spin, 0, &[Trigger::After(MAX_DELAY)]), verdict);
+}
+
+#[test]
+fn kvm_triple_fault_and_emulation_error() {
+    let Some(mut vm) = common::boot() else { return };
+    let verdict = run(&mut vm, Workload::TripleFault, 0, &[Trigger::After(5)]);
+    assert!(matches!(verdict, Verdict::TripleFault { .. }), "{verdict}");
+    let verdict = run(&mut vm, Workload::EmulationError, 0, &[]);
+    assert!(matches!(verdict, Verdict::EmulationError { .. }), "{verdict}");
+}
+
+#[test]
+fn kvm_unexpected_exit() {
+    // The workload halts without reporting anything.
+    let Some(mut vm) =
+        common::boot_elf(common::patched_guest("guest::workload::run_loop", 0, &HLT))
+    else {
+        return;
+    };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[]);
+    let Verdict::UnexpectedExit { description } = &verdict else { panic!("{verdict}") };
+    assert!(description.starts_with("Hlt"), "{description}");
+}
+
+#[test]
+fn kvm_lost_nmi_when_the_entry_never_calls_do_nmi() {
+    // An NMI entry that returns at once: the delivery is never followed by an iteration.
+    let Some(mut vm) = common::boot_elf(common::patched_guest("nmi_naive", 0, &IRETQ)) else {
+        return;
+    };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[Trigger::After(40)]);
+    let Verdict::LostNmi { message } = &verdict else { panic!("{verdict}") };
+    assert!(message.contains("never followed by a do_nmi iteration"), "{message}");
+}
+
+#[test]
+fn kvm_nmis_left_blocked_when_the_probe_nmi_goes_nowhere() {
+    // No scheduled NMI: the run passes every check up to DONE, and only the probe NMI shows
+    // that NMIs do not reach do_nmi.
+    let Some(mut vm) = common::boot_elf(common::patched_guest("nmi_naive", 0, &IRETQ)) else {
+        return;
+    };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[]);
+    let Verdict::NmiLeftBlocked { message } = &verdict else { panic!("{verdict}") };
+    assert!(message.contains("probe NMI"), "{message}");
+}
+
+#[test]
+fn kvm_count_mismatch_when_the_guest_does_not_count_an_iteration() {
+    // The iteration starts (the VMM sees it) but returns before the guest counts it.
+    let Some(mut vm) = common::boot_elf(common::patched_guest(ITERATION_SYMBOL, 0, &RET)) else {
+        return;
+    };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[Trigger::After(40)]);
+    let Verdict::NmiCountMismatch { message } = &verdict else { panic!("{verdict}") };
+    assert!(message.contains("the VMM saw 1"), "{message}");
+}
