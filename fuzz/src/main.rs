@@ -4,6 +4,7 @@ mod bench;
 mod doctor;
 mod options;
 mod replay;
+mod sweep;
 mod target;
 
 use std::process::ExitCode;
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Replay(args) => replay::run(&args),
         Command::Doctor => doctor::run().map(|()| false),
+        Command::Sweep(args) => sweep::run(&args),
         Command::Bench(args) => bench::run(&args).map(|()| false),
         Command::Variants => {
             options::print_variants();

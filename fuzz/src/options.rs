@@ -25,6 +25,9 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Check KVM and print this host's stepping and NMI profile and what it means.
     Doctor,
+    /// Exhaustively place a second NMI at every instruction of a first NMI's handling, and a
+    /// third in a window after the second. Exits 1 if any run fails.
+    Sweep(SweepArgs),
     /// Measure the VMM's costs on this host: exit round trip, reset, reset + idle run.
     Bench(BenchArgs),
     /// List the NMI entry variants linked into the guest.
@@ -45,6 +48,28 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub trace: bool,
     /// Print one JSON object per file instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// The entry variant to sweep.
+    #[arg(long, default_value = "linux", value_parser = parse_variant)]
+    pub variant: String,
+    /// How many placements of the first NMI in the workload (1 to 5).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub placements: u64,
+    /// The third NMI goes at every instruction 1..=N after the second (0: no third NMI).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub third_window: u64,
+    /// Iterations of the workload loop.
+    #[arg(long, default_value_t = 20)]
+    pub workload_iterations: u32,
+    /// Stop at the first failing run.
+    #[arg(long)]
+    pub stop_on_first: bool,
+    /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
 }

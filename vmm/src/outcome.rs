@@ -111,6 +111,51 @@ impl Verdict {
         }
     }
 
+    /// A key that is equal for findings of the same bug: the kind, plus the panic message and
+    /// location or the code symbol, with numbers (depths, counts, addresses, offsets) left out.
+    pub fn signature(&self) -> String {
+        let without_numbers = |text: &str| {
+            let mut out = String::with_capacity(text.len());
+            let mut in_number = false;
+            for c in text.chars() {
+                let digit = c.is_ascii_digit()
+                    || (in_number && c.is_ascii_hexdigit())
+                    || (in_number && c == 'x');
+                if digit {
+                    if !in_number {
+                        out.push('#');
+                    }
+                } else {
+                    out.push(c);
+                }
+                in_number = digit;
+            }
+            out
+        };
+        let symbol_only = |symbol: &str| symbol.split('+').next().unwrap_or_default().to_owned();
+        let detail = match self {
+            Self::Done
+            | Self::Timeout { .. }
+            | Self::TripleFault { .. }
+            | Self::BudgetExhausted { .. } => String::new(),
+            Self::GuestPanic(p) => {
+                format!("{} at {}:{}", without_numbers(&p.message), p.file, p.line)
+            }
+            Self::EmulationError { symbol, .. } | Self::InstructionBudget { symbol, .. } => {
+                symbol_only(symbol)
+            }
+            Self::LostNmi { message }
+            | Self::NmiCountMismatch { message }
+            | Self::NmiLeftBlocked { message } => without_numbers(message),
+            Self::UnexpectedExit { description } => without_numbers(description),
+        };
+        if detail.is_empty() {
+            self.kind().to_owned()
+        } else {
+            format!("{}: {detail}", self.kind())
+        }
+    }
+
     /// Whether the run is a finding.
     pub fn is_finding(&self) -> bool {
         !matches!(self, Self::Done)
@@ -165,4 +210,37 @@ pub struct Outcome {
     pub exits: u64,
     /// Wall-clock time of the run.
     pub elapsed: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_ignore_numbers_but_not_meaning() {
+        let budget =
+            |symbol: &str| Verdict::InstructionBudget { instructions: 7, symbol: symbol.into() };
+        assert_eq!(budget("nmi_naive+0x2a").signature(), budget("nmi_naive+0x31").signature());
+        assert_ne!(budget("nmi_naive+0x2a").signature(), budget("do_nmi+0x3").signature());
+        let lost = |m: &str| Verdict::LostNmi { message: m.into() };
+        assert_eq!(
+            lost("NMI delivered at instruction 40 lost").signature(),
+            "lost-nmi: NMI delivered at instruction # lost"
+        );
+        let panic = |message: &str, line| {
+            Verdict::GuestPanic(GuestPanic {
+                message: message.into(),
+                file: "src/nmi/mod.rs".into(),
+                line,
+                column: 1,
+                rip: 0,
+                symbol: String::new(),
+            })
+        };
+        assert_eq!(
+            panic("depth 2 at 0xdead", 10).signature(),
+            panic("depth 3 at 0xbeef", 10).signature()
+        );
+        assert_ne!(panic("depth 2", 10).signature(), panic("depth 2", 11).signature());
+    }
 }

@@ -17,6 +17,8 @@ const IRETQ: [u8; 2] = [0x48, 0xcf];
 const RET: [u8; 1] = [0xc3];
 /// `hlt`.
 const HLT: [u8; 1] = [0xf4];
+/// `jmp $` (to itself).
+const SPIN: [u8; 2] = [0xeb, 0xfe];
 
 /// This host's profile, calibrated once with the unpatched guest (a patched one may not have
 /// a working NMI entry to calibrate with).
@@ -25,17 +27,20 @@ fn host_profile() -> HostProfile {
     *PROFILE.get_or_init(|| profile::calibrate(&mut common::boot().unwrap()).unwrap())
 }
 
+/// Short limits: a wall clock of half a second and a total stepping budget of 3000.
+fn options() -> RunOptions {
+    RunOptions {
+        limits: RunLimits { wall: Duration::from_millis(500), ..RunLimits::default() },
+        max_instructions: 3_000,
+        ..RunOptions::default()
+    }
+}
+
 fn run(vm: &mut Vm, workload: Workload, arg: u32, injections: &[Trigger]) -> Verdict {
     let mut engine = Engine::new(vm, host_profile()).unwrap();
-    let plan = Plan {
-        script: Script::new(Variant::Naive, workload, arg),
-        injections: injections.to_vec(),
-    };
-    let options = RunOptions {
-        limits: RunLimits { wall: Duration::from_millis(500), ..RunLimits::default() },
-        ..RunOptions::default()
-    };
-    engine.run(vm, &plan, &options).unwrap().outcome.verdict
+    let script = Script::new(Variant::Naive, workload, arg);
+    let plan = Plan { script, injections: injections.to_vec() };
+    engine.run(vm, &plan, &options()).unwrap().outcome.verdict
 }
 
 #[test]
@@ -51,8 +56,16 @@ fn kvm_instruction_budget_is_deterministic() {
     // An injection that never comes keeps the engine stepping the spinning guest.
     let verdict = run(&mut vm, Workload::Spin, 0, &[Trigger::After(MAX_DELAY)]);
     let Verdict::InstructionBudget { instructions, .. } = &verdict else { panic!("{verdict}") };
-    assert_eq!(*instructions, RunOptions::default().max_instructions);
+    assert_eq!(*instructions, options().max_instructions);
     assert_eq!(run(&mut vm, Workload::Spin, 0, &[Trigger::After(MAX_DELAY)]), verdict);
+    // In NMI context the budget is separate: a handler that never returns.
+    let Some(mut vm) = common::boot_elf(common::patched_guest("nmi_naive", 1, &SPIN)) else {
+        return;
+    };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[Trigger::After(40)]);
+    let Verdict::InstructionBudget { instructions, symbol } = &verdict else { panic!("{verdict}") };
+    assert_eq!(symbol, "nmi_naive+0x1");
+    assert!(*instructions < 40 + 2 * options().max_nmi_instructions, "{instructions}");
 }
 
 #[test]

@@ -89,7 +89,7 @@ impl Engine {
             Exit::IoOut { port: port::CONSOLE | port::PING, .. } => self.out_retired(vm, run)?,
             Exit::IoOut { port: port::REPORT, value, .. } => {
                 let retired = self.out_retired(vm, run)?;
-                run.insn += retired;
+                run.retire(retired);
                 run.note(Event::Report { code: value });
                 if Report::from_code(value) == Some(Report::Done) {
                     return self.finish_done(vm, run).map(Some);
@@ -111,7 +111,7 @@ impl Engine {
             }
         };
         if run.stepping {
-            run.insn += retired;
+            run.retire(retired);
             return Ok(self.after_step(vm, run));
         }
         Ok(None)
@@ -138,7 +138,9 @@ impl Engine {
         loop {
             let pc = vm.sync_state().regs.rip;
             run.record_stop(pc);
-            if run.insn >= options.max_instructions {
+            if run.insn >= options.max_instructions
+                || run.nmi_insn >= run.nmi_budget(options.max_nmi_instructions)
+            {
                 return Ok(Some(Verdict::InstructionBudget {
                     instructions: run.insn,
                     symbol: vm.image().symbolize(pc),
@@ -167,7 +169,7 @@ impl Engine {
             }
             let Some(frame) = same_privilege_frame(vm)? else { return Ok(None) };
             vm.emulate_iretq(&frame);
-            run.insn += 1;
+            run.retire(1);
             run.recorder.event(Event::Iretq { target: frame.rip, emulated: true });
             if let Some(verdict) = self.after_step(vm, run) {
                 return Ok(Some(verdict));

@@ -63,16 +63,25 @@ const WATCHED_VECTORS: [u8; 3] = [3, 6, 14];
 pub struct RunOptions {
     /// Wall-clock and exit limits.
     pub limits: RunLimits,
-    /// Most stepped instructions; exceeding it is the deterministic
+    /// Most single-stepped instructions of a run; exceeding it is the deterministic
     /// [`Verdict::InstructionBudget`].
     pub max_instructions: u64,
+    /// Most instructions in NMI context (an NMI delivered and not yet returned from, or
+    /// pending) beyond the busy work the script asks for: the budget that ends an IRETQ
+    /// looping on itself in NMI context, deterministically.
+    pub max_nmi_instructions: u64,
     /// Keep the full per-step trace.
     pub keep_trace: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { limits: RunLimits::default(), max_instructions: 20_000, keep_trace: false }
+        Self {
+            limits: RunLimits::default(),
+            max_instructions: 1_000_000,
+            max_nmi_instructions: 5_000,
+            keep_trace: false,
+        }
     }
 }
 
@@ -163,6 +172,8 @@ struct Run<'p> {
     previous_location: u64,
     /// Retired instructions so far.
     insn: u64,
+    /// Of those, retired in NMI context.
+    nmi_insn: u64,
     exits: u64,
     stepping: bool,
     /// Index of the next injection.
@@ -198,6 +209,7 @@ impl<'p> Run<'p> {
             coverage,
             previous_location: 0,
             insn: 0,
+            nmi_insn: 0,
             exits: 0,
             stepping: false,
             next: 0,
@@ -255,7 +267,7 @@ impl<'p> Run<'p> {
     /// new NMI state is new coverage. Stops of the plain workload are not coverage: reaching
     /// them only means injecting later.
     fn cover(&mut self, rip: u64) {
-        if self.coverage.is_empty() || (self.contexts.is_empty() && self.undelivered == 0) {
+        if self.coverage.is_empty() || !self.in_nmi_context() {
             return;
         }
         let location =
@@ -268,6 +280,27 @@ impl<'p> Run<'p> {
         let slot = &mut self.coverage[(edge % self.coverage.len() as u64) as usize];
         *slot = slot.saturating_add(1);
         self.previous_location = location;
+    }
+
+    /// Whether NMI handling is in progress or an NMI is pending.
+    fn in_nmi_context(&self) -> bool {
+        !self.contexts.is_empty() || self.undelivered > 0
+    }
+
+    /// Counts `n` retired instructions.
+    fn retire(&mut self, n: u64) {
+        self.insn += n;
+        if self.in_nmi_context() {
+            self.nmi_insn += n;
+        }
+    }
+
+    /// The NMI-context budget of this plan: the base plus two instructions per busy-work
+    /// iteration the script asks for (the busy loop is `dec; jnz`).
+    fn nmi_budget(&self, base: u64) -> u64 {
+        let script = &self.plan.script;
+        let actions = &script.actions[..(script.action_count as usize).min(script.actions.len())];
+        base + 2 * actions.iter().map(|a| u64::from(a.busy)).sum::<u64>()
     }
 
     fn depth(&self) -> u32 {

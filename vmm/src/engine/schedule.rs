@@ -33,10 +33,10 @@ pub const MAX_INJECTIONS: usize = 64;
 pub const MAX_DELAY: u64 = 10_000_000;
 /// Largest `occurrence` of a symbolic point.
 pub const MAX_OCCURRENCE: u32 = 1_000_000;
-/// Largest busy-work count of one action.
-pub const MAX_BUSY: u32 = 100_000;
-/// Largest workload length.
-pub const MAX_WORKLOAD_ITERATIONS: u32 = 100_000;
+/// Largest busy-work count of one action (two instructions each).
+pub const MAX_BUSY: u32 = 2_000;
+/// Largest workload length: runs stay in the milliseconds.
+pub const MAX_WORKLOAD_ITERATIONS: u32 = 2_000;
 /// Largest schedule file read; anything bigger is refused before parsing.
 pub const MAX_FILE_SIZE: u64 = 1 << 20;
 
@@ -85,6 +85,9 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// Every fault, in the order `do_nmi` raises them.
+    pub const ALL: &'static [Fault] = &[Fault::Ud];
+
     fn bit(self) -> u32 {
         match self {
             Self::Ud => fault::UD,
