@@ -37,29 +37,32 @@ fn actions() -> Vec<HandlerAction> {
 
 /// The summary, also the `--json` object.
 #[derive(Debug, Default, Serialize)]
-struct Summary {
-    variant: String,
-    runs: u64,
-    seconds: f64,
+pub struct Summary {
+    pub variant: String,
+    pub runs: u64,
+    pub seconds: f64,
+    /// Whether every planned run was made (not cut by a deadline or the first finding).
+    pub complete: bool,
+    /// Runs and seconds up to and including the first failing run.
+    pub first_finding: Option<(u64, f64)>,
     /// Instructions of the first NMI's handling, per (action, placement).
     handling_lengths: Vec<u64>,
     /// Findings per verdict signature, with the first verdict and schedule of each.
-    findings: BTreeMap<String, Finding>,
+    pub findings: BTreeMap<String, Finding>,
 }
 
+/// One distinct finding of a sweep.
 #[derive(Debug, Serialize)]
-struct Finding {
-    kind: &'static str,
-    message: String,
-    count: u64,
-    example: Schedule,
+pub struct Finding {
+    pub kind: &'static str,
+    pub message: String,
+    pub count: u64,
+    pub example: Schedule,
 }
 
-/// Runs the sweep; returns whether anything was found.
+/// Runs the sweep as `nmifuzz sweep`; returns whether anything was found.
 pub fn run(args: &SweepArgs) -> Result<bool> {
     let mut target = Target::new()?;
-    let start = Instant::now();
-    let mut summary = Summary { variant: args.variant.clone(), ..Summary::default() };
     let progress = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} runs {msg}")
             .expect("a valid template"),
@@ -67,6 +70,25 @@ pub fn run(args: &SweepArgs) -> Result<bool> {
     if args.json {
         progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let summary = sweep(&mut target, args, None, &progress)?;
+    progress.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(!summary.findings.is_empty())
+}
+
+/// The sweep itself, until its end, the first finding (`args.stop_on_first`) or `deadline`.
+pub fn sweep(
+    target: &mut Target,
+    args: &SweepArgs,
+    deadline: Option<Instant>,
+    progress: &ProgressBar,
+) -> Result<Summary> {
+    let start = Instant::now();
+    let mut summary = Summary { variant: args.variant.clone(), complete: true, ..Summary::default() };
     let placements = &FIRST_PLACEMENTS[..args.placements as usize];
     let origin = target.origin();
     'sweep: for action in actions() {
@@ -81,7 +103,7 @@ pub fn run(args: &SweepArgs) -> Result<bool> {
                 origin: Some(origin.clone()),
             };
             let measured = schedule(vec![Injection::After(first), Injection::After(MAX_DELAY)]);
-            let length = handling_length(&mut target, &measured)
+            let length = handling_length(target, &measured)
                 .with_context(|| format!("measuring the handling of {action:?} at {first}"))?;
             summary.handling_lengths.push(length);
             progress.inc_length((length + 2) * (1 + args.third_window));
@@ -89,12 +111,19 @@ pub fn run(args: &SweepArgs) -> Result<bool> {
                 for third in std::iter::once(None).chain((1..=args.third_window).map(Some)) {
                     let mut injections = vec![Injection::After(first), Injection::After(second)];
                     injections.extend(third.map(Injection::After));
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        summary.complete = false;
+                        break 'sweep;
+                    }
                     let candidate = schedule(injections);
                     let execution = target.execute(&candidate, &RunOptions::default(), &mut [])?;
                     summary.runs += 1;
                     progress.inc(1);
                     let verdict = &execution.outcome.verdict;
                     if verdict.is_finding() {
+                        summary
+                            .first_finding
+                            .get_or_insert((summary.runs, start.elapsed().as_secs_f64()));
                         let entry =
                             summary.findings.entry(verdict.signature()).or_insert_with(|| {
                                 progress.println(format!("found: {verdict}"));
@@ -108,6 +137,7 @@ pub fn run(args: &SweepArgs) -> Result<bool> {
                         entry.count += 1;
                         progress.set_message(format!("{} findings", summary.findings.len()));
                         if args.stop_on_first {
+                            summary.complete = false;
                             break 'sweep;
                         }
                     }
@@ -115,14 +145,8 @@ pub fn run(args: &SweepArgs) -> Result<bool> {
             }
         }
     }
-    progress.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print_summary(&summary);
-    }
-    Ok(!summary.findings.is_empty())
+    Ok(summary)
 }
 
 /// Instructions from the first NMI's delivery until its interrupted context resumes.
@@ -147,9 +171,10 @@ fn handling_length(target: &mut Target, schedule: &Schedule) -> Result<u64> {
 fn print_summary(summary: &Summary) {
     let lengths = &summary.handling_lengths;
     println!(
-        "sweep of variant {}: {} runs in {:.1} s; first-NMI handling {}..{} instructions",
+        "sweep of variant {}: {} runs{} in {:.1} s; first-NMI handling {}..{} instructions",
         summary.variant,
         summary.runs,
+        if summary.complete { "" } else { " (stopped early)" },
         summary.seconds,
         lengths.iter().min().unwrap_or(&0),
         lengths.iter().max().unwrap_or(&0)
