@@ -272,11 +272,11 @@ impl Engine {
                 ),
             });
         }
-        if counters.do_nmi_calls != nmi.iterations {
+        if counters.nmi_iterations != nmi.iterations {
             return Ok(Verdict::NmiCountMismatch {
                 message: format!(
-                    "the guest counted {} do_nmi calls, the VMM saw {} iterations start",
-                    counters.do_nmi_calls, nmi.iterations
+                    "the guest counted {} do_nmi iterations, the VMM saw {} start",
+                    counters.nmi_iterations, nmi.iterations
                 ),
             });
         }
