@@ -2,17 +2,21 @@
 //!
 //! One 16-byte stub per vector (generated with `.rept`) gives every vector a uniform frame and
 //! jumps to `exception_common`, which saves the general registers and calls
-//! [`exception_dispatch`]. Handled: #UD from `ud2` (counted, skipped), #BP (counted). Everything
-//! else is a guest panic naming the exception, since nothing in this guest expects it.
+//! [`exception_dispatch`]. Handled: #UD from `ud2` (counted, skipped), #BP (counted), #PF on a
+//! not-present demand page (mapped, see `paging`). Everything else is a guest panic naming the
+//! exception, since nothing in this guest expects it (invariant 6), and so is a handled
+//! exception whose frame changed while its handler ran, or a #PF whose CR2 cannot be the
+//! address of its own fault.
 
-use core::arch::{asm, global_asm};
+use core::arch::global_asm;
 use core::mem::{offset_of, size_of};
 use core::ptr::addr_of;
 
 use crate::mailbox::{self, Counter};
-use crate::panic;
+use crate::paging::{self, Fault};
 use crate::regs::{GeneralRegs, InterruptFrame, pop_general_regs, push_general_regs};
 use crate::tss::Ist;
+use crate::{cpu, panic};
 
 /// Vectors with their own handling or stack (SDM Vol. 3A Table 6-1).
 const DEBUG: u64 = 1;
@@ -21,6 +25,10 @@ const BREAKPOINT: u64 = 3;
 const INVALID_OPCODE: u64 = 6;
 const DOUBLE_FAULT: u64 = 8;
 const PAGE_FAULT: u64 = 14;
+
+/// #PF error code bit 0: the fault was a protection violation on a present page, not a
+/// not-present page (SDM Vol. 3A §4.7).
+const PF_PRESENT: u64 = 1 << 0;
 
 /// `ud2` (SDM Vol. 2B "UD—Undefined Instruction"): the one #UD the guest raises on purpose.
 const UD2: [u8; 2] = [0x0f, 0x0b];
@@ -143,6 +151,9 @@ exception_common:
     pop_general_regs!(),
     r#"
     add rsp, 16                 /* drop TrapFrame::vector and ::error_code */
+    .global exception_iretq
+    .type exception_iretq, @function
+exception_iretq:                /* a label for schedules: this IRETQ unblocks NMIs */
     iretq
     .size exception_common, . - exception_common
     .popsection
@@ -176,45 +187,91 @@ pub fn ist(vector: usize) -> Option<Ist> {
 #[unsafe(no_mangle)]
 extern "C" fn exception_dispatch(trap: &mut TrapFrame) {
     let rip = trap.frame.rip;
-    match trap.vector {
+    // The frame as the handler found it: an NMI in the middle of the handler must leave it
+    // intact (invariant 6).
+    let frame = trap.frame;
+    let name = match trap.vector {
         INVALID_OPCODE if is_ud2(rip) => {
             mailbox::increment(Counter::InvalidOpcodes);
-            trap.frame.rip = rip + UD2.len() as u64;
+            "#UD"
         }
         // A trap: RIP already points after the int3.
         BREAKPOINT => {
             mailbox::increment(Counter::Breakpoints);
+            "#BP"
+        }
+        PAGE_FAULT => {
+            page_fault(trap);
+            "#PF"
         }
         // The saved RIP of a #DF is undefined (SDM Vol. 3A §6.15, "Interrupt 8"); it is still
         // the best hint there is.
-        DOUBLE_FAULT => {
-            panic::exception(rip, format_args!("double fault at RIP {rip:#x}"));
-        }
-        PAGE_FAULT => {
-            let cr2: u64;
-            // SAFETY: reading CR2 has no side effects.
-            unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
-            panic::exception(
-                rip,
-                format_args!(
-                    "unexpected exception #PF (vector {PAGE_FAULT}), error code {:#x}, at RIP \
-                     {rip:#x}, CR2 {cr2:#x}",
-                    trap.error_code
-                ),
-            );
-        }
+        DOUBLE_FAULT => violated(rip, format_args!("double fault at RIP {rip:#x}")),
         vector => {
             let name = NAMES.get(vector as usize).copied().unwrap_or("interrupt");
-            panic::exception(
+            violated(
                 rip,
                 format_args!(
                     "unexpected exception {name} (vector {vector}), error code {:#x}, at RIP \
                      {rip:#x}",
                     trap.error_code
                 ),
-            );
+            )
+        }
+    };
+    if trap.frame != frame {
+        violated(
+            rip,
+            format_args!(
+                "the {name} frame changed while its handler ran: RIP {rip:#x} -> {:#x}, RSP \
+                 {:#x} -> {:#x}",
+                trap.frame.rip, frame.rsp, trap.frame.rsp
+            ),
+        );
+    }
+    if trap.vector == INVALID_OPCODE {
+        trap.frame.rip = rip + UD2.len() as u64;
+    }
+}
+
+/// A #PF: maps a not-present demand page; anything else is a broken invariant 6. The #PF
+/// handler must see the CR2 of its own fault: for a not-present fault, CR2's page cannot be
+/// present (the guest never maps a page without first faulting on it), so a present one means
+/// CR2 was changed before the handler read it, e.g. by an NMI that took a #PF of its own and
+/// did not restore CR2.
+fn page_fault(trap: &TrapFrame) {
+    let (cr2, rip) = (cpu::read_cr2(), trap.frame.rip);
+    if trap.error_code & PF_PRESENT == 0 {
+        match paging::demand_fault(cr2) {
+            Fault::Mapped => {
+                mailbox::increment(Counter::PageFaults);
+                return;
+            }
+            Fault::AlreadyMapped => violated(
+                rip,
+                format_args!(
+                    "the #PF handler sees CR2 {cr2:#x}, a page that is present: not the address \
+                     of its own not-present fault at RIP {rip:#x}"
+                ),
+            ),
+            Fault::Elsewhere => {}
         }
     }
+    violated(
+        rip,
+        format_args!(
+            "unexpected exception #PF (vector {PAGE_FAULT}), error code {:#x}, at RIP {rip:#x}, \
+             CR2 {cr2:#x}",
+            trap.error_code
+        ),
+    );
+}
+
+/// Panics about the exception at `rip` as a violation of invariant 6.
+#[cold]
+#[track_caller]
+fn violated(rip: u64, message: core::fmt::Arguments) -> ! {
+    panic::exception(rip, format_args!("invariant violated: {message} [invariant 6]"))
 }
 
 /// Whether the instruction at `rip` is `ud2`.

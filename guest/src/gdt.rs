@@ -14,7 +14,7 @@ use crate::tss;
 /// Selector of the 64-bit kernel code segment (GDT index 1, RPL 0).
 pub const KERNEL_CODE_SELECTOR: u16 = 0x08;
 /// Selector of the kernel data segment (GDT index 2, RPL 0).
-const KERNEL_DATA_SELECTOR: u16 = 0x10;
+pub const KERNEL_DATA_SELECTOR: u16 = 0x10;
 /// Selector of the TSS (GDT index 3; its descriptor takes indexes 3 and 4).
 const TSS_SELECTOR: u16 = 0x18;
 

@@ -3,10 +3,16 @@
 //! Every vector starts at its exception stub ([`exceptions::stub`]). The host points the NMI gate
 //! at the script's variant before each run (so that even an NMI at a run's first instruction
 //! enters it); [`nmi_entry`] lets the guest check that it did.
+//!
+//! A second table, the NMI IDT, is the same except that #BP and #DB stay on the current stack
+//! instead of IST3. `do_nmi` runs with it loaded ([`enter_nmi`] / [`leave_nmi`]), as Linux 3.3
+//! to 5.x did with `debug_stack_set_zero()`: an NMI may interrupt the #BP handler while it still
+//! runs on IST3, and an `int3` in `do_nmi` would then restart IST3 at its top and overwrite the
+//! interrupted #BP frame.
 
 use core::arch::asm;
 use core::mem::size_of;
-use core::ptr::{addr_of, addr_of_mut, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use crate::exceptions;
 use crate::gdt::{KERNEL_CODE_SELECTOR, TablePointer};
@@ -31,6 +37,12 @@ type Gate = [u64; 2];
 struct Idt([Gate; VECTORS]);
 
 static mut IDT: Idt = Idt([[0; 2]; VECTORS]);
+/// The IDT while `do_nmi` runs: #BP and #DB on the current stack.
+static mut NMI_IDT: Idt = Idt([[0; 2]; VECTORS]);
+
+/// The `lidt` operands of the two tables, built once by [`init`].
+static mut IDT_POINTER: TablePointer = TablePointer { limit: 0, base: 0 };
+static mut NMI_IDT_POINTER: TablePointer = TablePointer { limit: 0, base: 0 };
 
 /// The gate for a handler at `handler` running on `ist` (or the current stack if `None`).
 fn gate(handler: u64, ist: Option<Ist>) -> Gate {
@@ -46,15 +58,41 @@ fn gate(handler: u64, ist: Option<Ist>) -> Gate {
 /// Points every vector at its exception stub and loads the IDT. Needs the TSS loaded first
 /// ([`crate::gdt::init`]), since the NMI, #DF, #BP and #DB gates use IST stacks.
 pub fn init() {
-    let idt = addr_of_mut!(IDT);
+    let (idt, nmi_idt) = (addr_of_mut!(IDT), addr_of_mut!(NMI_IDT));
     for vector in 0..VECTORS {
-        let gate = gate(exceptions::stub(vector), exceptions::ist(vector));
-        // SAFETY: an in-bounds slot of the IDT static, which is not loaded yet.
-        unsafe { (*idt).0[vector] = gate };
+        let (stub, ist) = (exceptions::stub(vector), exceptions::ist(vector));
+        // SAFETY: in-bounds slots of the IDT statics, which are not loaded yet.
+        unsafe {
+            (*idt).0[vector] = gate(stub, ist);
+            (*nmi_idt).0[vector] = gate(stub, ist.filter(|ist| !matches!(ist, Ist::Debug)));
+        }
     }
-    let pointer = TablePointer { limit: size_of::<Idt>() as u16 - 1, base: addr_of!(IDT) as u64 };
+    let limit = size_of::<Idt>() as u16 - 1;
+    // SAFETY: plain stores to the pointer statics, not in use yet.
+    unsafe {
+        IDT_POINTER = TablePointer { limit, base: idt as u64 };
+        NMI_IDT_POINTER = TablePointer { limit, base: nmi_idt as u64 };
+    }
     // SAFETY: every gate now points at a handler in this image.
-    unsafe { load(&pointer) };
+    unsafe { load(addr_of!(IDT_POINTER)) };
+}
+
+/// Loads the NMI IDT for `do_nmi`, with the NMI gate the host installed for this run.
+pub fn enter_nmi() {
+    let vector = exceptions::NMI as usize;
+    // SAFETY: in-bounds slots of the IDT statics. The NMI IDT is not loaded (do_nmi does not
+    // nest), so its gate can be written in two halves.
+    unsafe {
+        let gate = read_volatile(addr_of!(IDT.0[vector]));
+        write_volatile(addr_of_mut!(NMI_IDT.0[vector]), gate);
+        load(addr_of!(NMI_IDT_POINTER));
+    }
+}
+
+/// Loads the ordinary IDT again when `do_nmi` leaves.
+pub fn leave_nmi() {
+    // SAFETY: the table `init` loaded.
+    unsafe { load(addr_of!(IDT_POINTER)) };
 }
 
 /// Where the NMI gate points.
@@ -79,7 +117,7 @@ pub unsafe fn load_empty() {
 /// # Safety
 ///
 /// `pointer` must describe an IDT whose present gates all point at valid handlers.
-unsafe fn load(pointer: &TablePointer) {
+unsafe fn load(pointer: *const TablePointer) {
     // SAFETY: `lidt` only reads the 10-byte operand; the caller vouches for the table.
     unsafe { asm!("lidt [{}]", in(reg) pointer, options(readonly, nostack, preserves_flags)) };
 }

@@ -22,6 +22,10 @@ pub enum Counter {
     WorkloadIterations,
     /// `do_nmi_calls`.
     DoNmiCalls,
+    /// `nmi_iterations`.
+    NmiIterations,
+    /// `page_faults`.
+    PageFaults,
     /// `invalid_opcodes`.
     InvalidOpcodes,
     /// `breakpoints`.
@@ -42,6 +46,8 @@ fn slot(counter: Counter) -> *mut u64 {
         match counter {
             Counter::WorkloadIterations => addr_of_mut!((*counters).workload_iterations),
             Counter::DoNmiCalls => addr_of_mut!((*counters).do_nmi_calls),
+            Counter::NmiIterations => addr_of_mut!((*counters).nmi_iterations),
+            Counter::PageFaults => addr_of_mut!((*counters).page_faults),
             Counter::InvalidOpcodes => addr_of_mut!((*counters).invalid_opcodes),
             Counter::Breakpoints => addr_of_mut!((*counters).breakpoints),
             Counter::PagesScribbled => addr_of_mut!((*counters).pages_scribbled),

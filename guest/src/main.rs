@@ -14,11 +14,14 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod console;
+mod cpu;
 mod exceptions;
 mod gdt;
 mod idt;
+mod invariant;
 mod mailbox;
 mod nmi;
+mod paging;
 mod panic;
 mod regs;
 mod script;
@@ -57,19 +60,22 @@ boot_stack_top:
 );
 
 /// Boots to READY, then runs one input: read the script, check its NMI entry is installed, run
-/// its workload, report DONE.
+/// its workload, check the NMI invariants that can only be checked at the end, report DONE.
 #[unsafe(no_mangle)]
 extern "C" fn kmain() -> ! {
     gdt::init();
     idt::init();
+    paging::init();
     mailbox::init();
     kprintln!("nmifuzz guest: booted, abi v{ABI_VERSION}");
     mailbox::ready();
 
-    // Every run starts here, with the script the host has just written.
+    // Every run starts here, with the script the host has just written, and with the page
+    // tables the host has just restored behind our back: drop the previous run's TLB entries.
+    paging::flush_tlb();
     let run = script::read();
     nmi::check_installed(run.variant);
     workload::run(run.workload, run.workload_arg);
-    tss::check_guards();
+    nmi::check_done();
     mailbox::done()
 }

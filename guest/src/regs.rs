@@ -5,6 +5,7 @@
 /// The 15 general registers as [`push_general_regs!`] leaves them, lowest address first (the
 /// reverse of the push order). Like the general-register part of Linux's `pt_regs`.
 #[repr(C)]
+#[derive(Clone, Copy)]
 #[allow(dead_code, reason = "written by the entry stubs; the fields document the layout")]
 pub struct GeneralRegs {
     pub r15: u64,
@@ -26,9 +27,16 @@ pub struct GeneralRegs {
 
 const _: () = assert!(size_of::<GeneralRegs>() == 15 * 8);
 
+/// [`GeneralRegs`]' fields in memory order, for messages that name a register by its index.
+pub const GENERAL_REG_NAMES: [&str; 15] = [
+    "r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rdi", "rsi", "rdx", "rcx", "rbx",
+    "rax",
+];
+
 /// The frame the CPU pushes on every interrupt or exception in 64-bit mode, lowest address
 /// first; IRETQ pops it (Intel SDM Vol. 3A §6.14.2 "64-Bit Mode Stack Frame", Figure 6-9).
 #[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 #[allow(dead_code, reason = "written by the CPU; the fields document the layout")]
 pub struct InterruptFrame {
     /// The interrupted instruction (for a fault, the faulting one; for a trap, the next one).
@@ -40,6 +48,9 @@ pub struct InterruptFrame {
 }
 
 const _: () = assert!(size_of::<InterruptFrame>() == 5 * 8);
+
+/// [`InterruptFrame`]'s fields in memory order.
+pub const FRAME_FIELD_NAMES: [&str; 5] = ["rip", "cs", "rflags", "rsp", "ss"];
 
 /// Assembly that pushes the 15 general registers so that RSP then points at a [`GeneralRegs`].
 /// 120 bytes: it leaves RSP's alignment mod 16 flipped by 8.

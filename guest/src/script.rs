@@ -9,7 +9,7 @@ use core::mem::{MaybeUninit, size_of};
 use core::ptr::{addr_of, read_volatile};
 
 use nmifuzz_abi::{
-    ABI_VERSION, Action, MAX_ACTIONS, SCRIPT_MAGIC, Script, Variant, Workload, fault,
+    ABI_VERSION, Action, MAX_ACTIONS, SCRIPT_MAGIC, Script, Variant, Workload, fault, option,
 };
 
 /// The script buffer, found by the host through the symbol `nmifuzz_abi::SCRIPT_SYMBOL`. All
@@ -68,8 +68,9 @@ fn validate(script: &Script) -> Run {
     let Some(workload) = Workload::from_code(script.workload) else {
         panic!("script: unknown workload code {}", script.workload);
     };
-    if script.options != 0 {
-        panic!("script: options must be 0, got {:#x}", script.options);
+    let unknown = script.options & !option::ALL;
+    if unknown != 0 {
+        panic!("script: unknown option bits {unknown:#x}");
     }
     if script.reserved != 0 {
         panic!("script: reserved must be 0, got {:#x}", script.reserved);
@@ -104,4 +105,14 @@ pub fn action(index: u64) -> Option<Action> {
     let index = index as usize;
     // SAFETY: as above; `index < MAX_ACTIONS` (checked by the indexing).
     Some(unsafe { read_volatile(addr_of!((*script).actions[index])) })
+}
+
+/// The variant the host installed for this run, read straight from the script buffer (also
+/// before [`read`] validated it: an NMI can arrive at a run's first instruction); `None` for
+/// an unknown code, which [`read`] refuses.
+#[inline(always)]
+pub fn variant() -> Option<Variant> {
+    let script = addr_of!(NMIFUZZ_SCRIPT);
+    // SAFETY: a field of the script static, read with a volatile access.
+    Variant::from_code(unsafe { read_volatile(addr_of!((*script).variant)) })
 }

@@ -7,11 +7,13 @@
 //! overwrite each other's frames. (Section numbers are those of recent SDM editions, where Task
 //! Management is chapter 8; older ones number it 7.)
 //!
-//! Each IST stack has guard qwords at both ends; [`check_guards`] verifies them at the end of a
-//! run (invariant 3 of the design: stack discipline).
+//! Each IST stack has guard qwords at both ends; [`check_guards`] verifies them whenever an NMI
+//! handler iteration ends and at the end of a run (invariant 3 of the design: stack discipline).
 
 use core::mem::{offset_of, size_of};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use crate::invariant;
 
 /// The guest's IST stacks, as the 1-based numbers a gate's IST field holds (0 in that field
 /// means "stay on the current stack").
@@ -55,6 +57,9 @@ const STACK_QWORDS: usize = STACK_SIZE / 8;
 const TOP_GUARDS: usize = 2;
 /// The guard value: "ISTGUARD" in memory, easy to spot in a dump.
 const GUARD: u64 = u64::from_le_bytes(*b"ISTGUARD");
+/// Bytes from the NMI stack's lowest qword up to its usable top (IST1): the range an NMI
+/// entry's "interrupted RSP on the NMI stack" test covers.
+pub const NMI_STACK_SPAN: u64 = (STACK_SIZE - 8 * TOP_GUARDS) as u64;
 
 /// One IST stack: `[GUARD, usable..., GUARD, GUARD]`, 16-byte aligned.
 #[repr(C, align(16))]
@@ -102,6 +107,17 @@ fn top(stack: *mut IstStack) -> u64 {
     unsafe { stack.cast::<u64>().add(STACK_QWORDS - TOP_GUARDS) as u64 }
 }
 
+/// The NMI stack's usable top: what IST1 holds, where the CPU writes every NMI's frame.
+pub fn nmi_stack_top() -> u64 {
+    top(addr_of_mut!(NMI_IST_STACK))
+}
+
+/// Whether `address` lies on the NMI stack, from its lowest qword up to and including its top.
+pub fn on_nmi_stack(address: u64) -> bool {
+    let top = nmi_stack_top();
+    (top - NMI_STACK_SPAN..=top).contains(&address)
+}
+
 /// Writes the guard qwords and fills in the TSS; returns the TSS's address for its descriptor.
 pub fn init() -> u64 {
     for (stack, _) in stacks() {
@@ -137,5 +153,8 @@ pub fn check_guards() {
 #[cold]
 #[inline(never)]
 fn smashed(name: &str, slot: *mut u64, value: u64) -> ! {
-    panic!("{name} IST stack guard at {:#x} smashed: {value:#x}", slot as u64);
+    invariant::violated(
+        3,
+        format_args!("{name} IST stack guard at {:#x} smashed: {value:#x}", slot as u64),
+    );
 }

@@ -15,7 +15,7 @@
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of this contract; bumped on every incompatible change to the structures below.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Symbol of the guest's [`Script`] buffer.
 pub const SCRIPT_SYMBOL: &str = "NMIFUZZ_SCRIPT";
@@ -71,13 +71,33 @@ pub const MAX_ACTIONS: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Variant {
+    /// Linux's nested-NMI entry in its finished (late 2015) form: the default.
+    Linux = 0,
     /// IST entry, save registers, call `do_nmi`, IRETQ: no nesting support (Linux before 3.3).
     Naive = 1,
+    /// `linux` without the interrupted-RSP/DF test.
+    NoStackCheck = 2,
+    /// `linux` without the "NMI executing" variable: only the RSP/DF test.
+    NoExecutingVar = 3,
+    /// `linux` without the `repeat_nmi`..`end_repeat_nmi` RIP-window test.
+    NoRepeatWindow = 4,
+    /// `linux` whose `repeat_nmi` does not set "NMI executing" again (the 2012 code).
+    RepeatWithoutSet = 5,
+    /// `linux` that clears "NMI executing" before restoring the registers.
+    EarlyClear = 6,
 }
 
 impl Variant {
-    /// Every variant the guest links in, in a stable order.
-    pub const ALL: &'static [Variant] = &[Variant::Naive];
+    /// Every variant the guest links in, in a stable order, the default first.
+    pub const ALL: &'static [Variant] = &[
+        Variant::Linux,
+        Variant::Naive,
+        Variant::NoStackCheck,
+        Variant::NoExecutingVar,
+        Variant::NoRepeatWindow,
+        Variant::RepeatWithoutSet,
+        Variant::EarlyClear,
+    ];
 
     /// Decodes a script's variant field.
     pub fn from_code(code: u32) -> Option<Self> {
@@ -92,25 +112,102 @@ impl Variant {
     /// The name users type (`--variant NAME`).
     pub fn name(self) -> &'static str {
         match self {
+            Self::Linux => "linux",
             Self::Naive => "naive",
+            Self::NoStackCheck => "no-stack-check",
+            Self::NoExecutingVar => "no-executing-var",
+            Self::NoRepeatWindow => "no-repeat-window",
+            Self::RepeatWithoutSet => "repeat-without-set",
+            Self::EarlyClear => "early-clear",
         }
     }
 
     /// The symbol of the variant's NMI entry, which the VMM installs in IDT vector 2.
     pub fn entry_symbol(self) -> &'static str {
         match self {
+            Self::Linux => "nmi_linux",
             Self::Naive => "nmi_naive",
+            Self::NoStackCheck => "nmi_no_stack_check",
+            Self::NoExecutingVar => "nmi_no_executing_var",
+            Self::NoRepeatWindow => "nmi_no_repeat_window",
+            Self::RepeatWithoutSet => "nmi_repeat_without_set",
+            Self::EarlyClear => "nmi_early_clear",
         }
     }
 
     /// One line on what the variant is.
     pub fn summary(self) -> &'static str {
         match self {
+            Self::Linux => "Linux's nested-NMI entry as finished in 2015 (default)",
             Self::Naive => {
                 "IST entry, save registers, call do_nmi, IRETQ; no nesting support (Linux < 3.3)"
             }
+            Self::NoStackCheck => {
+                "no RSP/DF test: misses an NMI between clearing \"NMI executing\" and IRETQ"
+            }
+            Self::NoExecutingVar => {
+                "only the RSP/DF test: an NMI nested inside the handler proper looks like a first one"
+            }
+            Self::NoRepeatWindow => {
+                "no RIP-window test: a nested NMI rewrites the \"iret\" frame while repeat_nmi copies it"
+            }
+            Self::RepeatWithoutSet => {
+                "repeat_nmi does not set \"NMI executing\" again: repeated iterations run unprotected"
+            }
+            Self::EarlyClear => {
+                "\"NMI executing\" cleared before the registers are restored, DF set only at IRETQ"
+            }
         }
     }
+
+    /// Where the variant keeps its nested-NMI state on the NMI stack, if it has any.
+    pub fn stack_layout(self) -> Option<NmiStackLayout> {
+        match self {
+            Self::Naive => None,
+            _ => Some(NmiStackLayout::LINUX),
+        }
+    }
+}
+
+/// The nested-NMI stack of Linux's entry (the seed's diagram), as byte offsets below the NMI
+/// stack's top (IST1): each frame is five qwords RIP, CS, RFLAGS, RSP, SS at increasing
+/// addresses from `top - offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NmiStackLayout {
+    /// The hardware ("original") frame.
+    pub original: u64,
+    /// The temporary RDX slot.
+    pub temp_rdx: u64,
+    /// The "NMI executing" variable.
+    pub executing: u64,
+    /// The "iret" frame.
+    pub iret: u64,
+    /// The "outermost" frame.
+    pub outermost: u64,
+}
+
+impl NmiStackLayout {
+    /// The layout every `linux`-derived variant shares.
+    pub const LINUX: Self = Self {
+        original: 5 * 8,
+        temp_rdx: 6 * 8,
+        executing: 7 * 8,
+        iret: 12 * 8,
+        outermost: 17 * 8,
+    };
+}
+
+/// Symbol of the code the guest runs at the start of every `do_nmi` iteration (once per call,
+/// and once more per re-run of Linux's C-level latch); the host counts iterations there.
+pub const ITERATION_SYMBOL: &str = "nmi_iteration";
+
+/// Bits of [`Script::options`].
+pub mod option {
+    /// Unmask NMIs right after `first_nmi` with an IRETQ to the next instruction, as Linux's
+    /// CONFIG_DEBUG_ENTRY does: a built-in stress mode for the `linux`-derived entries.
+    pub const STRESS_UNMASK: u32 = 1 << 0;
+    /// Every bit the guest understands.
+    pub const ALL: u32 = STRESS_UNMASK;
 }
 
 /// What the code NMIs interrupt does. Only [`Workload::Loop`] is a real fuzzing target; the
@@ -157,11 +254,17 @@ impl Workload {
 }
 
 /// Bits of [`Action::faults`]: exceptions `do_nmi` raises, in this order, after its busy work.
+/// Each handler returns with IRETQ, which unblocks NMIs while `do_nmi` still runs.
 pub mod fault {
-    /// Execute `ud2`; #UD is handled on the current stack and returns with IRETQ.
+    /// Execute `ud2`; #UD is handled on the current stack.
     pub const UD: u32 = 1 << 0;
+    /// Touch a demand-mapped page; the #PF handler (current stack) maps it using CR2.
+    pub const PF: u32 = 1 << 1;
+    /// Execute `int3`; #BP is handled on the current stack while `do_nmi` runs (Linux's
+    /// `debug_stack_set_zero`), on its own IST stack otherwise.
+    pub const BP: u32 = 1 << 2;
     /// Every bit the guest understands; any other bit is a malformed script.
-    pub const ALL: u32 = UD;
+    pub const ALL: u32 = UD | PF | BP;
 }
 
 /// What one `do_nmi` call does.
@@ -186,7 +289,7 @@ pub struct Script {
     pub version: u32,
     /// A [`Variant`] code.
     pub variant: u32,
-    /// Reserved for entry options; must be 0 in this version.
+    /// [`option`] bits.
     pub options: u32,
     /// A [`Workload`] code.
     pub workload: u32,
@@ -227,6 +330,10 @@ pub struct Counters {
     pub workload_iterations: u64,
     /// Calls of `do_nmi` (one per NMI the entry let through to it).
     pub do_nmi_calls: u64,
+    /// `do_nmi` iterations: calls plus re-runs of the C-level latch.
+    pub nmi_iterations: u64,
+    /// #PF exceptions handled (demand mappings).
+    pub page_faults: u64,
     /// #UD exceptions handled.
     pub invalid_opcodes: u64,
     /// #BP exceptions handled.
@@ -287,9 +394,9 @@ mod tests {
     fn layouts_are_pinned() {
         assert_eq!(size_of::<Action>(), 8);
         assert_eq!(size_of::<Script>(), 32 + 8 * MAX_ACTIONS);
-        assert_eq!(size_of::<Counters>(), 48);
+        assert_eq!(size_of::<Counters>(), 64);
         assert_eq!(size_of::<PanicRecord>(), 24 + PANIC_FILE_LEN + PANIC_MESSAGE_LEN);
-        assert_eq!(size_of::<Mailbox>(), 8 + 48 + 376);
+        assert_eq!(size_of::<Mailbox>(), 8 + 64 + 376);
     }
 
     #[test]

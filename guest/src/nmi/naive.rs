@@ -2,8 +2,8 @@
 //! against nesting at all, like Linux before 3.3.
 
 use core::arch::global_asm;
-use core::ptr::addr_of;
 
+use super::pieces::entry_address;
 use crate::regs::{pop_general_regs, push_general_regs};
 
 // nmi_naive: runs on the NMI stack (IST1), with NMIs blocked until the next IRETQ, whichever
@@ -42,6 +42,7 @@ global_asm!(
     .global nmi_naive
     .type nmi_naive, @function
 nmi_naive:
+    inc qword ptr [rip + NMI_DELIVERIES] /* instrumentation: one per delivery (invariant 4) */
     cld                         /* the interrupted code may run with DF set; Rust may not */
 "#,
     push_general_regs!(),
@@ -57,13 +58,4 @@ nmi_naive:
 "#
 );
 
-unsafe extern "C" {
-    /// The entry above. Code, not data: only its address is used.
-    #[link_name = "nmi_naive"]
-    static ENTRY: u8;
-}
-
-/// The address of the entry.
-pub fn entry() -> u64 {
-    addr_of!(ENTRY) as u64
-}
+entry_address!("nmi_naive");

@@ -43,7 +43,7 @@ use crate::outcome::{Outcome, Verdict};
 use crate::vm::{RunLimits, Vm};
 
 /// The guest symbol at which every `do_nmi` iteration starts.
-pub const ITERATION_SYMBOL: &str = "do_nmi";
+pub const ITERATION_SYMBOL: &str = nmifuzz_abi::ITERATION_SYMBOL;
 
 /// DR6.BS: the stop is a single-step trap (Intel SDM vol. 3, 18.2.3).
 const DR6_BS: u64 = 1 << 14;

@@ -82,6 +82,10 @@ pub struct HandlerAction {
 pub enum Fault {
     /// `ud2`: #UD on the current stack.
     Ud,
+    /// A write to a demand-mapped page: #PF on the current stack, which maps it.
+    Pf,
+    /// `int3`: #BP, on the current stack while `do_nmi` runs.
+    Bp,
 }
 
 impl Fault {
@@ -91,6 +95,8 @@ impl Fault {
     fn bit(self) -> u32 {
         match self {
             Self::Ud => fault::UD,
+            Self::Pf => fault::PF,
+            Self::Bp => fault::BP,
         }
     }
 }
@@ -433,7 +439,7 @@ mod tests {
                 "unknown field `bogus`",
             ),
             (r#"{"format":2,"variant":"naive","injections":[]}"#, "format 2 is not supported"),
-            (r#"{"format":1,"variant":"nope","injections":[]}"#, "valid variants: naive"),
+            (r#"{"format":1,"variant":"nope","injections":[]}"#, "valid variants: linux, naive"),
             (
                 r#"{"format":1,"variant":"naive","injections":[{"after":99999999999}]}"#,
                 "injections[0].after = 99999999999 is out of range",
@@ -508,11 +514,15 @@ mod tests {
     #[test]
     fn script_carries_actions() {
         let mut s = parse(MINIMAL).unwrap();
-        s.actions =
-            vec![HandlerAction { busy: 7, faults: vec![Fault::Ud] }, HandlerAction::default()];
+        s.actions = vec![
+            HandlerAction { busy: 7, faults: vec![Fault::Ud] },
+            HandlerAction::default(),
+            HandlerAction { busy: 0, faults: vec![Fault::Pf, Fault::Bp] },
+        ];
         let script = s.script().unwrap();
-        assert_eq!(script.action_count, 2);
+        assert_eq!(script.action_count, 3);
         assert_eq!(script.actions[0], Action { busy: 7, faults: fault::UD });
         assert_eq!(script.actions[1], Action::default());
+        assert_eq!(script.actions[2], Action { busy: 0, faults: fault::PF | fault::BP });
     }
 }

@@ -1,0 +1,133 @@
+//! `do_nmi`, the handler body every entry calls, modelled on Linux's C side
+//! (`arch/x86/kernel/nmi.c`): the `nmi_state` latch, CR2 and DR7 saved on entry and put back
+//! if the handler changed them, and the #BP/#DB stack switch of Linux 3.3 to 5.x. Each
+//! iteration starts with a call of [`nmi_iteration`], where the host counts iterations, and
+//! ends with the invariant checks of `checks.rs`; in between, the script's action for this
+//! call: busy work, then the faults it asks for.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use nmifuzz_abi::{Action, fault};
+
+use super::{NmiRegs, checks};
+use crate::mailbox::{self, Counter};
+use crate::{cpu, idt, invariant, paging, script, tss};
+
+/// Linux's `nmi_state`: `do_nmi` is not running.
+const NOT_RUNNING: u64 = 0;
+/// `do_nmi` is running.
+const EXECUTING: u64 = 1;
+/// `do_nmi` was entered again while running; the running one must run another iteration.
+const LATCHED: u64 = 2;
+
+static NMI_STATE: AtomicU64 = AtomicU64::new(NOT_RUNNING);
+
+/// The NMI handler body. Linux keeps a latch here for NMIs that nest on paths the assembly
+/// does not protect (the entry from user mode on i386, where NMIs nest on the same stack): the
+/// nested call only sets LATCHED and returns, and the running call loops once more. In this
+/// ring-0 guest every nested NMI must be caught by the entry's assembly, so the latch must
+/// never fire: a nested call is invariant 1 broken, and so is a "first" call whose interrupted
+/// context is NMI handling itself (its RSP on the NMI stack).
+#[unsafe(no_mangle)]
+pub extern "C" fn do_nmi(regs: &mut NmiRegs) {
+    if NMI_STATE.load(Ordering::Relaxed) != NOT_RUNNING {
+        NMI_STATE.store(LATCHED, Ordering::Relaxed);
+        invariant::violated(1, format_args!("do_nmi entered while running (depth 2)"));
+    }
+    if tss::on_nmi_stack(regs.frame.rsp) {
+        invariant::violated(
+            1,
+            format_args!(
+                "do_nmi entered for an NMI that interrupted NMI handling (depth 2): interrupted \
+                 RIP {:#x}, RSP {:#x} on the NMI stack",
+                regs.frame.rip, regs.frame.rsp
+            ),
+        );
+    }
+    NMI_STATE.store(EXECUTING, Ordering::Relaxed);
+    let call = mailbox::increment(Counter::DoNmiCalls) - 1;
+    let mut action = script::action(call);
+    let (cr2, dr7) = (cpu::read_cr2(), cpu::read_dr7());
+    // Linux 3.3 to 5.x: `debug_stack_set_zero()` (there only if the NMI interrupted code on
+    // the debug stack; here always, which is simpler and just as safe).
+    idt::enter_nmi();
+    loop {
+        nmi_iteration(regs);
+        // The call's action runs once, in its first iteration.
+        if let Some(action) = action.take() {
+            perform(action);
+        }
+        checks::iteration_end(regs);
+        if cpu::read_dr7() != dr7 {
+            // SAFETY: the value DR7 had when this NMI arrived.
+            unsafe { cpu::write_dr7(dr7) };
+        }
+        if cpu::read_cr2() != cr2 {
+            cpu::write_cr2(cr2);
+        }
+        // LATCHED -> EXECUTING: another iteration; EXECUTING -> NOT_RUNNING: done.
+        if NMI_STATE.fetch_sub(1, Ordering::Relaxed) == EXECUTING {
+            break;
+        }
+    }
+    idt::leave_nmi();
+}
+
+/// The start of every `do_nmi` iteration, where the host counts iterations
+/// (`nmifuzz_abi::ITERATION_SYMBOL`). Never inlined, so that its first instruction is reached
+/// exactly once per iteration.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn nmi_iteration(regs: &NmiRegs) {
+    mailbox::increment(Counter::NmiIterations);
+    checks::iteration_start(regs);
+}
+
+/// The reaction to an NMI from ring 3, reached from every entry's ring-3 branch.
+#[unsafe(no_mangle)]
+extern "C" fn nmi_from_user() -> ! {
+    panic!("NMI from ring 3: this guest never runs ring 3, and the entries do not handle it yet")
+}
+
+/// Busy work, then the faults in their fixed order: #UD, #PF, #BP. Each fault's handler
+/// returns with IRETQ, which unblocks NMIs while this NMI is still being handled.
+fn perform(action: Action) {
+    busy(action.busy);
+    if action.faults & fault::UD != 0 {
+        // SAFETY: `ud2` raises #UD, whose handler counts it and resumes after it; registers,
+        // stack and flags are as before.
+        unsafe { asm!("ud2") };
+    }
+    if action.faults & fault::PF != 0 {
+        paging::touch_fresh_page();
+    }
+    if action.faults & fault::BP != 0 {
+        // SAFETY: #BP is handled on the current stack while do_nmi runs (the NMI IDT); its
+        // handler counts it and resumes after the int3 with everything as before.
+        unsafe { asm!("int3") };
+    }
+}
+
+/// `iterations` turns of a two-instruction loop: a fixed instruction count for the fuzzer to
+/// place NMIs in, whatever the compiler does to the surrounding code.
+fn busy(iterations: u32) {
+    if iterations == 0 {
+        return;
+    }
+    // SAFETY: only the counter register and the flags change, both declared.
+    unsafe {
+        asm!(
+            "2:",
+            "dec {count:e}",
+            "jnz 2b",
+            count = inout(reg) iterations => _,
+            options(nomem, nostack)
+        );
+    }
+}
+
+/// Whether `do_nmi` is running.
+pub fn running() -> bool {
+    NMI_STATE.load(Ordering::Relaxed) != NOT_RUNNING
+}

@@ -1,0 +1,145 @@
+//! The guest's own page tables: an identity map of the 16 MiB of guest memory (2 MiB pages, as
+//! the VMM's boot tables have it) plus a small demand-paged region whose 4 KiB pages are not
+//! present at READY and are mapped by the #PF handler, so that the workload and `do_nmi` can
+//! take real page faults.
+//!
+//! ```text
+//! virtual                         physical
+//! [0, 16 MiB)                 ->  the same (PD_IDENTITY: 8 large pages)
+//! [DEMAND_BASE, + 4 KiB * n)  ->  DEMAND_FRAMES[i], once the #PF handler mapped page i
+//! ```
+//!
+//! Page 0 of the demand region belongs to the workload, which unmaps it again after each of its
+//! faults; pages 1.. go to `do_nmi`'s #PF actions, one fresh page per action, left mapped for
+//! the rest of the run. So a not-present page is always one whose fault is still to come, and
+//! the #PF handler can tell whether CR2 is the address of its own fault.
+//!
+//! The host restores all of these tables at every reset, behind the guest's back: [`flush_tlb`]
+//! at the start of each run drops whatever the previous run left in the TLB.
+
+use core::arch::asm;
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use nmifuzz_abi::MAX_ACTIONS;
+
+use crate::cpu;
+
+/// Bytes of guest memory the identity map covers: the VMM's default guest memory.
+const IDENTITY_BYTES: u64 = 16 << 20;
+const LARGE_PAGE: u64 = 2 << 20;
+const PAGE: u64 = 4096;
+/// Page-table entry bits (SDM Vol. 3A §4.5, Tables 4-15 to 4-20).
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const LARGE: u64 = 1 << 7;
+/// Entries per table.
+const ENTRIES: usize = 512;
+
+/// Start of the demand-paged region: 1 GiB, the second PDPT entry, far from anything else.
+pub const DEMAND_BASE: u64 = 0x4000_0000;
+/// Pages in the demand region: one for the workload, one per possible `do_nmi` action.
+pub const DEMAND_PAGES: usize = 1 + MAX_ACTIONS;
+/// The workload's demand page.
+pub const WORKLOAD_PAGE: usize = 0;
+
+#[repr(C, align(4096))]
+struct Table([u64; ENTRIES]);
+
+#[repr(C, align(4096))]
+struct Frame([u8; PAGE as usize]);
+
+static mut PML4: Table = Table([0; ENTRIES]);
+static mut PDPT: Table = Table([0; ENTRIES]);
+static mut PD_IDENTITY: Table = Table([0; ENTRIES]);
+static mut PD_DEMAND: Table = Table([0; ENTRIES]);
+/// The demand region's page table; the workload's assembly clears its own entry by symbol.
+#[unsafe(no_mangle)]
+static mut DEMAND_PT: Table = Table([0; ENTRIES]);
+/// The physical pages behind the demand region (identity-mapped: their addresses are physical).
+static mut DEMAND_FRAMES: [Frame; DEMAND_PAGES] =
+    [const { Frame([0; PAGE as usize]) }; DEMAND_PAGES];
+/// The next demand page `do_nmi` touches.
+static mut NEXT_NMI_PAGE: usize = WORKLOAD_PAGE + 1;
+
+// The demand region sits in one page table, under the second PDPT entry.
+const _: () = assert!(DEMAND_PAGES <= ENTRIES && DEMAND_BASE == 1 << 30);
+const _: () = assert!(IDENTITY_BYTES / LARGE_PAGE <= ENTRIES as u64);
+
+/// Builds the tables and switches CR3 to them. The mapping of guest memory stays what it was.
+pub fn init() {
+    let entry = |table: *const Table| table as u64 | PRESENT | WRITABLE;
+    // SAFETY: the tables are statics nothing uses yet; each index is in bounds.
+    unsafe {
+        for i in 0..(IDENTITY_BYTES / LARGE_PAGE) as usize {
+            PD_IDENTITY.0[i] = (i as u64 * LARGE_PAGE) | PRESENT | WRITABLE | LARGE;
+        }
+        PD_DEMAND.0[0] = entry(addr_of!(DEMAND_PT));
+        PDPT.0[0] = entry(addr_of!(PD_IDENTITY));
+        PDPT.0[1] = entry(addr_of!(PD_DEMAND));
+        PML4.0[0] = entry(addr_of!(PDPT));
+        cpu::write_cr3(addr_of!(PML4) as u64);
+    }
+}
+
+/// Drops every TLB entry (a CR3 reload): the host restored the tables at reset, and the TLB
+/// may still hold the previous run's demand mappings.
+pub fn flush_tlb() {
+    // SAFETY: the same tables again.
+    unsafe { cpu::write_cr3(cpu::read_cr3()) };
+}
+
+/// The address of demand page `page`.
+pub const fn page_address(page: usize) -> u64 {
+    DEMAND_BASE + page as u64 * PAGE
+}
+
+/// What the #PF handler found at CR2.
+pub enum Fault {
+    /// A not-present demand page: now mapped.
+    Mapped,
+    /// A demand page that is present: this fault cannot have been about it.
+    AlreadyMapped,
+    /// Not in the demand region at all.
+    Elsewhere,
+}
+
+/// Handles a not-present fault at `cr2`: maps the demand page it lies in, if it is one.
+pub fn demand_fault(cr2: u64) -> Fault {
+    let page = cr2.wrapping_sub(DEMAND_BASE) / PAGE;
+    if cr2 < DEMAND_BASE || page >= DEMAND_PAGES as u64 {
+        return Fault::Elsewhere;
+    }
+    let page = page as usize;
+    // SAFETY: in-bounds entries of the statics; the page-table entry is written with a
+    // volatile store, since the CPU's page walker reads it behind the compiler's back.
+    unsafe {
+        let pte = addr_of_mut!(DEMAND_PT.0[page]);
+        if read_volatile(pte) & PRESENT != 0 {
+            return Fault::AlreadyMapped;
+        }
+        write_volatile(pte, addr_of!(DEMAND_FRAMES[page]) as u64 | PRESENT | WRITABLE);
+    }
+    Fault::Mapped
+}
+
+/// Writes to a demand page not touched before in this run, which raises #PF; the handler maps
+/// it and the write completes. For `do_nmi`'s #PF action.
+pub fn touch_fresh_page() {
+    // SAFETY: the counter static is only used here, by `do_nmi`, which does not nest.
+    let page = unsafe { NEXT_NMI_PAGE };
+    if page >= DEMAND_PAGES {
+        panic!("do_nmi: all {DEMAND_PAGES} demand pages are used up");
+    }
+    // SAFETY: as above.
+    unsafe { NEXT_NMI_PAGE = page + 1 };
+    // SAFETY: the address is a demand page: the #PF handler maps it to a frame of our own, and
+    // the write then lands there. The `mov` may fault, so it is asm, not a plain write that the
+    // compiler could assume cannot.
+    unsafe {
+        asm!(
+            "mov qword ptr [{address}], {address}",
+            address = in(reg) page_address(page) + 8,
+            options(nostack, preserves_flags)
+        );
+    }
+}
