@@ -88,7 +88,8 @@ pub fn sweep(
     progress: &ProgressBar,
 ) -> Result<Summary> {
     let start = Instant::now();
-    let mut summary = Summary { variant: args.variant.clone(), complete: true, ..Summary::default() };
+    let mut summary =
+        Summary { variant: args.variant.clone(), complete: true, ..Summary::default() };
     let placements = &FIRST_PLACEMENTS[..args.placements as usize];
     let origin = target.origin();
     'sweep: for action in actions() {

@@ -13,8 +13,6 @@ use vmm::{RunLimits, Verdict, Vm};
 
 /// `iretq` (REX.W + CF).
 const IRETQ: [u8; 2] = [0x48, 0xcf];
-/// `ret`.
-const RET: [u8; 1] = [0xc3];
 /// `hlt`.
 const HLT: [u8; 1] = [0xf4];
 /// `jmp $` (to itself).
@@ -80,9 +78,7 @@ fn kvm_triple_fault_and_emulation_error() {
 #[test]
 fn kvm_unexpected_exit() {
     // The workload halts without reporting anything.
-    let Some(mut vm) =
-        common::boot_elf(common::patched_guest("guest::workload::run_loop", 0, &HLT))
-    else {
+    let Some(mut vm) = common::boot_elf(common::patched_guest("workload_loop", 0, &HLT)) else {
         return;
     };
     let verdict = run(&mut vm, Workload::Loop, 10, &[]);
@@ -115,8 +111,18 @@ fn kvm_nmis_left_blocked_when_the_probe_nmi_goes_nowhere() {
 
 #[test]
 fn kvm_count_mismatch_when_the_guest_does_not_count_an_iteration() {
-    // The iteration starts (the VMM sees it) but returns before the guest counts it.
-    let Some(mut vm) = common::boot_elf(common::patched_guest(ITERATION_SYMBOL, 0, &RET)) else {
+    // The iteration starts (the VMM sees it) but the guest's counter increment, the first
+    // instruction there, is gone.
+    let Some(probe) = common::boot() else { return };
+    let address = probe.image().symbol(ITERATION_SYMBOL).unwrap();
+    let mut insn = [0u8; 15];
+    probe.ram().read(address, &mut insn).unwrap();
+    let mut decoder =
+        iced_x86::Decoder::with_ip(64, &insn, address, iced_x86::DecoderOptions::NONE);
+    let first = decoder.decode();
+    assert_eq!(first.mnemonic(), iced_x86::Mnemonic::Inc, "{ITERATION_SYMBOL} starts by counting");
+    let nops = vec![0x90; first.len()];
+    let Some(mut vm) = common::boot_elf(common::patched_guest(ITERATION_SYMBOL, 0, &nops)) else {
         return;
     };
     let verdict = run(&mut vm, Workload::Loop, 10, &[Trigger::After(40)]);

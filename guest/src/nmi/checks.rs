@@ -101,9 +101,17 @@ pub fn check_done() {
             ),
         );
     }
-    // SAFETY: plain loads of statics the NMI path writes; no NMI is being handled.
-    let (delivered, seen) = unsafe {
+    // An NMI may arrive between any two loads here and be handled completely, moving both
+    // counters; read until two rounds agree, so the pair is one consistent snapshot.
+    // SAFETY: plain loads of statics the NMI path writes.
+    let read = || unsafe {
         (read_volatile(addr_of!(NMI_DELIVERIES)), read_volatile(addr_of!(DELIVERIES_SEEN)))
+    };
+    let (delivered, seen) = loop {
+        let first = read();
+        if read() == first {
+            break first;
+        }
     };
     if delivered != seen {
         invariant::violated(

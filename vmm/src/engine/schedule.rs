@@ -90,7 +90,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in the order `do_nmi` raises them.
-    pub const ALL: &'static [Fault] = &[Fault::Ud];
+    pub const ALL: &'static [Fault] = &[Fault::Ud, Fault::Pf, Fault::Bp];
 
     fn bit(self) -> u32 {
         match self {
