@@ -24,7 +24,7 @@ use vmm::engine::RunOptions;
 use vmm::engine::schedule::{Fault, Schedule};
 
 use crate::corpus::{DirCorpus, Mirror};
-use crate::executor::{Limits, NmiExecutor, Parts};
+use crate::executor::{self, Limits, NmiExecutor, Parts};
 use crate::feedback::{VerdictFeedback, VerdictObserver};
 use libafl::generators::Generator;
 
@@ -82,6 +82,9 @@ where
         + ProgressReporter<State>
         + SendExiting,
 {
+    // SIGINT: stop after the current execution, in every client.
+    executor::install_sigint_handler();
+
     // Target: the VM, created here, so after the Launcher's fork: KVM file descriptors belong
     // to the process that made them.
     let target = Target::new().map_err(|e| Error::unknown(format!("{e:#}")))?;

@@ -33,8 +33,9 @@ extern "C" fn on_sigint(_: libc::c_int) {
 }
 
 /// Makes the first SIGINT stop the campaign after the current execution (with its summary),
-/// the second one kill it. Only for single-process campaigns: LibAFL's restarting clients
-/// install their own handler.
+/// the second one kill it. Launcher clients call it too, replacing the handler LibAFL's
+/// restarting manager installs, which `_exit`s and so leaks the client's 256 MiB SysV
+/// shared-memory segments.
 pub fn install_sigint_handler() {
     // SAFETY: the handler only stores to an atomic and calls signal(); both are
     // async-signal-safe.
@@ -156,8 +157,11 @@ impl<OT> NmiExecutor<OT> {
 
     /// Whether a limit says the campaign is over.
     pub fn limit_reached(&self) -> bool {
-        interrupted()
-            || self.shared.stop_requested()
+        if interrupted() {
+            self.shared.interrupted.store(true, Ordering::Relaxed);
+            return true;
+        }
+        self.shared.stop_requested()
             || self.limits.max_time.is_some_and(|t| self.limits.start.elapsed() >= t)
             || self
                 .limits

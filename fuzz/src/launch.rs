@@ -166,7 +166,6 @@ pub fn run_campaign(setup: Setup) -> Result<Report> {
     println!("INFO: variant {}, artifacts in {}/", config.variant, config.artifacts.display());
     match &setup.clients {
         Clients::Single => {
-            executor::install_sigint_handler();
             let manager = SimpleEventManager::new(StatusMonitor::new(PULSE));
             campaign::run_client(None, manager, config, shared, 0)
                 .map_err(|e| anyhow!("campaign: {e}"))?;
@@ -184,7 +183,9 @@ pub fn run_campaign(setup: Setup) -> Result<Report> {
             (path, verdict)
         })
         .collect();
-    Ok(report(config, &shared.totals(), artifacts))
+    let mut report = report(config, &shared.totals(), artifacts);
+    report.interrupted |= shared.interrupted.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(report)
 }
 
 /// Runs one client per core through LibAFL's Launcher; returns in the main process only.

@@ -40,6 +40,8 @@ pub struct ClientCounters {
 pub struct Shared {
     /// Set by the first client that must end the campaign (a crash without `--keep-going`).
     pub stop: AtomicBool,
+    /// Set by a client that saw SIGINT.
+    pub interrupted: AtomicBool,
     /// Executions of all clients, for `--runs`.
     pub total_executions: AtomicU64,
     /// Per client, indexed by the client's number.

@@ -398,3 +398,51 @@ fn smoke_writes_summaries_and_fails_on_a_finding() {
     assert!(md.contains("FAILED") && md.contains("nmifuzz replay"), "{md}");
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn ctrl_c_stops_every_client_of_a_two_core_campaign() {
+    use std::os::unix::process::CommandExt;
+    if !kvm() {
+        return;
+    }
+    let dir = workdir("cores-int");
+    let corpus = passing_corpus(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let child = nmifuzz(
+        &dir,
+        &[
+            "run",
+            "corpus-dir",
+            "--variant",
+            "naive",
+            "--faults",
+            "none",
+            "--cores",
+            "2",
+            "--broker-port",
+            &port,
+            "--max-total-time",
+            "100",
+        ],
+    )
+    .process_group(0) // like a terminal's foreground job: Ctrl-C reaches every process
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for_entries(&corpus, 4, Duration::from_secs(60));
+    let started = Instant::now();
+    // SAFETY: signals the process group of the child spawned above.
+    assert_eq!(unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(o.status.code(), Some(72), "{}", stderr(&o));
+    assert!(stdout(&o).contains("run interrupted") && stdout(&o).contains(" DONE cov: "));
+    schedules_in(&corpus);
+    fs::remove_dir_all(dir).unwrap();
+}
