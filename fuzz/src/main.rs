@@ -1,11 +1,23 @@
 //! `nmifuzz`: a hypervisor-based fuzzer for x86-64 NMI entry code. See the README.
 
 mod bench;
+mod campaign;
+mod cmin;
+mod corpus;
 mod doctor;
+mod executor;
+mod feedback;
+mod input;
+mod launch;
 mod options;
 mod replay;
+mod smoke;
+mod stats;
+mod status;
+mod store;
 mod sweep;
 mod target;
+mod tmin;
 
 use std::process::ExitCode;
 
@@ -21,6 +33,10 @@ const EXIT_FINDING: u8 = 1;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => launch::run(&args),
+        Command::Tmin(args) => tmin::run(&args).map(|()| false),
+        Command::Cmin(args) => cmin::run(&args).map(|()| false),
+        Command::Smoke(args) => smoke::run(&args),
         Command::Replay(args) => replay::run(&args),
         Command::Doctor => doctor::run().map(|()| false),
         Command::Sweep(args) => sweep::run(&args),

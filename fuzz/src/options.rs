@@ -1,10 +1,14 @@
 //! Command-line interface.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nmifuzz_abi::Variant;
-use vmm::engine::schedule::variant_names;
+use vmm::engine::schedule::{Fault, variant_names};
+
+use crate::input::all_faults;
 
 /// A hypervisor-based fuzzer for x86-64 NMI entry code.
 ///
@@ -19,6 +23,33 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a fuzzing campaign (like `cargo fuzz run` / libFuzzer).
+    ///
+    /// Seeds come from CORPUS_DIR, which also receives every new corpus entry; without it,
+    /// from ./corpus if it exists (nothing is written then), else from the generator. Each
+    /// distinct finding is saved once as ARTIFACTS/crash-<verdict-kind>-<hash>.json, a schedule
+    /// that `nmifuzz replay` and `nmifuzz tmin` read. The campaign stops at the first crash
+    /// unless --keep-going is given.
+    ///
+    /// Exit status: 0 nothing found, 1 a crash was found, 2 usage or setup error, 72
+    /// interrupted (SIGINT) without a crash.
+    Run(RunArgs),
+    /// Minimize a reproducer: fewest injections, smallest counts, simplest handler actions
+    /// that still end in the same verdict kind and message.
+    ///
+    /// Writes minimized-<hash>.json next to FILE (or in --output). Exit status 0, or 2 if FILE
+    /// does not end in a finding.
+    Tmin(TminArgs),
+    /// Minimize a corpus: keep the fewest entries that cover every edge the corpus covers
+    /// (greedy set cover, ties to smaller entries).
+    ///
+    /// Without --output or --in-place it only reports what it would keep.
+    Cmin(CminArgs),
+    /// CI mode: a short campaign with a fixed seed from ./corpus; writes a Markdown and a JSON
+    /// summary for the CI job to attach.
+    ///
+    /// Exit status: 0 nothing found, 1 a finding, 2 usage or setup error.
+    Smoke(SmokeArgs),
     /// Replay reproducers (schedule JSON files) and print each verdict.
     ///
     /// Exits 1 if any replay ends in a finding, 0 if all pass.
@@ -72,6 +103,199 @@ pub struct SweepArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Options shared by `run` and `smoke`.
+#[derive(Debug, Args)]
+pub struct CampaignArgs {
+    /// The NMI entry variant the guest runs, fixed for the whole campaign (`nmifuzz
+    /// variants` lists them).
+    #[arg(long, default_value = "linux", value_parser = parse_variant)]
+    pub variant: String,
+    /// Where artifacts (crash-<verdict-kind>-<hash>.json) are written; created if missing.
+    #[arg(long, default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    /// Wall-clock limit of one execution, in milliseconds; a run exceeding it is a `timeout`
+    /// finding.
+    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+    /// The faults the handler actions may raise, comma-separated (`ud`, ...), `all` or `none`.
+    /// Faults already in seeds are kept.
+    #[arg(long, default_value = "all", value_parser = parse_faults)]
+    pub faults: FaultList,
+}
+
+/// Arguments of `nmifuzz run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Corpus directory: the seeds, and where new corpus entries are written (atomically,
+    /// named by content hash). Must exist. Files that are not schedules are skipped with a
+    /// warning.
+    pub corpus: Option<PathBuf>,
+    #[command(flatten)]
+    pub campaign: CampaignArgs,
+    /// Stop after this many seconds (default: no limit).
+    #[arg(long, value_name = "SECS")]
+    pub max_total_time: Option<u64>,
+    /// Stop after this many executions, over all clients (default: no limit).
+    #[arg(long, value_name = "N")]
+    pub runs: Option<u64>,
+    /// Seed of the random number generator (client i uses SEED+i); default: from the clock.
+    /// The seed used is printed at start.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep fuzzing after a crash (each distinct finding is still saved once).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Run one client per core through LibAFL's Launcher, sharing inputs over LLMP: a count
+    /// N (cores 0..N-1) or a list such as `0,2` or `0-3`, or `all`. Each client boots its own
+    /// VM. Without this flag the campaign runs in this process only.
+    #[arg(long, value_parser = parse_cores, value_name = "N|LIST")]
+    pub cores: Option<CoreList>,
+    /// TCP port of the local LLMP broker that connects the clients (with --cores).
+    #[arg(long, default_value_t = 1337)]
+    pub broker_port: u16,
+    /// Connect this machine's broker to the broker of another machine's campaign, to share
+    /// inputs across machines (with --cores).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_socket_addr, requires = "cores")]
+    pub remote_broker: Option<SocketAddr>,
+}
+
+/// Arguments of `nmifuzz tmin`.
+#[derive(Debug, Args)]
+pub struct TminArgs {
+    /// The reproducer (an artifact or any schedule that ends in a finding).
+    pub file: PathBuf,
+    /// Directory for minimized-<hash>.json (default: FILE's directory).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Wall-clock limit of one execution, in milliseconds.
+    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+}
+
+/// Arguments of `nmifuzz cmin`.
+#[derive(Debug, Args)]
+pub struct CminArgs {
+    /// The corpus directory to minimize.
+    pub corpus: PathBuf,
+    /// Copy the kept entries into this directory (created if missing); CORPUS is untouched.
+    #[arg(long, conflicts_with = "in_place")]
+    pub output: Option<PathBuf>,
+    /// Delete the entries that are not kept from CORPUS itself.
+    #[arg(long)]
+    pub in_place: bool,
+    /// Wall-clock limit of one execution, in milliseconds.
+    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+}
+
+/// Arguments of `nmifuzz smoke`.
+#[derive(Debug, Args)]
+pub struct SmokeArgs {
+    #[command(flatten)]
+    pub campaign: CampaignArgs,
+    /// Length of the campaign, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub max_total_time: u64,
+    /// Seed of the random number generator (fixed, so CI runs are comparable).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where smoke-summary.md and smoke-summary.json are written; created if missing.
+    #[arg(long, default_value = "artifacts")]
+    pub summary: PathBuf,
+}
+
+impl CampaignArgs {
+    /// The per-execution wall-clock limit.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The faults a campaign may use.
+#[derive(Clone, Debug)]
+pub struct FaultList(pub Vec<Fault>);
+
+/// Parses `all`, `none` or a comma-separated list of fault names.
+pub fn parse_faults(text: &str) -> Result<FaultList, String> {
+    let valid = || {
+        all_faults()
+            .iter()
+            .map(|f| serde_json::to_string(f).unwrap().replace('"', ""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match text {
+        "all" => Ok(FaultList(all_faults())),
+        "none" => Ok(FaultList(Vec::new())),
+        list => list
+            .split(',')
+            .map(|name| {
+                serde_json::from_value::<Fault>(serde_json::Value::String(name.trim().to_owned()))
+                    .map_err(|_| {
+                        format!("unknown fault `{name}`; valid faults: {}, or all, none", valid())
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(FaultList),
+    }
+}
+
+/// The cores of `--cores`.
+#[derive(Clone, Debug)]
+pub struct CoreList(pub Vec<usize>);
+
+/// Parses `--cores`: a count N means cores 0..N-1; `0,2`, `0-3` and `all` are core lists.
+pub fn parse_cores(text: &str) -> Result<CoreList, String> {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ids: Vec<usize> = if text == "all" {
+        (0..available).collect()
+    } else if let Ok(count) = text.parse::<usize>() {
+        if count == 0 {
+            return Err("at least one core is needed".into());
+        }
+        (0..count).collect()
+    } else {
+        let mut ids = Vec::new();
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let bad = || format!("`{part}` is not a core number or range (e.g. 0,1 or 0-3)");
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (
+                        a.parse::<usize>().map_err(|_| bad())?,
+                        b.parse::<usize>().map_err(|_| bad())?,
+                    );
+                    if a > b {
+                        return Err(bad());
+                    }
+                    ids.extend(a..=b);
+                }
+                None => ids.push(part.parse().map_err(|_| bad())?),
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    if ids.is_empty() {
+        return Err("no cores given".into());
+    }
+    if let Some(bad) = ids.iter().find(|&&id| id >= available) {
+        return Err(format!(
+            "core {bad} does not exist: this machine has cores 0-{}",
+            available - 1
+        ));
+    }
+    Ok(CoreList(ids))
+}
+
+/// Parses `HOST:PORT`, resolving the host name.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.to_socket_addrs()
+        .map_err(|e| format!("`{text}` is not HOST:PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{text}` resolves to no address"))
 }
 
 /// Accepts a variant name, or explains which names are valid.

@@ -1,0 +1,219 @@
+//! One campaign client: the LibAFL pipeline, top to bottom, and its fuzzing loop.
+//!
+//! The same function runs in the single process of `nmifuzz run` and in every client the
+//! Launcher forks for `--cores`; only the event manager differs.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use libafl::Error;
+use libafl::HasNamedMetadata;
+use libafl::corpus::Corpus;
+use libafl::events::{EventFirer, EventReceiver, ProgressReporter, SendExiting};
+use libafl::feedbacks::{MapFeedbackMetadata, MaxMapFeedback};
+use libafl::fuzzer::{Evaluator, Fuzzer, StdFuzzer};
+use libafl::mutators::HavocScheduledMutator;
+use libafl::observers::{CanTrack, HitcountsMapObserver, StdMapObserver};
+use libafl::schedulers::{IndexesLenTimeMinimizerScheduler, QueueScheduler};
+use libafl::stages::StdMutationalStage;
+use libafl::state::{HasCorpus, HasExecutions, HasImported, HasSolutions, StdState, Stoppable};
+use libafl_bolts::rands::StdRand;
+use libafl_bolts::tuples::{Handled, tuple_list};
+use vmm::engine::RunOptions;
+use vmm::engine::schedule::{Fault, Schedule};
+
+use crate::corpus::{DirCorpus, Mirror};
+use crate::executor::{self, Limits, NmiExecutor, Parts};
+use crate::feedback::{VerdictFeedback, VerdictObserver};
+use libafl::generators::Generator;
+
+use crate::input::{NmiInput, ScheduleGenerator};
+use crate::nmi_mutations;
+use crate::stats::Shared;
+use crate::store;
+use crate::target::Target;
+
+/// Bytes of the coverage map: edges of the NMI paths hashed into it (see `vmm::engine`).
+pub const MAP_SIZE: usize = 16 * 1024;
+/// The name of the edges observer and its feedback's state metadata.
+const EDGES: &str = "nmi-edges";
+/// Inputs generated when the seeds leave the corpus empty.
+const GENERATED_SEEDS: usize = 8;
+/// How often a client reports progress (a `pulse` line).
+pub const PULSE: Duration = Duration::from_secs(5);
+
+/// The LibAFL state of a client: corpus and artifacts both mirrored to directories.
+pub type State = StdState<DirCorpus, NmiInput, StdRand, DirCorpus>;
+
+/// Everything a client needs to know; the same for every client.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The entry variant (validated), fixed for the campaign.
+    pub variant: String,
+    /// Seeds, already loaded and checked (junk reported by the caller).
+    pub seeds: Vec<Schedule>,
+    /// Where new corpus entries go (None: memory only), and the content hashes already there.
+    pub corpus_dir: Option<PathBuf>,
+    /// Where artifacts go.
+    pub artifacts: PathBuf,
+    /// The faults mutators and the generator may use.
+    pub faults: Vec<Fault>,
+    /// RNG seed; client `i` uses `seed + i`.
+    pub seed: u64,
+    /// Per-execution options (wall-clock limit).
+    pub options: RunOptions,
+    /// When to stop.
+    pub limits: Limits,
+}
+
+/// Runs one client until a limit is reached, then tells the event manager it exits.
+/// `restored` is the state a restarting manager kept across a respawn.
+pub fn run_client<EM>(
+    restored: Option<State>,
+    mut mgr: EM,
+    config: &Config,
+    shared: &'static Shared,
+    client: usize,
+) -> Result<(), Error>
+where
+    EM: EventFirer<NmiInput, State>
+        + EventReceiver<NmiInput, State>
+        + ProgressReporter<State>
+        + SendExiting,
+{
+    // SIGINT: stop after the current execution, in every client.
+    executor::install_sigint_handler();
+
+    // Target: the VM, created here, so after the Launcher's fork: KVM file descriptors belong
+    // to the process that made them.
+    let target = Target::new().map_err(|e| Error::unknown(format!("{e:#}")))?;
+    let origin = target.origin();
+    let parts = Parts::new(target, MAP_SIZE);
+
+    // Observers: NMI-path edges (hit counts bucketed), and the verdict.
+    let (map, len) = parts.coverage_ptr();
+    // SAFETY: the map is owned by the executor made from `parts` below, which also owns this
+    // observer; it outlives every use.
+    let edges = HitcountsMapObserver::new(unsafe { StdMapObserver::from_mut_ptr(EDGES, map, len) })
+        .track_indices();
+    let verdict = VerdictObserver::new();
+    let verdict_handle = verdict.handle();
+
+    // Feedback: an input is interesting when it reaches a new edge or hit-count bucket.
+    let mut feedback = MaxMapFeedback::new(&edges);
+
+    // Objective: a finding whose kind and location have no artifact yet.
+    let mut objective = VerdictFeedback::new(&verdict, config.artifacts.clone());
+
+    // State: the RNG, the corpus (mirrored to the corpus directory) and the artifacts.
+    let mut state = match restored {
+        Some(state) => state,
+        None => StdState::new(
+            StdRand::with_seed(config.seed.wrapping_add(client as u64)), // RNG
+            DirCorpus::new(match &config.corpus_dir {
+                Some(dir) => Mirror::Queue(dir.clone(), known_hashes(&config.seeds)),
+                None => Mirror::None,
+            }), // corpus: in memory, each new entry also written to the directory
+            DirCorpus::new(Mirror::Artifacts(config.artifacts.clone(), origin)), // artifacts
+            &mut feedback,
+            &mut objective,
+        )?,
+    };
+
+    // Scheduler: favours the smallest, fastest entry for each edge, then walks the queue.
+    let scheduler = IndexesLenTimeMinimizerScheduler::new(&edges, QueueScheduler::new());
+
+    // Fuzzer: scheduler, feedback and objective together.
+    let mut fuzzer = StdFuzzer::new(scheduler, feedback, objective);
+
+    // Executor: runs schedules on the VM and enforces the campaign's limits.
+    let mut executor = NmiExecutor::new(
+        parts,
+        config.options,
+        tuple_list!(edges, verdict),
+        verdict_handle,
+        config.limits,
+        shared,
+        client,
+    );
+
+    // Initial inputs: the seeds (new coverage only), or generated ones if none is kept.
+    let started = Instant::now();
+    if state.corpus().count_all() == 0 {
+        for seed in &config.seeds {
+            let mut seed = seed.clone();
+            seed.variant.clone_from(&config.variant);
+            fuzzer.evaluate_input(&mut state, &mut executor, &mut mgr, &NmiInput(seed))?;
+        }
+        let mut generator = ScheduleGenerator::new(&config.variant, &config.faults);
+        let mut generated = 0;
+        while state.corpus().count() == 0 && generated < GENERATED_SEEDS && !state.stop_requested()
+        {
+            let input = generator.generate(&mut state)?;
+            fuzzer.evaluate_input(&mut state, &mut executor, &mut mgr, &input)?;
+            generated += 1;
+        }
+        if state.corpus().count() == 0 && !state.stop_requested() {
+            // Nothing reached new coverage: fuzz from a generated input all the same.
+            let input = generator.generate(&mut state)?;
+            fuzzer.add_input(&mut state, &mut executor, &mut mgr, input)?;
+        }
+        println!(
+            "#{} INITED cov: {} corp: {} exec/s: {:.0} crashes: {} (client {client}, {} seeds)",
+            state.executions(),
+            covered_edges(&state),
+            state.corpus().count(),
+            *state.executions() as f64 / started.elapsed().as_secs_f64().max(1e-3),
+            state.solutions().count(),
+            config.seeds.len(),
+        );
+    }
+
+    // Mutators: structure-aware, stacked 1 to 8 at a time (havoc) ...
+    let mutator = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&config.faults), 3);
+    // ... in one mutational stage.
+    let mut stages = tuple_list!(StdMutationalStage::new(mutator));
+
+    // The loop: until a limit is reached (checked before every execution by the executor).
+    let counters = shared.client(client);
+    let mut shut_down = false;
+    while !state.stop_requested() && !executor.limit_reached() {
+        mgr.maybe_report_progress(&mut state, PULSE)?;
+        let iteration = Instant::now();
+        let result = fuzzer.fuzz_one(&mut stages, &mut executor, &mut state, &mut mgr);
+        counters.loop_nanos.fetch_add(iteration.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        counters.corpus.store(state.corpus().count() as u64, Ordering::Relaxed);
+        counters.imported.store(*state.imported() as u64, Ordering::Relaxed);
+        counters.edges.store(covered_edges(&state) as u64, Ordering::Relaxed);
+        match result {
+            Ok(_) => {}
+            Err(Error::ShuttingDown) => {
+                shut_down = true; // fuzz_one already told the event manager
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    counters.corpus.store(state.corpus().count() as u64, Ordering::Relaxed);
+    counters.edges.store(covered_edges(&state) as u64, Ordering::Relaxed);
+    mgr.report_progress(&mut state)?;
+    if !shut_down {
+        // Tells the broker (and a respawner) that this exit is intended.
+        mgr.send_exiting()?;
+    }
+    Ok(())
+}
+
+/// Edges covered so far, from the map feedback's state.
+fn covered_edges(state: &State) -> usize {
+    state
+        .named_metadata_map()
+        .get::<MapFeedbackMetadata<u8>>(EDGES)
+        .map_or(0, |m| m.num_covered_map_indexes)
+}
+
+/// The content hashes of the seeds, which are already in the corpus directory.
+fn known_hashes(seeds: &[Schedule]) -> std::collections::HashSet<u64> {
+    seeds.iter().map(store::content_hash).collect()
+}

@@ -1,0 +1,611 @@
+//! The fuzzer's input, a [`Schedule`], with its generator and its structure-aware mutators.
+//!
+//! # Limits the fuzzer keeps to
+//! Schedules the fuzzer makes stay far inside [`Schedule::validate`]'s limits and inside the
+//! engine's budget of stepped instructions (20,000 by default), so that exhausting that budget
+//! means a looping guest and never a long schedule:
+//! - at most [`MAX_INJECTIONS`] injections and [`MAX_ACTIONS`] handler actions;
+//! - `after` (and a symbolic point's `extra`) at most [`MAX_DELAY`] instructions: the default
+//!   workload loop is about 1,000 stepped instructions long, so later NMIs never arrive;
+//! - `busy` at most [`MAX_BUSY`], at most [`MAX_FAULTS`] faults per action.
+//!
+//! # The generator (also the random baseline of evaluations)
+//! [`ScheduleGenerator`] draws, independently and uniformly:
+//! - 1 to 4 injections, each `{"after": n}` with n in `0..400` ([`GENERATED_DELAY`]);
+//! - one handler action per injection, each with `busy` in `0..=16` ([`GENERATED_BUSY`]) and,
+//!   with probability 1/2, 1 or 2 faults drawn from the allowed faults (none otherwise);
+//! - the campaign's variant and the default workload (`workload_iterations: 0`).
+//!
+//! The variant is fixed per campaign: no mutator reads or writes it.
+
+use std::borrow::Cow;
+use std::hash::Hash;
+use std::ops::Range;
+use std::path::Path;
+
+use libafl::corpus::{Corpus, CorpusId};
+use libafl::generators::Generator;
+use libafl::inputs::Input;
+use libafl::mutators::{MutationResult, Mutator};
+use libafl::state::{HasCorpus, HasRand};
+use libafl::{Error, random_corpus_id};
+use libafl_bolts::rands::Rand;
+use libafl_bolts::{HasLen, Named};
+use serde::de::IntoDeserializer;
+use serde::de::value::{Error as ValueError, U32Deserializer};
+use serde::{Deserialize, Serialize};
+use vmm::engine::schedule::{Fault, HandlerAction, Injection, SCHEDULE_FORMAT, Schedule};
+
+use crate::store;
+
+/// Most injections in a schedule the fuzzer makes.
+pub const MAX_INJECTIONS: usize = 16;
+/// Most handler actions in a schedule the fuzzer makes.
+pub const MAX_ACTIONS: usize = 8;
+/// Largest `after`/`extra` the mutators set, in instructions.
+pub const MAX_DELAY: u64 = 2_000;
+/// Largest `busy` the mutators set.
+pub const MAX_BUSY: u32 = 64;
+/// Most faults in one handler action the fuzzer makes.
+pub const MAX_FAULTS: usize = 3;
+/// The generator's range of `after` delays.
+pub const GENERATED_DELAY: Range<u64> = 0..400;
+/// The generator's largest `busy`.
+pub const GENERATED_BUSY: u32 = 16;
+
+/// Every [`Fault`] the schedule format has, found by deserializing variant indices 0, 1, ...
+/// until one fails, so faults added to the enum are fuzzed without a change here.
+pub fn all_faults() -> Vec<Fault> {
+    (0u32..)
+        .map_while(|index| {
+            let deserializer: U32Deserializer<ValueError> = index.into_deserializer();
+            Fault::deserialize(deserializer).ok()
+        })
+        .collect()
+}
+
+/// The input: a schedule. JSON on disk (the reproducer format `nmifuzz replay` reads),
+/// postcard inside LibAFL (the schedule types are externally tagged and skip no field).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NmiInput(pub Schedule);
+
+impl Input for NmiInput {
+    fn to_file<P: AsRef<Path>>(&self, path: P) -> Result<(), Error> {
+        store::write_atomic(path.as_ref(), self.0.to_json().as_bytes()).map_err(Error::from)
+    }
+
+    fn from_file<P: AsRef<Path>>(path: P) -> Result<Self, Error> {
+        Schedule::load(path.as_ref()).map(Self).map_err(|e| Error::serialize(e.to_string()))
+    }
+
+    fn generate_name(&self, _id: Option<CorpusId>) -> String {
+        store::corpus_name(&self.0)
+    }
+}
+
+/// The length LibAFL's schedulers prefer short inputs by: the number of injections.
+impl HasLen for NmiInput {
+    fn len(&self) -> usize {
+        self.0.injections.len()
+    }
+}
+
+/// Makes the initial inputs when the corpus is empty (see the module documentation).
+pub struct ScheduleGenerator {
+    variant: String,
+    faults: Vec<Fault>,
+}
+
+impl ScheduleGenerator {
+    /// A generator for `variant` whose actions use only `faults`.
+    pub fn new(variant: &str, faults: &[Fault]) -> Self {
+        Self { variant: variant.to_owned(), faults: faults.to_vec() }
+    }
+
+    /// One schedule from `rand`.
+    pub fn schedule<R: Rand>(&self, rand: &mut R) -> Schedule {
+        let count = rand.between(1, 4);
+        let injections = (0..count).map(|_| Injection::After(random_delay(rand))).collect();
+        let actions = (0..count).map(|_| self.action(rand)).collect();
+        Schedule {
+            format: SCHEDULE_FORMAT,
+            description: String::new(),
+            variant: self.variant.clone(),
+            workload_iterations: 0,
+            actions,
+            injections,
+            origin: None,
+        }
+    }
+
+    fn action<R: Rand>(&self, rand: &mut R) -> HandlerAction {
+        let busy = rand.between(0, GENERATED_BUSY as usize) as u32;
+        let mut faults = Vec::new();
+        if !self.faults.is_empty() && rand.coinflip(0.5) {
+            for _ in 0..rand.between(1, 2) {
+                faults.push(self.faults[rand.below_or_zero(self.faults.len())]);
+            }
+        }
+        HandlerAction { busy, faults }
+    }
+}
+
+fn random_delay<R: Rand>(rand: &mut R) -> u64 {
+    GENERATED_DELAY.start
+        + rand.below_or_zero((GENERATED_DELAY.end - GENERATED_DELAY.start) as usize) as u64
+}
+
+impl<S: HasRand> Generator<NmiInput, S> for ScheduleGenerator {
+    fn generate(&mut self, state: &mut S) -> Result<NmiInput, Error> {
+        Ok(NmiInput(self.schedule(state.rand_mut())))
+    }
+}
+
+/// Defines a unit mutator struct with its [`Named`] impl.
+macro_rules! named {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name;
+        named!(@impl $name);
+    };
+    (@impl $name:ident) => {
+        impl Named for $name {
+            fn name(&self) -> &Cow<'static, str> {
+                static NAME: Cow<'static, str> = Cow::Borrowed(stringify!($name));
+                &NAME
+            }
+        }
+    };
+}
+
+/// A random index below `len`, or `None` for an empty list.
+fn pick<R: Rand>(rand: &mut R, len: usize) -> Option<usize> {
+    (len > 0).then(|| rand.below_or_zero(len))
+}
+
+/// The delay of an injection: `after`, or a symbolic point's `extra`.
+fn delay_mut(injection: &mut Injection) -> &mut u64 {
+    match injection {
+        Injection::After(n) => n,
+        Injection::At(point) => &mut point.extra,
+    }
+}
+
+/// Adds `delta` (may be negative) to a delay, staying in `0..=MAX_DELAY`.
+fn shift(value: u64, delta: i64) -> u64 {
+    value.saturating_add_signed(delta).min(MAX_DELAY)
+}
+
+named!(
+    /// Inserts a new `{"after": n}` injection (n from the generator's range) anywhere.
+    InsertInjection
+);
+impl<S: HasRand> Mutator<NmiInput, S> for InsertInjection {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let injections = &mut input.0.injections;
+        if injections.len() >= MAX_INJECTIONS {
+            return Ok(MutationResult::Skipped);
+        }
+        let rand = state.rand_mut();
+        let at = rand.below_or_zero(injections.len() + 1);
+        injections.insert(at, Injection::After(random_delay(rand)));
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+named!(
+    /// Removes one injection (never the last one: a schedule without NMIs tests nothing).
+    RemoveInjection
+);
+impl<S: HasRand> Mutator<NmiInput, S> for RemoveInjection {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let injections = &mut input.0.injections;
+        if injections.len() < 2 {
+            return Ok(MutationResult::Skipped);
+        }
+        injections.remove(state.rand_mut().below_or_zero(injections.len()));
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+named!(
+    /// Duplicates one injection in place: for `after`, a second NMI as far behind the first.
+    DuplicateInjection
+);
+impl<S: HasRand> Mutator<NmiInput, S> for DuplicateInjection {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let injections = &mut input.0.injections;
+        if injections.len() >= MAX_INJECTIONS {
+            return Ok(MutationResult::Skipped);
+        }
+        let Some(k) = pick(state.rand_mut(), injections.len()) else {
+            return Ok(MutationResult::Skipped);
+        };
+        injections.insert(k + 1, injections[k].clone());
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+named!(
+    /// Shifts one injection's delay by 1 to 8 instructions either way: the fine search for
+    /// the exact boundary where a race opens.
+    ShiftDelaySmall
+);
+impl<S: HasRand> Mutator<NmiInput, S> for ShiftDelaySmall {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let rand = state.rand_mut();
+        let Some(k) = pick(rand, input.0.injections.len()) else {
+            return Ok(MutationResult::Skipped);
+        };
+        let magnitude = rand.between(1, 8) as i64;
+        let delta = if rand.coinflip(0.5) { magnitude } else { -magnitude };
+        let delay = delay_mut(&mut input.0.injections[k]);
+        let new = shift(*delay, delta);
+        if new == *delay {
+            return Ok(MutationResult::Skipped);
+        }
+        *delay = new;
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+named!(
+    /// Moves one injection's delay far: by 16 to 256 instructions either way, or to a fresh
+    /// value in `0..=MAX_DELAY`, or to 0 (the same boundary as the previous NMI).
+    ShiftDelayLarge
+);
+impl<S: HasRand> Mutator<NmiInput, S> for ShiftDelayLarge {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let rand = state.rand_mut();
+        let Some(k) = pick(rand, input.0.injections.len()) else {
+            return Ok(MutationResult::Skipped);
+        };
+        let delay = delay_mut(&mut input.0.injections[k]);
+        let new = match rand.below_or_zero(4) {
+            0 => 0,
+            1 => rand.between(0, MAX_DELAY as usize) as u64,
+            2 => shift(*delay, rand.between(16, 256) as i64),
+            _ => shift(*delay, -(rand.between(16, 256) as i64)),
+        };
+        if new == *delay {
+            return Ok(MutationResult::Skipped);
+        }
+        *delay = new;
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+named!(
+    /// Changes how long one `do_nmi` call works: busy +-1..4, or a fresh value in
+    /// `0..=MAX_BUSY`. Adds an action when the schedule has none.
+    ChangeBusy
+);
+impl<S: HasRand> Mutator<NmiInput, S> for ChangeBusy {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let rand = state.rand_mut();
+        let actions = &mut input.0.actions;
+        if actions.is_empty() {
+            actions.push(HandlerAction::default());
+        }
+        let k = rand.below_or_zero(actions.len());
+        let busy = &mut actions[k].busy;
+        let new = if rand.coinflip(0.7) {
+            let delta = rand.between(1, 4) as i64;
+            let delta = if rand.coinflip(0.5) { delta } else { -delta };
+            (i64::from(*busy) + delta).clamp(0, i64::from(MAX_BUSY)) as u32
+        } else {
+            rand.between(0, MAX_BUSY as usize) as u32
+        };
+        if new == *busy {
+            return Ok(MutationResult::Skipped);
+        }
+        *busy = new;
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Adds, removes or replaces one fault of one action, drawing from the allowed faults
+/// (by default [`all_faults`]). Adds an action when the schedule has none.
+pub struct ChangeFaults {
+    faults: Vec<Fault>,
+}
+named!(@impl ChangeFaults);
+impl ChangeFaults {
+    /// A mutator that adds only `faults` (an empty list: it only removes).
+    pub fn new(faults: &[Fault]) -> Self {
+        Self { faults: faults.to_vec() }
+    }
+}
+impl<S: HasRand> Mutator<NmiInput, S> for ChangeFaults {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let rand = state.rand_mut();
+        let actions = &mut input.0.actions;
+        if actions.is_empty() {
+            if self.faults.is_empty() {
+                return Ok(MutationResult::Skipped);
+            }
+            actions.push(HandlerAction::default());
+        }
+        let k = rand.below_or_zero(actions.len());
+        let faults = &mut actions[k].faults;
+        let fresh = pick(rand, self.faults.len()).map(|i| self.faults[i]);
+        match (rand.below_or_zero(3), fresh) {
+            (0, Some(fault)) if faults.len() < MAX_FAULTS => {
+                let at = rand.below_or_zero(faults.len() + 1);
+                faults.insert(at, fault);
+            }
+            (1, Some(fault)) if !faults.is_empty() => {
+                let at = rand.below_or_zero(faults.len());
+                if faults[at] == fault {
+                    return Ok(MutationResult::Skipped);
+                }
+                faults[at] = fault;
+            }
+            _ if !faults.is_empty() => {
+                faults.remove(rand.below_or_zero(faults.len()));
+            }
+            _ => return Ok(MutationResult::Skipped),
+        }
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+named!(
+    /// Inserts a copy of one action or removes one: which `do_nmi` call does what shifts.
+    InsertOrRemoveAction
+);
+impl<S: HasRand> Mutator<NmiInput, S> for InsertOrRemoveAction {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        let rand = state.rand_mut();
+        let actions = &mut input.0.actions;
+        if !actions.is_empty() && (actions.len() >= MAX_ACTIONS || rand.coinflip(0.5)) {
+            actions.remove(rand.below_or_zero(actions.len()));
+        } else if actions.len() < MAX_ACTIONS {
+            let at = rand.below_or_zero(actions.len() + 1);
+            let copy = pick(rand, actions.len()).map(|i| actions[i].clone()).unwrap_or_default();
+            actions.insert(at, copy);
+        } else {
+            return Ok(MutationResult::Skipped);
+        }
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+named!(
+    /// Crossover: splices a run of 1 to 4 injections of another corpus entry in at a random
+    /// place and, half the time, takes that entry's actions too.
+    SpliceSchedules
+);
+impl<S: HasRand + HasCorpus<NmiInput>> Mutator<NmiInput, S> for SpliceSchedules {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        if state.corpus().count() < 2 {
+            return Ok(MutationResult::Skipped);
+        }
+        let id = random_corpus_id!(state.corpus(), state.rand_mut());
+        if *state.corpus().current() == Some(id) {
+            return Ok(MutationResult::Skipped);
+        }
+        let other = state.corpus().cloned_input_for_id(id)?.0;
+        let rand = state.rand_mut();
+        let Some(from) = pick(rand, other.injections.len()) else {
+            return Ok(MutationResult::Skipped);
+        };
+        let count = rand.between(1, (other.injections.len() - from).min(4));
+        let mine = &mut input.0;
+        let at = rand.below_or_zero(mine.injections.len() + 1);
+        mine.injections.splice(at..at, other.injections[from..from + count].iter().cloned());
+        mine.injections.truncate(MAX_INJECTIONS);
+        if rand.coinflip(0.5) {
+            mine.actions = other.actions;
+            mine.actions.truncate(MAX_ACTIONS);
+        }
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Every mutator, for LibAFL's havoc scheduler.
+#[macro_export]
+macro_rules! nmi_mutations {
+    ($faults:expr) => {
+        libafl_bolts::tuples::tuple_list!(
+            $crate::input::InsertInjection,
+            $crate::input::RemoveInjection,
+            $crate::input::DuplicateInjection,
+            $crate::input::ShiftDelaySmall,
+            $crate::input::ShiftDelayLarge,
+            $crate::input::ChangeBusy,
+            $crate::input::ChangeFaults::new($faults),
+            $crate::input::InsertOrRemoveAction,
+            $crate::input::SpliceSchedules,
+        )
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use libafl::corpus::{InMemoryCorpus, Testcase};
+    use libafl::mutators::{HavocScheduledMutator, MutationResult, Mutator};
+    use libafl::state::StdState;
+    use libafl_bolts::rands::StdRand;
+
+    use super::*;
+
+    type TestState =
+        StdState<InMemoryCorpus<NmiInput>, NmiInput, StdRand, InMemoryCorpus<NmiInput>>;
+
+    fn state(seed: u64) -> TestState {
+        StdState::new(
+            StdRand::with_seed(seed),
+            InMemoryCorpus::new(),
+            InMemoryCorpus::new(),
+            &mut (),
+            &mut (),
+        )
+        .unwrap()
+    }
+
+    /// The fuzzer's own limits, on top of the schedule format's.
+    fn assert_within_limits(schedule: &Schedule) {
+        schedule.validate().unwrap_or_else(|p| panic!("{p}: {schedule:?}"));
+        assert_eq!(schedule.variant, "naive", "the variant changed");
+        assert!(schedule.injections.len() <= MAX_INJECTIONS);
+        assert!(schedule.actions.len() <= MAX_ACTIONS);
+        for injection in &schedule.injections {
+            match injection {
+                Injection::After(n) => assert!(*n <= MAX_DELAY),
+                Injection::At(p) => assert!(p.extra <= MAX_DELAY),
+            }
+        }
+        for action in &schedule.actions {
+            assert!(action.busy <= MAX_BUSY && action.faults.len() <= MAX_FAULTS);
+        }
+    }
+
+    #[test]
+    fn every_fault_is_found() {
+        let faults = all_faults();
+        assert!(faults.contains(&Fault::Ud));
+        let names: Vec<String> = faults.iter().map(|f| serde_json::to_string(f).unwrap()).collect();
+        let mut unique = names.clone();
+        unique.dedup();
+        assert_eq!(unique, names);
+    }
+
+    #[test]
+    fn generated_schedules_follow_the_documented_ranges() {
+        let generator = ScheduleGenerator::new("naive", &all_faults());
+        let mut rand = StdRand::with_seed(7);
+        let mut saw_faults = false;
+        for _ in 0..2_000 {
+            let s = generator.schedule(&mut rand);
+            assert_within_limits(&s);
+            assert!((1..=4).contains(&s.injections.len()));
+            assert_eq!(s.actions.len(), s.injections.len());
+            for injection in &s.injections {
+                let Injection::After(n) = injection else { panic!("not after: {injection:?}") };
+                assert!(GENERATED_DELAY.contains(n));
+            }
+            for action in &s.actions {
+                assert!(action.busy <= GENERATED_BUSY && action.faults.len() <= 2);
+                saw_faults |= !action.faults.is_empty();
+            }
+        }
+        assert!(saw_faults);
+    }
+
+    #[test]
+    fn mutators_keep_the_variant_and_the_limits() {
+        let mut state = state(3);
+        let generator = ScheduleGenerator::new("naive", &all_faults());
+        for _ in 0..4 {
+            let seed = NmiInput(generator.schedule(state.rand_mut()));
+            state.corpus_mut().add(Testcase::new(seed)).unwrap();
+        }
+        let mut havoc = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&all_faults()), 4);
+        let mut input = NmiInput(generator.schedule(state.rand_mut()));
+        let mut mutated = 0;
+        for round in 0..5_000 {
+            if round % 100 == 0 {
+                input = NmiInput(generator.schedule(state.rand_mut()));
+            }
+            if havoc.mutate(&mut state, &mut input).unwrap() == MutationResult::Mutated {
+                mutated += 1;
+            }
+            assert_within_limits(&input.0);
+        }
+        assert!(mutated > 4_000, "only {mutated} mutations took effect");
+    }
+
+    #[test]
+    fn each_mutator_changes_something_and_stays_valid() {
+        let mut state = state(11);
+        let generator = ScheduleGenerator::new("naive", &all_faults());
+        for _ in 0..3 {
+            let seed = NmiInput(generator.schedule(state.rand_mut()));
+            state.corpus_mut().add(Testcase::new(seed)).unwrap();
+        }
+        fn check<M: Mutator<NmiInput, TestState>>(
+            m: &mut M,
+            state: &mut TestState,
+            g: &ScheduleGenerator,
+        ) {
+            let mut changed = 0;
+            for _ in 0..500 {
+                let before = NmiInput(g.schedule(state.rand_mut()));
+                let mut after = before.clone();
+                if m.mutate(state, &mut after).unwrap() == MutationResult::Mutated {
+                    assert_ne!(before, after, "{} claimed a mutation", m.name());
+                    changed += 1;
+                } else {
+                    assert_eq!(before, after, "{} changed a skipped input", m.name());
+                }
+                assert_within_limits(&after.0);
+            }
+            assert!(changed > 100, "{} mutated only {changed} of 500", m.name());
+        }
+        check(&mut InsertInjection, &mut state, &generator);
+        check(&mut RemoveInjection, &mut state, &generator);
+        check(&mut DuplicateInjection, &mut state, &generator);
+        check(&mut ShiftDelaySmall, &mut state, &generator);
+        check(&mut ShiftDelayLarge, &mut state, &generator);
+        check(&mut ChangeBusy, &mut state, &generator);
+        check(&mut ChangeFaults::new(&all_faults()), &mut state, &generator);
+        check(&mut InsertOrRemoveAction, &mut state, &generator);
+        check(&mut SpliceSchedules, &mut state, &generator);
+    }
+
+    #[test]
+    fn without_allowed_faults_no_fault_is_ever_added() {
+        let mut state = state(5);
+        let generator = ScheduleGenerator::new("naive", &[]);
+        let mut havoc = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&[]), 4);
+        let mut input = NmiInput(generator.schedule(state.rand_mut()));
+        for _ in 0..2_000 {
+            let _ = havoc.mutate(&mut state, &mut input).unwrap();
+            assert!(input.0.actions.iter().all(|a| a.faults.is_empty()), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn input_round_trips_through_postcard_and_json() {
+        let mut schedule =
+            ScheduleGenerator::new("naive", &all_faults()).schedule(&mut StdRand::with_seed(1));
+        schedule.origin = Some(vmm::engine::schedule::Origin {
+            guest_hash: "00".into(),
+            host_profile: "p".into(),
+        });
+        let input = NmiInput(schedule);
+        let bytes = postcard::to_allocvec(&input).unwrap();
+        assert_eq!(postcard::from_bytes::<NmiInput>(&bytes).unwrap(), input);
+        let json = serde_json::to_string(&input).unwrap();
+        assert_eq!(Schedule::from_json(json.as_bytes(), Path::new("x")).unwrap(), input.0);
+    }
+}
