@@ -25,13 +25,17 @@ use crate::target::Target;
 /// workload loop so that the first NMI interrupts different instructions of it.
 const FIRST_PLACEMENTS: [u64; 5] = [60, 67, 75, 84, 97];
 
-/// What the first NMI's `do_nmi` does: every single action, then all faults together.
+/// What the first NMI's `do_nmi` does: each fault alone, all faults together, then busy work
+/// and an immediate return. The faults come first: their IRETQs are what let a second NMI in
+/// while the first is handled, so that is where broken entries fail.
 fn actions() -> Vec<HandlerAction> {
-    let mut actions = vec![HandlerAction::default(), HandlerAction { busy: 4, faults: vec![] }];
-    actions.extend(Fault::ALL.iter().map(|f| HandlerAction { busy: 0, faults: vec![*f] }));
+    let mut actions: Vec<HandlerAction> =
+        Fault::ALL.iter().map(|f| HandlerAction { busy: 0, faults: vec![*f] }).collect();
     if Fault::ALL.len() > 1 {
         actions.push(HandlerAction { busy: 1, faults: Fault::ALL.to_vec() });
     }
+    actions.push(HandlerAction { busy: 4, faults: vec![] });
+    actions.push(HandlerAction::default());
     actions
 }
 
