@@ -341,11 +341,11 @@ fn bad_inputs_are_named() {
 
     let o = run(&dir, &["run", "--variant", "bogus"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("unknown variant `bogus`; valid variants: naive"));
+    assert!(stderr(&o).contains("unknown variant `bogus`; valid variants: linux, naive, no-stack-check"));
 
     let o = run(&dir, &["run", "--variant", "naive", "--faults", "xx"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("unknown fault `xx`; valid faults: ud"));
+    assert!(stderr(&o).contains("unknown fault `xx`; valid faults: ud, pf, bp"));
 
     let corpus = passing_corpus(&dir);
     fs::write(corpus.join("notes.txt"), "not a schedule").unwrap();
