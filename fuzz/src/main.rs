@@ -5,6 +5,7 @@ mod campaign;
 mod cmin;
 mod corpus;
 mod doctor;
+mod eval;
 mod executor;
 mod feedback;
 mod input;
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
         Command::Doctor => doctor::run().map(|()| false),
         Command::Sweep(args) => sweep::run(&args),
         Command::Bench(args) => bench::run(&args).map(|()| false),
+        Command::Eval(args) => eval::run(&args).map(|()| false),
+        Command::EvalJob(args) => eval::run_job(&args).map(|()| false),
         Command::Variants => {
             options::print_variants();
             Ok(false)

@@ -10,6 +10,9 @@ use vmm::engine::schedule::{Fault, variant_names};
 
 use crate::input::all_faults;
 
+/// Default wall-clock limit of one execution, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
+
 /// A hypervisor-based fuzzer for x86-64 NMI entry code.
 ///
 /// nmifuzz boots a small guest kernel under KVM, injects NMIs at exactly chosen instructions
@@ -63,6 +66,15 @@ pub enum Command {
     Bench(BenchArgs),
     /// List the NMI entry variants linked into the guest.
     Variants,
+    /// Measure time to the first finding per variant: the campaign against a random-timing
+    /// baseline and the sweep. Writes eval.md, eval.svg and eval.json to --output.
+    ///
+    /// The default run (5 seeds, 50 s per run, two runs at a time) takes up to about 40
+    /// minutes on a 2-core host; --quick takes about 2 minutes.
+    Eval(EvalArgs),
+    /// One run of `nmifuzz eval`, in its own process (used by `eval`).
+    #[command(hide = true)]
+    EvalJob(EvalJobArgs),
 }
 
 #[derive(Debug, Args)]
@@ -89,9 +101,10 @@ pub struct SweepArgs {
     #[arg(long, default_value = "linux", value_parser = parse_variant)]
     pub variant: String,
     /// How many placements of the first NMI in the workload (1 to 5).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=5))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
     pub placements: u64,
-    /// The third NMI goes at every instruction 1..=N after the second (0: no third NMI).
+    /// Window of the third NMI: every instruction 1..=N after a nested second NMI, and N
+    /// instructions after each IRETQ that follows it in the first NMI's handling (0: no third).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub third_window: u64,
     /// Iterations of the workload loop.
@@ -117,7 +130,7 @@ pub struct CampaignArgs {
     pub artifacts: PathBuf,
     /// Wall-clock limit of one execution, in milliseconds; a run exceeding it is a `timeout`
     /// finding.
-    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
     /// The faults the handler actions may raise, comma-separated (`ud`, ...), `all` or `none`.
     /// Faults already in seeds are kept.
@@ -170,7 +183,7 @@ pub struct TminArgs {
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Wall-clock limit of one execution, in milliseconds.
-    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
 }
 
@@ -186,7 +199,7 @@ pub struct CminArgs {
     #[arg(long)]
     pub in_place: bool,
     /// Wall-clock limit of one execution, in milliseconds.
-    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
 }
 
@@ -321,4 +334,40 @@ pub fn print_variants() {
     for v in Variant::ALL {
         println!("{:<20} {}", v.name(), v.summary());
     }
+}
+
+/// Arguments of `nmifuzz eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Seeds per variant for the campaign and for the random baseline.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub seeds: u32,
+    /// Time limit of each campaign and baseline run, in seconds ("not found" counts as this).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub time_limit: u64,
+    /// Runs at a time, each on its own core.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub jobs: u64,
+    /// A 2-minute version: one seed, 6 s per run, a small sweep.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where the table, plot and raw data go.
+    #[arg(long, default_value = "docs")]
+    pub output: PathBuf,
+}
+
+/// Arguments of `nmifuzz eval-job`.
+#[derive(Debug, Args)]
+pub struct EvalJobArgs {
+    #[arg(long, value_enum)]
+    pub method: crate::eval::Method,
+    #[arg(long, value_parser = parse_variant)]
+    pub variant: String,
+    #[arg(long)]
+    pub seed: u64,
+    /// Seconds.
+    #[arg(long)]
+    pub time_limit: u64,
+    #[arg(long)]
+    pub quick: bool,
 }

@@ -2,16 +2,20 @@
 //!
 //! For each handler action and a few placements of the first NMI in the workload, the sweep
 //! measures how long the first NMI's handling lasts (from its delivery until the interrupted
-//! context is resumed), then puts a second NMI at every instruction boundary of that handling,
-//! and for each of those a third NMI at every boundary of a smaller window after the second.
-//! A correct entry passes every run; a broken one must fail at least one.
+//! context is resumed), then puts a second NMI at every instruction boundary of that handling.
+//! Where the second NMI nests, a third goes at every boundary of a small window after the
+//! second, and of the same window after every IRETQ that follows while the first NMI is still
+//! handled: those IRETQs are where NMIs open again and where a repeat of the handler begins
+//! (an entry that loses track of a repeat fails there). A correct entry passes every run; a
+//! broken one must fail at least one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use vmm::engine::decode::InsnCache;
 use vmm::engine::schedule::{
     Fault, HandlerAction, Injection, MAX_DELAY, SCHEDULE_FORMAT, Schedule,
 };
@@ -53,6 +57,37 @@ pub struct Summary {
     handling_lengths: Vec<u64>,
     /// Findings per verdict signature, with the first verdict and schedule of each.
     pub findings: BTreeMap<String, Finding>,
+}
+
+impl Summary {
+    /// Counts one run; returns whether it was a finding.
+    fn record(
+        &mut self,
+        execution: &Execution,
+        schedule: Schedule,
+        start: Instant,
+        progress: &ProgressBar,
+    ) -> bool {
+        self.runs += 1;
+        progress.inc(1);
+        let verdict = &execution.outcome.verdict;
+        if !verdict.is_finding() {
+            return false;
+        }
+        self.first_finding.get_or_insert((self.runs, start.elapsed().as_secs_f64()));
+        let entry = self.findings.entry(verdict.signature()).or_insert_with(|| {
+            progress.println(format!("found: {verdict}"));
+            Finding {
+                kind: verdict.kind(),
+                message: verdict.to_string(),
+                count: 0,
+                example: schedule,
+            }
+        });
+        entry.count += 1;
+        progress.set_message(format!("{} findings", self.findings.len()));
+        true
+    }
 }
 
 /// One distinct finding of a sweep.
@@ -111,47 +146,81 @@ pub fn sweep(
             let length = handling_length(target, &measured)
                 .with_context(|| format!("measuring the handling of {action:?} at {first}"))?;
             summary.handling_lengths.push(length);
-            progress.inc_length((length + 2) * (1 + args.third_window));
+            progress.inc_length(length + 2);
+            // Pass 1: two NMIs, the second at every boundary of the first's handling. Each run
+            // is traced to find where a third NMI should go.
+            let mut thirds = Vec::new();
             for second in 0..=length + 1 {
-                for third in std::iter::once(None).chain((1..=args.third_window).map(Some)) {
-                    let mut injections = vec![Injection::After(first), Injection::After(second)];
-                    injections.extend(third.map(Injection::After));
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        summary.complete = false;
-                        break 'sweep;
-                    }
-                    let candidate = schedule(injections);
-                    let execution = target.execute(&candidate, &RunOptions::default(), &mut [])?;
-                    summary.runs += 1;
-                    progress.inc(1);
-                    let verdict = &execution.outcome.verdict;
-                    if verdict.is_finding() {
-                        summary
-                            .first_finding
-                            .get_or_insert((summary.runs, start.elapsed().as_secs_f64()));
-                        let entry =
-                            summary.findings.entry(verdict.signature()).or_insert_with(|| {
-                                progress.println(format!("found: {verdict}"));
-                                Finding {
-                                    kind: verdict.kind(),
-                                    message: verdict.to_string(),
-                                    count: 0,
-                                    example: candidate,
-                                }
-                            });
-                        entry.count += 1;
-                        progress.set_message(format!("{} findings", summary.findings.len()));
-                        if args.stop_on_first {
-                            summary.complete = false;
-                            break 'sweep;
-                        }
-                    }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    summary.complete = false;
+                    break 'sweep;
+                }
+                let pair = schedule(vec![Injection::After(first), Injection::After(second)]);
+                let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
+                let execution = target.execute(&pair, &traced, &mut [])?;
+                if !execution.outcome.verdict.is_finding() {
+                    let offsets = third_offsets(target, &execution, args.third_window);
+                    progress.inc_length(offsets.len() as u64);
+                    thirds.extend(offsets.into_iter().map(|third| (second, third)));
+                }
+                if summary.record(&execution, pair, start, progress) && args.stop_on_first {
+                    summary.complete = false;
+                    break 'sweep;
+                }
+            }
+            // Pass 2: a third NMI after each nested second one.
+            for (second, third) in thirds {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    summary.complete = false;
+                    break 'sweep;
+                }
+                let triple = schedule(vec![
+                    Injection::After(first),
+                    Injection::After(second),
+                    Injection::After(third),
+                ]);
+                let execution = target.execute(&triple, &RunOptions::default(), &mut [])?;
+                if summary.record(&execution, triple, start, progress) && args.stop_on_first {
+                    summary.complete = false;
+                    break 'sweep;
                 }
             }
         }
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Where a third NMI goes, in instructions after the second, for a run whose second NMI
+/// nested: `1..=window`, and `0..window` after every IRETQ between the second injection and the
+/// end of the first NMI's handling. Empty if the second NMI did not nest.
+fn third_offsets(target: &Target, execution: &Execution, window: u64) -> Vec<u64> {
+    if window == 0 {
+        return Vec::new();
+    }
+    let trace = &execution.trace;
+    let injected = |step: &&vmm::engine::trace::Step| {
+        step.events.iter().any(|e| matches!(e, Event::NmiInjected { index: 1, .. }))
+    };
+    let Some(start) = trace.iter().position(|s| injected(&s)) else { return Vec::new() };
+    let second_at = trace[start].index;
+    let nested = trace[start..]
+        .iter()
+        .filter(|s| s.events.iter().any(|e| matches!(e, Event::NmiDelivered { .. })))
+        .take(1)
+        .any(|s| s.depth >= 2);
+    if !nested {
+        return Vec::new();
+    }
+    let mut insns = InsnCache::default();
+    let mut offsets: BTreeSet<u64> = (1..=window).collect();
+    for step in trace[start..].iter().take_while(|s| s.depth > 0) {
+        if insns.get(target.vm().ram(), step.rip).is_ok_and(|i| i.is_iretq) {
+            let after = step.index + 1 - second_at;
+            offsets.extend(after..after + window);
+        }
+    }
+    offsets.into_iter().collect()
 }
 
 /// Instructions from the first NMI's delivery until its interrupted context resumes.

@@ -39,6 +39,9 @@ pub enum Exit {
         /// The instruction bytes, when KVM provides them.
         bytes: Vec<u8>,
     },
+    /// A ring-0 `int3` the host could not execute, which [`crate::Vm::run_once`] performed
+    /// (RIP moved past it, #BP injected for the next entry).
+    Int3Performed,
     /// Any other internal error.
     InternalError {
         /// KVM's sub-error code.

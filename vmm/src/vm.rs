@@ -359,6 +359,7 @@ impl Vm {
             }
             Exit::EmulationFailure { ref bytes } if bytes.first() == Some(&INT3) => {
                 self.inject_breakpoint();
+                return Ok(Exit::Int3Performed);
             }
             _ => {}
         }
@@ -414,7 +415,7 @@ impl Vm {
         match exit {
             Exit::IoOut { port: port::CONSOLE | port::PING, .. } => None,
             Exit::IoOut { port: port::REPORT, value, .. } => Some(self.report(*value)),
-            Exit::EmulationFailure { bytes } if bytes.first() == Some(&INT3) => None,
+            Exit::Int3Performed => None,
             Exit::EmulationFailure { bytes } => {
                 Some(Verdict::EmulationError { rip, symbol: symbol(), bytes: bytes.clone() })
             }

@@ -212,3 +212,16 @@ fn kvm_replays_are_bit_for_bit_identical() {
         assert_eq!(again.nmi, first.nmi, "replay {i}");
     }
 }
+
+#[test]
+fn kvm_probe_nmi_may_take_exceptions_too() {
+    let Some(mut vm) = common::boot() else { return };
+    let mut engine = engine(&mut vm);
+    // The probe NMI after DONE is the second do_nmi call; its action raises #UD, #PF and #BP
+    // (an int3 the VMM performs on hosts that cannot), all of which must simply work.
+    let actions = [Action::default(), Action { busy: 1, faults: fault::ALL }];
+    let plan = plan(Workload::Loop, 10, &actions, &[Trigger::After(40)]);
+    let execution = engine.run(&mut vm, &plan, &RunOptions::default()).unwrap();
+    assert_eq!(execution.outcome.verdict, Verdict::Done);
+    assert_eq!(execution.nmi.probe, Some(true));
+}

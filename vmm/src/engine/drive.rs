@@ -99,7 +99,7 @@ impl Engine {
             // `Vm::run_once` performed the int3 the host could not and made #BP pending. The
             // next boundary is before the #BP handler's first instruction, reached by the
             // next KVM_RUN; RIP after the int3 is not a boundary of its own.
-            Exit::EmulationFailure { ref bytes } if bytes.first() == Some(&0xcc) => {
+            Exit::Int3Performed => {
                 run.skip_stop = true;
                 1
             }
@@ -317,7 +317,10 @@ impl Engine {
                         .classify(&exit, Instant::now(), Default::default())
                         .unwrap_or_else(|| unexpected(vm, &exit)));
                 }
+                // Console output, and an `int3` of the probe's do_nmi action that
+                // `Vm::run_once` already performed.
                 Exit::IoOut { port: port::CONSOLE | port::PING, .. } => {}
+                Exit::Int3Performed => {}
                 Exit::Interrupted => {
                     return Ok(Verdict::NmiLeftBlocked {
                         message: "the guest never came back to its final HLT after the probe NMI"

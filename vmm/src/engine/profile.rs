@@ -134,7 +134,7 @@ pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
     let mut int3_native = true;
     for _ in 0..CALIBRATION_STEPS {
         match vm.run_once()? {
-            Exit::EmulationFailure { bytes } if bytes.first() == Some(&0xcc) => int3_native = false,
+            Exit::Int3Performed => int3_native = false,
             Exit::IoOut { port: nmifuzz_abi::port::REPORT, .. } => break,
             _ => {}
         }

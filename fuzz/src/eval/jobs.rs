@@ -1,0 +1,143 @@
+//! One evaluation run (`nmifuzz eval-job`), in its own process: a campaign, a random-timing
+//! baseline or a sweep, on one variant with one seed and a time limit. Prints a [`JobResult`].
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+use libafl_bolts::rands::StdRand;
+use vmm::engine::RunOptions;
+use vmm::vm::RunLimits;
+
+use super::{JobResult, Method};
+use crate::campaign::Config;
+use crate::executor::Limits;
+use crate::input::{ScheduleGenerator, all_faults};
+use crate::launch::{self, Clients, Setup};
+use crate::options::{EvalJobArgs, SweepArgs};
+use crate::sweep;
+use crate::target::Target;
+
+/// Runs the job and prints its result as one JSON line.
+pub fn run_job(args: &EvalJobArgs) -> Result<()> {
+    let result = match args.method {
+        Method::Sweep => sweep_job(args)?,
+        Method::Random => random_job(args)?,
+        Method::Campaign => campaign_job(args)?,
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+/// The sweep, stopping at its first finding or at the limit.
+fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
+    let mut target = Target::new()?;
+    let sweep_args = SweepArgs {
+        variant: args.variant.clone(),
+        placements: 1,
+        third_window: if args.quick { 2 } else { 8 },
+        workload_iterations: 20,
+        stop_on_first: true,
+        json: true,
+    };
+    let start = Instant::now();
+    let deadline = start + super::limit(args);
+    let summary = sweep::sweep(&mut target, &sweep_args, Some(deadline), &ProgressBar::hidden())?;
+    let (execs_to_first, seconds_to_first) =
+        summary.first_finding.unwrap_or((summary.runs, args.time_limit as f64));
+    Ok(JobResult {
+        method: Method::Sweep,
+        variant: args.variant.clone(),
+        seed: args.seed,
+        found: summary.first_finding.is_some(),
+        seconds_to_first,
+        execs_to_first,
+        execs: summary.runs,
+        seconds: summary.seconds,
+        message: summary.findings.values().next().map(|f| f.message.clone()),
+    })
+}
+
+/// The random-timing baseline: schedules from the campaign's own generator (the same number
+/// of NMIs, the same delay range, random handler actions), executed by the same engine with
+/// the same per-execution options, without feedback, until a finding or the limit.
+fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
+    let mut target = Target::new()?;
+    let generator = ScheduleGenerator::new(&args.variant, &all_faults());
+    let mut rand = StdRand::with_seed(args.seed);
+    let options = campaign_run_options();
+    let start = Instant::now();
+    let deadline = start + super::limit(args);
+    let (mut execs, mut first) = (0, None);
+    while Instant::now() < deadline {
+        let schedule = generator.schedule(&mut rand);
+        let execution = target.execute(&schedule, &options, &mut [])?;
+        execs += 1;
+        if execution.outcome.verdict.is_finding() {
+            first = Some((start.elapsed().as_secs_f64(), execution.outcome.verdict.to_string()));
+            break;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(JobResult {
+        method: Method::Random,
+        variant: args.variant.clone(),
+        seed: args.seed,
+        found: first.is_some(),
+        seconds_to_first: first.as_ref().map_or(args.time_limit as f64, |f| f.0),
+        execs_to_first: execs,
+        execs,
+        seconds,
+        message: first.map(|f| f.1),
+    })
+}
+
+/// The LibAFL campaign from an empty corpus, on one core, stopping at its first crash.
+fn campaign_job(args: &EvalJobArgs) -> Result<JobResult> {
+    let artifacts = std::env::temp_dir().join(format!(
+        "nmifuzz-eval-{}-{}-{}",
+        args.variant,
+        args.seed,
+        std::process::id()
+    ));
+    let limits = Limits {
+        start: Instant::now(),
+        max_time: Some(super::limit(args)),
+        max_runs: None,
+        stop_on_crash: true,
+    };
+    let config = Config {
+        variant: args.variant.clone(),
+        seeds: Vec::new(),
+        corpus_dir: None,
+        artifacts: artifacts.clone(),
+        faults: all_faults(),
+        seed: args.seed,
+        options: campaign_run_options(),
+        limits,
+    };
+    let report = launch::run_campaign(Setup { config, clients: Clients::Single });
+    let _ = std::fs::remove_dir_all(&artifacts);
+    let report = report?;
+    Ok(JobResult {
+        method: Method::Campaign,
+        variant: args.variant.clone(),
+        seed: args.seed,
+        found: report.crashes > 0,
+        seconds_to_first: report.first_crash_secs.unwrap_or(args.time_limit as f64),
+        execs_to_first: report.executions,
+        execs: report.executions,
+        seconds: report.elapsed_secs,
+        message: report.artifacts.first().map(|(_, verdict)| verdict.clone()),
+    })
+}
+
+/// The per-execution options of `nmifuzz run` with its default timeout, so both searches run
+/// every schedule the same way.
+fn campaign_run_options() -> RunOptions {
+    let timeout = Duration::from_millis(crate::options::DEFAULT_TIMEOUT_MS);
+    RunOptions {
+        limits: RunLimits { wall: timeout, ..RunLimits::default() },
+        ..RunOptions::default()
+    }
+}
