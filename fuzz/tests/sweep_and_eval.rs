@@ -1,0 +1,65 @@
+//! `nmifuzz sweep` and `nmifuzz eval --quick` through the real binary.
+
+use std::process::{Command, Output};
+
+use nmifuzz_abi::Variant;
+
+fn nmifuzz(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nmifuzz")).args(args).output().expect("the binary runs")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn kvm_tests_skipped() -> bool {
+    std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1")
+}
+
+#[test]
+fn kvm_the_sweep_kills_every_buggy_variant_and_linux_survives_its_pairs() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    for variant in Variant::ALL.iter().filter(|v| **v != Variant::Linux) {
+        let out = nmifuzz(&["sweep", "--variant", variant.name(), "--stop-on-first", "--json"]);
+        assert_eq!(out.status.code(), Some(1), "{}", variant.name());
+        let summary = json(&out);
+        let findings = summary["findings"].as_object().unwrap();
+        assert_eq!(findings.len(), 1, "{}: {summary}", variant.name());
+        let finding = findings.values().next().unwrap();
+        assert!(finding["message"].as_str().unwrap().contains("invariant violated"), "{finding}");
+    }
+    // The reduced sweep CI can afford: every handler action, the second NMI at every
+    // instruction of the first one's handling, no third.
+    let out = nmifuzz(&["sweep", "--variant", "linux", "--third-window", "0", "--json"]);
+    let summary = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{summary}");
+    assert!(summary["complete"].as_bool().unwrap());
+    assert!(summary["runs"].as_u64().unwrap() > 1000, "{summary}");
+}
+
+#[test]
+fn kvm_quick_eval_writes_table_plot_and_raw_data() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("nmifuzz-eval-test-{}", std::process::id()));
+    let out = nmifuzz(&["eval", "--quick", "--output", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = std::fs::read_to_string(dir.join("eval.md")).unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("eval.json")).unwrap()).unwrap();
+    let svg = std::fs::read_to_string(dir.join("eval.svg")).unwrap();
+    for variant in Variant::ALL {
+        assert!(table.contains(&format!("| {} | campaign |", variant.name())), "{table}");
+        assert!(svg.contains(variant.name()), "the plot labels {}", variant.name());
+    }
+    // One campaign, one random and one sweep run per variant.
+    assert_eq!(raw["results"].as_array().unwrap().len(), 3 * Variant::ALL.len());
+    // The naive entry dies at once whatever the method.
+    assert!(table.contains("| naive | campaign | 1/1 |"), "{table}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
