@@ -11,6 +11,7 @@ mod feedback;
 mod input;
 mod launch;
 mod options;
+mod progress;
 mod replay;
 mod smoke;
 mod stats;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use nmifuzz_abi::{NmiStackLayout, Variant};
 use serde::Serialize;
 use vmm::Vm;
 use vmm::engine::schedule::Schedule;
@@ -51,6 +52,11 @@ pub fn run(args: &ReplayArgs) -> Result<bool> {
         any_finding |= verdict.is_finding();
         if args.trace {
             print_trace(target.vm(), &execution.trace);
+            if let Some(layout) =
+                Variant::from_name(&schedule.variant).and_then(Variant::stack_layout)
+            {
+                print_nmi_stack(&target, layout);
+            }
         }
         let replayed = Replayed {
             file,
@@ -96,18 +102,59 @@ fn print_summary(r: &Replayed<'_>, execution: &Execution) {
     );
 }
 
-/// Prints one line per stop: index, `symbol+offset`, disassembly, depth, events.
+/// Prints one line per stop: index, `symbol+offset`, disassembly, NMI depth, the "NMI
+/// executing" variable, events.
 fn print_trace(vm: &Vm, trace: &[Step]) {
-    println!("{:>7}  {:<34} {:<40} {:>5}  events", "insn", "rip", "instruction", "depth");
+    println!(
+        "{:>7}  {:<34} {:<40} {:>5} {:>4}  events",
+        "insn", "rip", "instruction", "depth", "exec"
+    );
     for step in trace {
         let events: Vec<String> = step.events.iter().map(ToString::to_string).collect();
+        let executing = step.nmi_executing.map_or_else(|| "-".to_owned(), |v| v.to_string());
         println!(
-            "{:>7}  {:<34} {:<40} {:>5}  {}",
+            "{:>7}  {:<34} {:<40} {:>5} {:>4}  {}",
             step.index,
             vm.image().symbolize(step.rip),
             vmm::engine::decode::disassemble(vm.ram(), step.rip),
             step.depth,
+            executing,
             events.join("; ")
         );
     }
+}
+
+/// Draws the NMI stack as the Linux entry lays it out (the seed commit's diagram), filled with
+/// the values in guest memory where the run ended.
+fn print_nmi_stack(target: &Target, layout: NmiStackLayout) {
+    let top = target.nmi_stack_top();
+    let vm = target.vm();
+    let word = |offset: u64| vm.ram().read_u64(top - offset).unwrap_or(0);
+    let rule = "+----------------------------------------------------------------------+";
+    let row = |name: &str, address: u64, value: u64, note: String| {
+        println!("| {name:<24} {address:#010x}: {value:#018x} {note:<24}|");
+    };
+    let frame = |name: &str, offset: u64, side: &str| {
+        println!("{rule}");
+        // The frame's five qwords from the highest address down: SS, RSP, RFLAGS, CS, RIP.
+        for (slot, field) in ["SS", "Return RSP", "RFLAGS", "CS", "RIP"].iter().enumerate() {
+            let at = offset - 8 * (4 - slot as u64);
+            let value = word(at);
+            let note = match *field {
+                "RIP" => vm.image().symbolize(value),
+                _ if slot == 0 => side.to_owned(),
+                _ => String::new(),
+            };
+            row(&format!("{name} {field}"), top - at, value, note);
+        }
+    };
+    println!("\nNMI stack at the end of the run (IST1 top {top:#x}):");
+    frame("original", layout.original, "written by the CPU");
+    println!("{rule}");
+    row("temp storage for rdx", top - layout.temp_rdx, word(layout.temp_rdx), String::new());
+    println!("{rule}");
+    row("\"NMI executing\"", top - layout.executing, word(layout.executing), String::new());
+    frame("iret", layout.iret, "copied from outermost");
+    frame("outermost", layout.outermost, "set in first_nmi");
+    println!("{rule}");
 }

@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmm::engine::decode::InsnCache;
 use vmm::engine::schedule::{
@@ -23,6 +22,7 @@ use vmm::engine::trace::Event;
 use vmm::engine::{Execution, RunOptions};
 
 use crate::options::SweepArgs;
+use crate::progress::Progress;
 use crate::target::Target;
 
 /// Where the first NMI lands: instructions after the start of the run. Spread over the
@@ -66,7 +66,7 @@ impl Summary {
         execution: &Execution,
         schedule: Schedule,
         start: Instant,
-        progress: &ProgressBar,
+        progress: &Progress,
     ) -> bool {
         self.runs += 1;
         progress.inc(1);
@@ -76,7 +76,7 @@ impl Summary {
         }
         self.first_finding.get_or_insert((self.runs, start.elapsed().as_secs_f64()));
         let entry = self.findings.entry(verdict.signature()).or_insert_with(|| {
-            progress.println(format!("found: {verdict}"));
+            progress.note(&format!("found: {verdict}"));
             Finding {
                 kind: verdict.kind(),
                 message: verdict.to_string(),
@@ -102,15 +102,9 @@ pub struct Finding {
 /// Runs the sweep as `nmifuzz sweep`; returns whether anything was found.
 pub fn run(args: &SweepArgs) -> Result<bool> {
     let mut target = Target::new()?;
-    let progress = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} runs {msg}")
-            .expect("a valid template"),
-    );
-    if args.json {
-        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let progress = Progress::new(0, "runs", !args.json);
     let summary = sweep(&mut target, args, None, &progress)?;
-    progress.finish_and_clear();
+    progress.finish();
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -124,7 +118,7 @@ pub fn sweep(
     target: &mut Target,
     args: &SweepArgs,
     deadline: Option<Instant>,
-    progress: &ProgressBar,
+    progress: &Progress,
 ) -> Result<Summary> {
     let start = Instant::now();
     let mut summary =

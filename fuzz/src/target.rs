@@ -28,6 +28,11 @@ impl Target {
         self.engine.profile()
     }
 
+    /// The top of the guest's NMI stack (IST1).
+    pub fn nmi_stack_top(&self) -> u64 {
+        self.engine.nmi_stack_top()
+    }
+
     /// The VM.
     pub fn vm(&self) -> &Vm {
         &self.vm

@@ -225,3 +225,35 @@ fn kvm_probe_nmi_may_take_exceptions_too() {
     assert_eq!(execution.outcome.verdict, Verdict::Done);
     assert_eq!(execution.nmi.probe, Some(true));
 }
+
+#[test]
+fn kvm_nmi_injected_at_an_iretq_the_vmm_performs_is_counted_once() {
+    let Some(mut vm) = common::boot() else { return };
+    let mut engine = engine(&mut vm);
+    // The naive entry's IRETQ, found by decoding from its start.
+    let mut insns = InsnCache::default();
+    let mut iretq = vm.image().symbol("nmi_naive").unwrap();
+    while !insns.get(vm.ram(), iretq).unwrap().is_iretq {
+        iretq += u64::from(insns.get(vm.ram(), iretq).unwrap().len);
+    }
+    // A second NMI made at the very stop where the engine performs the first one's IRETQ:
+    // it is latched, then delivered right after the IRETQ, and counted once.
+    let at_iretq = Trigger::At { address: iretq, occurrence: 1, extra: 0 };
+    let plan = plan(Workload::Loop, 10, &[], &[Trigger::After(30), at_iretq]);
+    let execution = engine.run(&mut vm, &plan, &traced()).unwrap();
+    assert_eq!(execution.outcome.verdict, Verdict::Done);
+    assert_eq!(injections(&execution), [Injected::Delivered, Injected::Latched]);
+    let nmi = execution.nmi;
+    assert_eq!((nmi.delivered, nmi.iterations), (2, 2), "{nmi:?}");
+    let found = deliveries(&execution);
+    assert_eq!(found[1].1, found[0].1, "the latched NMI interrupts the same instruction");
+    // Its delivery is seen where it happens: at the NMI entry, one level deep.
+    let second = execution
+        .trace
+        .iter()
+        .filter(|s| s.events.iter().any(|e| matches!(e, Event::NmiDelivered { .. })))
+        .nth(1)
+        .unwrap();
+    assert!(vm.image().symbolize(second.rip).starts_with("nmi_naive"), "{second:?}");
+    assert_eq!(second.depth, 1);
+}

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use indicatif::ProgressBar;
 use libafl_bolts::rands::StdRand;
 use vmm::engine::RunOptions;
+use vmm::engine::schedule::Schedule;
 use vmm::vm::RunLimits;
 
 use super::{JobResult, Method};
@@ -15,6 +15,7 @@ use crate::executor::Limits;
 use crate::input::{ScheduleGenerator, all_faults};
 use crate::launch::{self, Clients, Setup};
 use crate::options::{EvalJobArgs, SweepArgs};
+use crate::progress::Progress;
 use crate::sweep;
 use crate::target::Target;
 
@@ -42,7 +43,8 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
     };
     let start = Instant::now();
     let deadline = start + super::limit(args);
-    let summary = sweep::sweep(&mut target, &sweep_args, Some(deadline), &ProgressBar::hidden())?;
+    let summary =
+        sweep::sweep(&mut target, &sweep_args, Some(deadline), &Progress::new(0, "runs", false))?;
     let (execs_to_first, seconds_to_first) =
         summary.first_finding.unwrap_or((summary.runs, args.time_limit as f64));
     Ok(JobResult {
@@ -55,6 +57,7 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
         execs: summary.runs,
         seconds: summary.seconds,
         message: summary.findings.values().next().map(|f| f.message.clone()),
+        example: summary.findings.into_values().next().map(|f| f.example),
     })
 }
 
@@ -74,7 +77,8 @@ fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
         let execution = target.execute(&schedule, &options, &mut [])?;
         execs += 1;
         if execution.outcome.verdict.is_finding() {
-            first = Some((start.elapsed().as_secs_f64(), execution.outcome.verdict.to_string()));
+            let message = execution.outcome.verdict.to_string();
+            first = Some((start.elapsed().as_secs_f64(), message, schedule));
             break;
         }
     }
@@ -88,7 +92,8 @@ fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
         execs_to_first: execs,
         execs,
         seconds,
-        message: first.map(|f| f.1),
+        message: first.as_ref().map(|f| f.1.clone()),
+        example: first.map(|f| f.2),
     })
 }
 
@@ -116,10 +121,8 @@ fn campaign_job(args: &EvalJobArgs) -> Result<JobResult> {
         options: campaign_run_options(),
         limits,
     };
-    let report = launch::run_campaign(Setup { config, clients: Clients::Single });
-    let _ = std::fs::remove_dir_all(&artifacts);
-    let report = report?;
-    Ok(JobResult {
+    let report = launch::run_campaign(Setup { config, clients: Clients::Single })?;
+    let result = JobResult {
         method: Method::Campaign,
         variant: args.variant.clone(),
         seed: args.seed,
@@ -129,7 +132,10 @@ fn campaign_job(args: &EvalJobArgs) -> Result<JobResult> {
         execs: report.executions,
         seconds: report.elapsed_secs,
         message: report.artifacts.first().map(|(_, verdict)| verdict.clone()),
-    })
+        example: report.artifacts.first().and_then(|(path, _)| Schedule::load(path).ok()),
+    };
+    let _ = std::fs::remove_dir_all(&artifacts);
+    Ok(result)
 }
 
 /// The per-execution options of `nmifuzz run` with its default timeout, so both searches run

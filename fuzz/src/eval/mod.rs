@@ -15,12 +15,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use nmifuzz_abi::Variant;
 use serde::{Deserialize, Serialize};
 
 pub use self::jobs::run_job;
 use crate::options::{EvalArgs, EvalJobArgs};
+use crate::progress::Progress;
 use crate::store;
 
 /// A way of searching for a bug.
@@ -66,6 +66,8 @@ pub struct JobResult {
     pub seconds: f64,
     /// The first finding's verdict.
     pub message: Option<String>,
+    /// The schedule of the first finding, when the method knows it (a reproducer).
+    pub example: Option<vmm::engine::schedule::Schedule>,
 }
 
 /// Median, minimum and maximum over seeds.
@@ -123,17 +125,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 jobs.push((method, variant.name(), seed, limit));
             }
         }
-        // The sweep is deterministic: one run, allowed more time on the variant that must
-        // survive all of it.
-        let sweep_limit = if *variant == Variant::Linux { limit * 4 } else { limit * 2 };
+        // The sweep is deterministic: one run, with twice the time limit.
+        let sweep_limit = limit * 2;
         jobs.push((Method::Sweep, variant.name(), 0, sweep_limit));
     }
-    let progress = ProgressBar::new(jobs.len() as u64).with_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{wide_bar}] {pos}/{len} runs ({eta} left) {msg}",
-        )
-        .expect("a valid template"),
-    );
+    let progress = Progress::new(jobs.len() as u64, "runs", true);
     let queue = Mutex::new(jobs.into_iter());
     let results = Mutex::new(Vec::new());
     let quick = args.quick;
@@ -149,7 +145,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                         };
                         progress.set_message(format!("{} on {variant}", method.name()));
                         let result = spawn_job(method, variant, seed, limit, quick)?;
-                        progress.println(format!(
+                        progress.note(&format!(
                             "{:<8} {:<20} seed {seed}: {}",
                             method.name(),
                             variant,
@@ -173,7 +169,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    progress.finish_and_clear();
+    progress.finish();
     let mut results = results.into_inner().expect("not poisoned");
     results.sort_by(|a, b| {
         (&a.variant, a.method.name(), a.seed).cmp(&(&b.variant, b.method.name(), b.seed))

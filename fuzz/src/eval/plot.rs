@@ -68,7 +68,8 @@ pub fn draw(
     chart
         .draw_series(LineSeries::new([(0.0, limit), (groups, limit)], BLACK.stroke_width(1)))
         .map_err(|e| anyhow!("{e}"))?
-        .label("time limit");
+        .label("time limit (campaign, random)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 10, y)], BLACK.stroke_width(1)));
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))

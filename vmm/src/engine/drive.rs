@@ -13,6 +13,15 @@ use crate::exit::Exit;
 use crate::outcome::Verdict;
 use crate::vm::{GuestDebug, IretFrame, Vm};
 
+/// What moved the guest to the boundary `after_step` looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A KVM_RUN.
+    Ran,
+    /// The VMM's own IRETQ, without entering the guest.
+    EmulatedIretq,
+}
+
 /// Most exits the probe NMI after DONE may take to come back to the guest's final HLT.
 const PROBE_EXITS: u64 = 64;
 
@@ -112,7 +121,7 @@ impl Engine {
         };
         if run.stepping {
             run.retire(retired);
-            return Ok(self.after_step(vm, run));
+            return Ok(self.after_step(vm, run, Step::Ran));
         }
         Ok(None)
     }
@@ -137,7 +146,8 @@ impl Engine {
     ) -> Result<Option<Verdict>> {
         loop {
             let pc = vm.sync_state().regs.rip;
-            run.record_stop(pc);
+            let executing = run.executing_address.and_then(|a| vm.ram().read_u64(a).ok());
+            run.record_stop(pc, executing);
             if run.insn >= options.max_instructions
                 || run.nmi_insn >= run.nmi_budget(options.max_nmi_instructions)
             {
@@ -171,7 +181,7 @@ impl Engine {
             vm.emulate_iretq(&frame);
             run.retire(1);
             run.recorder.event(Event::Iretq { target: frame.rip, emulated: true });
-            if let Some(verdict) = self.after_step(vm, run) {
+            if let Some(verdict) = self.after_step(vm, run, Step::EmulatedIretq) {
                 return Ok(Some(verdict));
             }
         }
@@ -206,27 +216,16 @@ impl Engine {
 
     /// Bookkeeping after the guest moved to a new boundary: deliveries, returns to
     /// interrupted contexts, and iteration starts.
-    fn after_step(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Option<Verdict> {
+    fn after_step(&mut self, vm: &mut Vm, run: &mut Run<'_>, step: Step) -> Option<Verdict> {
+        // NMIs are delivered only inside KVM_RUN; after the VMM's own IRETQ, the sync-regs
+        // events do not yet show a KVM_NMI made at this stop, so they must not be compared.
+        if step == Step::Ran
+            && let Some(verdict) = self.account_deliveries(vm, run)
+        {
+            return Some(verdict);
+        }
         let sync = vm.sync_state();
         let (pc, rsp) = (sync.regs.rip, sync.regs.rsp);
-        let undelivered = u64::from(sync.events.nmi.pending) + u64::from(sync.events.nmi.injected);
-        if undelivered > run.undelivered {
-            return Some(Verdict::NmiCountMismatch {
-                message: format!(
-                    "KVM reports {undelivered} undelivered NMIs at instruction {}, but the VMM \
-                     left only {} pending",
-                    run.insn, run.undelivered
-                ),
-            });
-        }
-        for _ in undelivered..run.undelivered {
-            let frame = self.nmi_frame(vm);
-            run.nmi.delivered += 1;
-            run.contexts.push(Context { rip: frame.rip, rsp: frame.rsp });
-            run.awaiting_iteration.get_or_insert(run.insn);
-            run.note(Event::NmiDelivered { frame_rip: frame.rip });
-        }
-        run.undelivered = undelivered;
         let mut returned = false;
         while run.contexts.last().is_some_and(|c| c.rip == pc && c.rsp == rsp) {
             run.contexts.pop();
@@ -251,6 +250,31 @@ impl Engine {
                 });
             }
         }
+        None
+    }
+
+    /// Compares KVM's undelivered NMIs with the engine's after a KVM_RUN: each one fewer was
+    /// delivered during that run, and its interrupted context is pushed.
+    fn account_deliveries(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Option<Verdict> {
+        let events = vm.sync_state().events;
+        let undelivered = u64::from(events.nmi.pending) + u64::from(events.nmi.injected);
+        if undelivered > run.undelivered {
+            return Some(Verdict::NmiCountMismatch {
+                message: format!(
+                    "KVM reports {undelivered} undelivered NMIs at instruction {}, but the VMM \
+                     left only {} pending",
+                    run.insn, run.undelivered
+                ),
+            });
+        }
+        for _ in undelivered..run.undelivered {
+            let frame = self.nmi_frame(vm);
+            run.nmi.delivered += 1;
+            run.contexts.push(Context { rip: frame.rip, rsp: frame.rsp });
+            run.awaiting_iteration.get_or_insert(run.insn);
+            run.note(Event::NmiDelivered { frame_rip: frame.rip });
+        }
+        run.undelivered = undelivered;
         None
     }
 

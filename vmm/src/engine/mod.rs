@@ -31,7 +31,7 @@ pub mod trace;
 
 use std::time::Instant;
 
-use nmifuzz_abi::Counters;
+use nmifuzz_abi::{Counters, Variant};
 use serde::Serialize;
 
 use self::decode::InsnCache;
@@ -192,6 +192,8 @@ struct Run<'p> {
     last_stop: Option<(u64, decode::Insn)>,
     /// A hardware breakpoint to leave out for one KVM_RUN, so execution can move past it.
     resume_breakpoint: Option<usize>,
+    /// Address of the variant's "NMI executing" variable, if it has one.
+    executing_address: Option<u64>,
     /// The guest state after the last exit is not an instruction boundary: run on.
     skip_stop: bool,
     /// Events seen since the last stop, recorded at the stop they led to.
@@ -203,7 +205,12 @@ struct Run<'p> {
 }
 
 impl<'p> Run<'p> {
-    fn new(plan: &'p Plan, coverage: &'p mut [u8], keep_trace: bool) -> Self {
+    fn new(
+        plan: &'p Plan,
+        coverage: &'p mut [u8],
+        keep_trace: bool,
+        executing_address: Option<u64>,
+    ) -> Self {
         let mut run = Self {
             plan,
             coverage,
@@ -220,6 +227,7 @@ impl<'p> Run<'p> {
             awaiting_iteration: None,
             last_stop: None,
             resume_breakpoint: None,
+            executing_address,
             skip_stop: false,
             pending_events: Vec::new(),
             nmi: NmiStats::default(),
@@ -252,10 +260,11 @@ impl<'p> Run<'p> {
         self.pending_events.push(event);
     }
 
-    /// Records the stop at `rip` and the events that led to it.
-    fn record_stop(&mut self, rip: u64) {
-        self.recorder.stop(self.insn, rip, self.depth(), None);
-        self.cover(rip);
+    /// Records the stop at `rip`, where the variant's "NMI executing" variable (if it has one)
+    /// holds `executing`, and the events that led to it.
+    fn record_stop(&mut self, rip: u64, executing: Option<u64>) {
+        self.recorder.stop(self.insn, rip, self.depth(), executing);
+        self.cover(rip, executing.unwrap_or(0));
         for event in std::mem::take(&mut self.pending_events) {
             self.recorder.event(event);
         }
@@ -263,15 +272,17 @@ impl<'p> Run<'p> {
 
     /// Counts the edge from the previous stop to this one in the coverage map, while NMI
     /// handling is in progress or an NMI is pending: a location is the RIP together with the
-    /// nesting depth and whether an NMI waits in the latch, so that the same code reached in a
-    /// new NMI state is new coverage. Stops of the plain workload are not coverage: reaching
-    /// them only means injecting later.
-    fn cover(&mut self, rip: u64) {
+    /// nesting depth, the "NMI executing" value and whether an NMI waits in the latch, so that
+    /// the same code reached in a new NMI state is new coverage. Stops of the plain workload are
+    /// not coverage: reaching them only means injecting later.
+    fn cover(&mut self, rip: u64, executing: u64) {
         if self.coverage.is_empty() || !self.in_nmi_context() {
             return;
         }
-        let location =
-            rip ^ (u64::from(self.depth()) << 56) ^ (u64::from(self.undelivered > 0) << 62);
+        let location = rip
+            ^ (u64::from(self.depth()) << 56)
+            ^ ((executing & 0xf) << 58)
+            ^ (u64::from(self.undelivered > 0) << 62);
         // Mix (a splitmix64 finalizer) so nearby RIPs spread over the map.
         let mut edge = location ^ self.previous_location.rotate_left(1);
         edge = (edge ^ (edge >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -321,6 +332,12 @@ impl Engine {
         Ok(Self { profile, facts: GuestFacts::read(vm)?, insns: InsnCache::default() })
     }
 
+    /// The top of the guest's NMI stack (IST1), where the hardware frame and the entry's
+    /// nested-NMI state live.
+    pub fn nmi_stack_top(&self) -> u64 {
+        self.facts.nmi_stack_top
+    }
+
     /// The host profile the engine works with.
     pub fn profile(&self) -> &HostProfile {
         &self.profile
@@ -343,7 +360,10 @@ impl Engine {
         let start = Instant::now();
         vm.reset()?;
         vm.write_script(&plan.script)?;
-        let mut run = Run::new(plan, coverage, options.keep_trace);
+        let executing = Variant::from_code(plan.script.variant)
+            .and_then(Variant::stack_layout)
+            .map(|layout| self.facts.nmi_stack_top - layout.executing);
+        let mut run = Run::new(plan, coverage, options.keep_trace, executing);
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();
