@@ -177,10 +177,11 @@ fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
     Ok(median(per_step).as_secs_f64() * 1e6)
 }
 
-/// A typical schedule: three NMIs during the workload, each `do_nmi` doing a little work and
-/// taking a #UD. Returns the median execution time and the share spent outside KVM_RUN.
+/// A typical schedule: three NMIs during the workload against the default `linux` entry,
+/// each `do_nmi` doing a little work and taking a #UD. Returns the median execution time and
+/// the share spent outside KVM_RUN.
 fn three_nmi_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<(Duration, f64)> {
-    let mut script = Script::new(Variant::Naive, Workload::Loop, 40);
+    let mut script = Script::new(Variant::Linux, Workload::Loop, 40);
     script.action_count = 3;
     script.actions[..3].fill(Action { busy: 3, faults: fault::UD });
     let plan = Plan {
