@@ -12,8 +12,6 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use vmm::engine::RunOptions;
-use vmm::vm::RunLimits;
 
 use crate::campaign::MAP_SIZE;
 use crate::options::CminArgs;
@@ -64,13 +62,7 @@ pub fn run(args: &CminArgs) -> Result<()> {
         eprintln!("WARNING: {warning}");
     }
     let mut target = Target::new()?;
-    let options = RunOptions {
-        limits: RunLimits {
-            wall: std::time::Duration::from_millis(args.timeout_ms),
-            ..RunLimits::default()
-        },
-        ..RunOptions::default()
-    };
+    let options = crate::target::run_options(args.timeout_ms);
     let mut map = vec![0u8; MAP_SIZE];
     let mut entries = Vec::new();
     for (path, schedule) in &loaded.entries {

@@ -11,9 +11,7 @@ use libafl::events::{ClientDescription, EventConfig, Launcher, SimpleEventManage
 use libafl_bolts::core_affinity::Cores;
 use libafl_bolts::shmem::{ShMemProvider, StdShMemProvider};
 use serde::Serialize;
-use vmm::engine::RunOptions;
 use vmm::engine::schedule::Schedule;
-use vmm::vm::RunLimits;
 
 use crate::campaign::{self, Config, PULSE, State};
 use crate::executor::{self, Limits};
@@ -121,10 +119,7 @@ pub fn config(
     seed: u64,
     limits: Limits,
 ) -> Config {
-    let options = RunOptions {
-        limits: RunLimits { wall: args.timeout(), ..RunLimits::default() },
-        ..RunOptions::default()
-    };
+    let options = crate::target::run_options(args.timeout_ms);
     Config {
         variant: args.variant.clone(),
         seeds,

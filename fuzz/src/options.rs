@@ -2,7 +2,6 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nmifuzz_abi::Variant;
@@ -217,13 +216,6 @@ pub struct SmokeArgs {
     /// Where smoke-summary.md and smoke-summary.json are written; created if missing.
     #[arg(long, default_value = "artifacts")]
     pub summary: PathBuf,
-}
-
-impl CampaignArgs {
-    /// The per-execution wall-clock limit.
-    pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
 }
 
 /// The faults a campaign may use.

@@ -5,7 +5,14 @@ use anyhow::{Context, Result};
 use vmm::engine::profile::{self, HostProfile};
 use vmm::engine::schedule::{Origin, Schedule};
 use vmm::engine::{Engine, Execution, RunOptions};
-use vmm::{Vm, VmConfig};
+use vmm::{RunLimits, Vm, VmConfig};
+
+/// The engine's options for one execution with a wall-clock limit of `timeout_ms`, the same
+/// for every subcommand that executes schedules.
+pub fn run_options(timeout_ms: u64) -> RunOptions {
+    let wall = std::time::Duration::from_millis(timeout_ms);
+    RunOptions { limits: RunLimits { wall, ..RunLimits::default() }, ..RunOptions::default() }
+}
 
 /// The VM and the engine that drives it.
 pub struct Target {

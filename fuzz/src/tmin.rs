@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use vmm::engine::RunOptions;
 use vmm::engine::schedule::{Injection, Schedule};
-use vmm::vm::RunLimits;
 
 use crate::feedback::finding_key;
 use crate::options::TminArgs;
@@ -217,13 +216,7 @@ impl<'t> Minimizer<'t> {
 pub fn run(args: &TminArgs) -> Result<()> {
     let original = Schedule::load(&args.file)?;
     let mut target = Target::new()?;
-    let options = RunOptions {
-        limits: RunLimits {
-            wall: std::time::Duration::from_millis(args.timeout_ms),
-            ..RunLimits::default()
-        },
-        ..RunOptions::default()
-    };
+    let options = crate::target::run_options(args.timeout_ms);
     let mut minimizer = Minimizer::new(&mut target, options, &original)?;
     let mut minimized = minimizer.minimize(original.clone())?;
     let executions = minimizer.executions;

@@ -1,23 +1,22 @@
 //! One evaluation run (`nmifuzz eval-job`), in its own process: a campaign, a random-timing
 //! baseline or a sweep, on one variant with one seed and a time limit. Prints a [`JobResult`].
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use libafl_bolts::rands::StdRand;
-use vmm::engine::RunOptions;
 use vmm::engine::schedule::Schedule;
-use vmm::vm::RunLimits;
 
 use super::{JobResult, Method};
 use crate::campaign::Config;
 use crate::executor::Limits;
 use crate::input::{ScheduleGenerator, all_faults};
 use crate::launch::{self, Clients, Setup};
+use crate::options::DEFAULT_TIMEOUT_MS;
 use crate::options::{EvalJobArgs, SweepArgs};
 use crate::progress::Progress;
 use crate::sweep;
-use crate::target::Target;
+use crate::target::{self, Target};
 
 /// Runs the job and prints its result as one JSON line.
 pub fn run_job(args: &EvalJobArgs) -> Result<()> {
@@ -68,7 +67,7 @@ fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
     let mut target = Target::new()?;
     let generator = ScheduleGenerator::new(&args.variant, &all_faults());
     let mut rand = StdRand::with_seed(args.seed);
-    let options = campaign_run_options();
+    let options = target::run_options(DEFAULT_TIMEOUT_MS);
     let start = Instant::now();
     let deadline = start + super::limit(args);
     let (mut execs, mut first) = (0, None);
@@ -118,7 +117,7 @@ fn campaign_job(args: &EvalJobArgs) -> Result<JobResult> {
         artifacts: artifacts.clone(),
         faults: all_faults(),
         seed: args.seed,
-        options: campaign_run_options(),
+        options: target::run_options(DEFAULT_TIMEOUT_MS),
         limits,
     };
     let report = launch::run_campaign(Setup { config, clients: Clients::Single })?;
@@ -136,14 +135,4 @@ fn campaign_job(args: &EvalJobArgs) -> Result<JobResult> {
     };
     let _ = std::fs::remove_dir_all(&artifacts);
     Ok(result)
-}
-
-/// The per-execution options of `nmifuzz run` with its default timeout, so both searches run
-/// every schedule the same way.
-fn campaign_run_options() -> RunOptions {
-    let timeout = Duration::from_millis(crate::options::DEFAULT_TIMEOUT_MS);
-    RunOptions {
-        limits: RunLimits { wall: timeout, ..RunLimits::default() },
-        ..RunOptions::default()
-    }
 }
