@@ -330,6 +330,20 @@ fn two_cores_run_two_clients_that_share_inputs() {
 }
 
 #[test]
+fn a_linux_campaign_with_every_fault_finds_nothing_and_exits_zero() {
+    if !kvm() {
+        return;
+    }
+    let dir = workdir("linux");
+    // From the generator (no ./corpus in the scratch directory), all faults, 30 seconds.
+    let o = run(&dir, &["run", "--variant", "linux", "--max-total-time", "30", "--seed", "5"]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains(" DONE cov: "), "{}", stdout(&o));
+    assert!(artifacts(&dir).is_empty());
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn bad_inputs_are_named() {
     if !kvm() {
         return;
