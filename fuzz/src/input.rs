@@ -172,6 +172,25 @@ fn delay_mut(injection: &mut Injection) -> &mut u64 {
     }
 }
 
+/// Picks one injection and gives its delay the value `new` computes from the old one;
+/// skipped when there is no injection or the value does not change.
+fn replace_delay<R: Rand>(
+    rand: &mut R,
+    input: &mut NmiInput,
+    new: impl FnOnce(&mut R, u64) -> u64,
+) -> MutationResult {
+    let Some(k) = pick(rand, input.0.injections.len()) else {
+        return MutationResult::Skipped;
+    };
+    let delay = delay_mut(&mut input.0.injections[k]);
+    let value = new(rand, *delay);
+    if value == *delay {
+        return MutationResult::Skipped;
+    }
+    *delay = value;
+    MutationResult::Mutated
+}
+
 /// Adds `delta` (may be negative) to a delay, staying in `0..=MAX_DELAY`.
 fn shift(value: u64, delta: i64) -> u64 {
     value.saturating_add_signed(delta).min(MAX_DELAY)
@@ -243,19 +262,10 @@ named!(
 );
 impl<S: HasRand> Mutator<NmiInput, S> for ShiftDelaySmall {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
-        let rand = state.rand_mut();
-        let Some(k) = pick(rand, input.0.injections.len()) else {
-            return Ok(MutationResult::Skipped);
-        };
-        let magnitude = rand.between(1, 8) as i64;
-        let delta = if rand.coinflip(0.5) { magnitude } else { -magnitude };
-        let delay = delay_mut(&mut input.0.injections[k]);
-        let new = shift(*delay, delta);
-        if new == *delay {
-            return Ok(MutationResult::Skipped);
-        }
-        *delay = new;
-        Ok(MutationResult::Mutated)
+        Ok(replace_delay(state.rand_mut(), input, |rand, delay| {
+            let magnitude = rand.between(1, 8) as i64;
+            shift(delay, if rand.coinflip(0.5) { magnitude } else { -magnitude })
+        }))
     }
     fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
         Ok(())
@@ -269,22 +279,12 @@ named!(
 );
 impl<S: HasRand> Mutator<NmiInput, S> for ShiftDelayLarge {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
-        let rand = state.rand_mut();
-        let Some(k) = pick(rand, input.0.injections.len()) else {
-            return Ok(MutationResult::Skipped);
-        };
-        let delay = delay_mut(&mut input.0.injections[k]);
-        let new = match rand.below_or_zero(4) {
+        Ok(replace_delay(state.rand_mut(), input, |rand, delay| match rand.below_or_zero(4) {
             0 => 0,
             1 => rand.between(0, MAX_DELAY as usize) as u64,
-            2 => shift(*delay, rand.between(16, 256) as i64),
-            _ => shift(*delay, -(rand.between(16, 256) as i64)),
-        };
-        if new == *delay {
-            return Ok(MutationResult::Skipped);
-        }
-        *delay = new;
-        Ok(MutationResult::Mutated)
+            2 => shift(delay, rand.between(16, 256) as i64),
+            _ => shift(delay, -(rand.between(16, 256) as i64)),
+        }))
     }
     fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
         Ok(())

@@ -29,6 +29,12 @@ fn kvm() -> bool {
 }
 
 /// A fresh, empty working directory for one test.
+/// A loopback TCP port nothing listens on, for a campaign's LLMP broker.
+fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port().to_string()
+}
+
 fn workdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nmifuzz-cli-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
@@ -289,12 +295,7 @@ fn two_cores_run_two_clients_that_share_inputs() {
     }
     let dir = workdir("cores");
     passing_corpus(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port();
     let o = run(
         &dir,
         &[
@@ -424,12 +425,7 @@ fn ctrl_c_stops_every_client_of_a_two_core_campaign() {
     }
     let dir = workdir("cores-int");
     let corpus = passing_corpus(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port();
     let child = nmifuzz(
         &dir,
         &[
