@@ -6,10 +6,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use nmifuzz_abi::{NmiStackLayout, Variant};
 use serde::Serialize;
-use vmm::Vm;
+use vmm::engine::returns::WrongReturn;
 use vmm::engine::schedule::Schedule;
 use vmm::engine::trace::Step;
 use vmm::engine::{Execution, NmiStats, RunOptions};
+use vmm::{Verdict, Vm};
 
 use crate::options::ReplayArgs;
 use crate::target::Target;
@@ -56,6 +57,9 @@ pub fn run(args: &ReplayArgs) -> Result<bool> {
                 Variant::from_name(&schedule.variant).and_then(Variant::stack_layout)
             {
                 print_nmi_stack(&target, layout);
+            }
+            if let Verdict::WrongReturn(wrong) = verdict {
+                print_wrong_return(wrong);
             }
         }
         let replayed = Replayed {
@@ -157,4 +161,39 @@ fn print_nmi_stack(target: &Target, layout: NmiStackLayout) {
     frame("iret", layout.iret, "copied from outermost");
     frame("outermost", layout.outermost, "set in first_nmi");
     println!("{rule}");
+}
+
+/// The wrong return's two frames side by side: what the NMI interrupted, what the IRETQ pops.
+fn print_wrong_return(wrong: &WrongReturn) {
+    let differing: Vec<&str> = wrong.differences().iter().map(|d| d.field).collect();
+    let (expected, actual) = (&wrong.expected, &wrong.actual);
+    println!(
+        "\nWrong return: the IRETQ at {} (instruction {}) resumes no context an NMI interrupted.",
+        wrong.iretq, wrong.returned_at
+    );
+    println!(
+        "  {:<8} {:<44} {:<44}",
+        "",
+        format!("NMI #{} interrupted (instruction {})", wrong.nmi, wrong.delivered_at),
+        "the IRETQ pops"
+    );
+    let rows = [
+        ("RIP", expected.rip, actual.rip),
+        ("CS", expected.cs, actual.cs),
+        ("RFLAGS", expected.rflags, actual.rflags),
+        ("RSP", expected.rsp, actual.rsp),
+        ("SS", expected.ss, actual.ss),
+    ];
+    for (field, want, got) in rows {
+        let (mut want, mut got) = (format!("{want:#018x}"), format!("{got:#018x}"));
+        if field == "RIP" {
+            want = format!("{want} {}", wrong.expected_symbol);
+            got = format!("{got} {}", wrong.actual_symbol);
+        }
+        if field == "RSP" && wrong.actual_rsp_on_nmi_stack {
+            got.push_str(" (on the NMI stack)");
+        }
+        let mark = if differing.contains(&field) { "<-- differs" } else { "" };
+        println!("  {field:<8} {want:<44} {got:<44} {mark}");
+    }
 }

@@ -62,6 +62,34 @@ fn kvm_replay_trace_shows_symbolized_disassembled_steps() {
 }
 
 #[test]
+fn kvm_replay_trace_marks_a_wrong_return_and_shows_both_frames() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    let reproducer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/no-repeat-window.json");
+    let out = nmifuzz(&["replay", "--trace", reproducer.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // The trace's last stop is the IRETQ that returns wrongly.
+    let marked = stdout.lines().find(|l| l.contains("WRONG RETURN")).expect("a marked stop");
+    assert!(marked.contains("iretq"), "{marked}");
+    // Under the NMI-stack diagram, the two frames side by side: only RSP differs, and the
+    // IRETQ's RSP is on the NMI stack.
+    let table = stdout.split("\nWrong return: ").nth(1).expect("the frames after the diagram");
+    assert!(
+        stdout.find("NMI stack at the end").unwrap() < stdout.find("\nWrong return: ").unwrap()
+    );
+    let rows: Vec<&str> = table.lines().skip(2).take(5).collect();
+    assert_eq!(rows.len(), 5, "{table}");
+    for row in &rows {
+        let differs = row.ends_with("<-- differs");
+        assert_eq!(differs, row.trim_start().starts_with("RSP "), "{row}");
+    }
+    assert!(rows[3].contains("(on the NMI stack)"), "{}", rows[3]);
+    assert!(stdout.contains("[wrong-return]"), "{stdout}");
+}
+
+#[test]
 fn kvm_replay_warns_about_another_guest_or_host() {
     if kvm_tests_skipped() {
         return;

@@ -30,7 +30,13 @@ fn kvm_the_sweep_kills_every_buggy_variant_and_linux_survives_its_pairs() {
         let findings = summary["findings"].as_object().unwrap();
         assert_eq!(findings.len(), 1, "{}: {summary}", variant.name());
         let finding = findings.values().next().unwrap();
-        assert!(finding["message"].as_str().unwrap().contains("invariant violated"), "{finding}");
+        // A guest invariant, or the host's return-integrity oracle, which sees a wrong final
+        // return before the workload's own checks do.
+        let message = finding["message"].as_str().unwrap();
+        assert!(
+            message.contains("invariant violated") || message.starts_with("wrong NMI return"),
+            "{finding}"
+        );
     }
     // The reduced sweep CI can afford: every handler action, the second NMI at every
     // instruction of the first one's handling, no third.

@@ -60,6 +60,8 @@ const GUARD: u64 = u64::from_le_bytes(*b"ISTGUARD");
 /// Bytes from the NMI stack's lowest qword up to its usable top (IST1): the range an NMI
 /// entry's "interrupted RSP on the NMI stack" test covers.
 pub const NMI_STACK_SPAN: u64 = (STACK_SIZE - 8 * TOP_GUARDS) as u64;
+// The host judges RSPs with the same span.
+const _: () = assert!(NMI_STACK_SPAN == nmifuzz_abi::NMI_STACK_SPAN);
 
 /// One IST stack: `[GUARD, usable..., GUARD, GUARD]`, 16-byte aligned.
 #[repr(C, align(16))]

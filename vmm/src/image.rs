@@ -35,6 +35,9 @@ pub struct GuestImage {
     segments: Vec<(u64, u64, u64)>,
     /// Sorted by address.
     symbols: Vec<Symbol>,
+    /// Untyped symbols, such as the linker script's markers: named, but never used to
+    /// symbolize an address (they share addresses with the code they delimit).
+    markers: Vec<(String, u64)>,
     hash: u64,
 }
 
@@ -103,8 +106,13 @@ impl GuestImage {
             })
             .collect();
         symbols.sort_by(|a, b| a.address.cmp(&b.address).then(b.size.cmp(&a.size)));
+        let markers = elf
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Unknown && !s.is_undefined() && s.address() != 0)
+            .filter_map(|s| Some((s.name().ok()?.to_owned(), s.address())))
+            .collect();
         let hash = fnv1a(&bytes);
-        Ok(Self { bytes, entry, segments, symbols, hash })
+        Ok(Self { bytes, entry, segments, symbols, markers, hash })
     }
 
     /// Copies the segments into `ram` and zeroes their `.bss` tails.
@@ -140,6 +148,15 @@ impl GuestImage {
             .iter()
             .find(|s| s.name == name)
             .map(|s| s.address)
+            .ok_or_else(|| Error::MissingSymbol(name.to_owned()))
+    }
+
+    /// The address of the linker-script marker `name` (an untyped symbol, see `guest/link.ld`).
+    pub fn marker(&self, name: &str) -> Result<u64> {
+        self.markers
+            .iter()
+            .find(|(marker, _)| marker == name)
+            .map(|&(_, address)| address)
             .ok_or_else(|| Error::MissingSymbol(name.to_owned()))
     }
 

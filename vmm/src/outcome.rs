@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use nmifuzz_abi::Counters;
 
+pub use crate::engine::returns::WrongReturn;
+
 /// A guest panic, as the guest reported it in its mailbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestPanic {
@@ -81,6 +83,9 @@ pub enum Verdict {
         /// The two counts.
         message: String,
     },
+    /// An NMI's return did not resume the context it interrupted (the return-integrity
+    /// oracle, `engine::returns`).
+    WrongReturn(WrongReturn),
     /// NMIs were still blocked when the workload finished.
     NmiLeftBlocked {
         /// What showed it: KVM's NMI mask or an ignored probe NMI.
@@ -106,6 +111,7 @@ impl Verdict {
             Self::InstructionBudget { .. } => "instruction-budget",
             Self::LostNmi { .. } => "lost-nmi",
             Self::NmiCountMismatch { .. } => "nmi-count-mismatch",
+            Self::WrongReturn(_) => "wrong-return",
             Self::NmiLeftBlocked { .. } => "nmi-left-blocked",
             Self::UnexpectedExit { .. } => "unexpected-exit",
         }
@@ -148,6 +154,10 @@ impl Verdict {
             | Self::NmiCountMismatch { message }
             | Self::NmiLeftBlocked { message } => without_numbers(message),
             Self::UnexpectedExit { description } => without_numbers(description),
+            // The same IRETQ restoring the same fields wrongly is the same bug.
+            Self::WrongReturn(wrong) => {
+                format!("{} at {}", wrong.differing_fields(), symbol_only(&wrong.iretq))
+            }
         };
         if detail.is_empty() {
             self.kind().to_owned()
@@ -194,6 +204,7 @@ impl fmt::Display for Verdict {
             Self::LostNmi { message } => write!(f, "lost NMI: {message}"),
             Self::NmiCountMismatch { message } => write!(f, "NMI count mismatch: {message}"),
             Self::NmiLeftBlocked { message } => write!(f, "NMIs left blocked: {message}"),
+            Self::WrongReturn(wrong) => write!(f, "wrong NMI return: {wrong}"),
             Self::UnexpectedExit { description } => write!(f, "unexpected exit: {description}"),
         }
     }

@@ -35,8 +35,18 @@ fn options() -> RunOptions {
 }
 
 fn run(vm: &mut Vm, workload: Workload, arg: u32, injections: &[Trigger]) -> Verdict {
+    run_variant(vm, Variant::Naive, workload, arg, injections)
+}
+
+fn run_variant(
+    vm: &mut Vm,
+    variant: Variant,
+    workload: Workload,
+    arg: u32,
+    injections: &[Trigger],
+) -> Verdict {
     let mut engine = Engine::new(vm, host_profile()).unwrap();
-    let script = Script::new(Variant::Naive, workload, arg);
+    let script = Script::new(variant, workload, arg);
     let plan = Plan { script, injections: injections.to_vec() };
     engine.run(vm, &plan, &options()).unwrap().outcome.verdict
 }
@@ -128,4 +138,69 @@ fn kvm_count_mismatch_when_the_guest_does_not_count_an_iteration() {
     let verdict = run(&mut vm, Workload::Loop, 10, &[Trigger::After(40)]);
     let Verdict::NmiCountMismatch { message } = &verdict else { panic!("{verdict}") };
     assert!(message.contains("the VMM saw 1"), "{message}");
+}
+
+/// The `linux` entry with its exit path's `std; mov qword ptr [rsp + 40], 0` (10 bytes, right
+/// before the final IRETQ, RSP at the "iret" frame) replaced by `and qword ptr [rsp + 40], 0`
+/// (still clearing "NMI executing") followed by `tamper`, 4 bytes that damage the frame.
+fn linux_with_tampered_return(tamper: [u8; 4]) -> Vec<u8> {
+    let probe = common::boot_elf(vmm::EMBEDDED_GUEST.to_vec()).unwrap();
+    let restore = probe.image().symbol("nmi_linux_restore").unwrap();
+    let mut code = [0u8; 64];
+    probe.ram().read(restore, &mut code).unwrap();
+    let mut decoder =
+        iced_x86::Decoder::with_ip(64, &code, restore, iced_x86::DecoderOptions::NONE);
+    let std = decoder
+        .iter()
+        .find(|insn| insn.mnemonic() == iced_x86::Mnemonic::Std)
+        .expect("the exit path sets DF");
+    let mut patch = vec![0x48, 0x83, 0x64, 0x24, 0x28, 0x00];
+    patch.extend(tamper);
+    common::patched_guest("nmi_linux_restore", std.ip() - restore, &patch)
+}
+
+/// One NMI into the Loop workload on `linux`, `extra` instructions into its second round.
+fn one_nmi_on_linux(vm: &mut Vm, extra: u64) -> Verdict {
+    let address = vm.image().symbol("workload_loop_top").unwrap();
+    let nmi = Trigger::At { address, occurrence: 2, extra };
+    run_variant(vm, Variant::Linux, Workload::Loop, 10, &[nmi])
+}
+
+#[test]
+fn kvm_wrong_return_when_the_entry_returns_with_a_wrong_rsp() {
+    let Some(mut vm) = common::boot() else { return };
+    assert_eq!(one_nmi_on_linux(&mut vm, 5), Verdict::Done, "the unpatched entry returns rightly");
+    // `inc byte ptr [rsp + 24]`: the "iret" frame's RSP, one byte off.
+    let Some(mut vm) = common::boot_elf(linux_with_tampered_return([0xfe, 0x44, 0x24, 0x18]))
+    else {
+        return;
+    };
+    let verdict = one_nmi_on_linux(&mut vm, 5);
+    let Verdict::WrongReturn(wrong) = &verdict else { panic!("{verdict}") };
+    assert_eq!(wrong.differing_fields(), "rsp", "{verdict}");
+    assert_eq!(wrong.actual.rsp, wrong.expected.rsp + 1, "{verdict}");
+    assert_eq!((wrong.nmi, wrong.actual.rip), (1, wrong.expected.rip), "{verdict}");
+    assert!(wrong.iretq.starts_with("nmi_linux_restore+"), "{verdict}");
+    assert!(wrong.delivered_at < wrong.returned_at, "{verdict}");
+    let message = verdict.to_string();
+    assert!(message.starts_with("wrong NMI return: NMI #1 (delivered at instruction"), "{message}");
+    assert!(message.contains(&format!("with RSP {:#x}", wrong.actual.rsp)), "{message}");
+}
+
+#[test]
+fn kvm_wrong_return_when_the_entry_returns_to_a_wrong_rip() {
+    // `inc byte ptr [rsp]; nop`: the "iret" frame's RIP, one byte into the instruction.
+    let Some(mut vm) = common::boot_elf(linux_with_tampered_return([0xfe, 0x04, 0x24, 0x90]))
+    else {
+        return;
+    };
+    let verdict = one_nmi_on_linux(&mut vm, 5);
+    let Verdict::WrongReturn(wrong) = &verdict else { panic!("{verdict}") };
+    assert_eq!(wrong.differing_fields(), "rip", "{verdict}");
+    assert_eq!(wrong.actual.rip, wrong.expected.rip + 1, "{verdict}");
+    assert!(!wrong.actual_rsp_on_nmi_stack, "{verdict}");
+    // The same bug wherever the NMI lands: one finding.
+    let later = one_nmi_on_linux(&mut vm, 30);
+    assert_eq!(later.signature(), verdict.signature(), "{later}");
+    assert_eq!(verdict.signature(), "wrong-return: rip at nmi_linux_restore");
 }

@@ -201,6 +201,18 @@ impl NmiStackLayout {
 /// and once more per re-run of Linux's C-level latch); the host counts iterations there.
 pub const ITERATION_SYMBOL: &str = "nmi_iteration";
 
+/// Linker-script markers around the guest's NMI-handling code: every NMI entry, `do_nmi` and
+/// what it calls, and the exception paths its faults take (`guest/link.ld`). An IRETQ made while
+/// NMIs are being handled either lands in `[NMI_CODE_START, NMI_CODE_END)`, returns to a context
+/// an NMI interrupted, or is a wrong return (the host's return-integrity oracle).
+pub const NMI_CODE_START: &str = "__nmi_code_start";
+/// The end of the NMI-handling code (exclusive); see [`NMI_CODE_START`].
+pub const NMI_CODE_END: &str = "__nmi_code_end";
+
+/// Bytes of the NMI stack below IST1's top that NMI handling may use: the stack's lowest
+/// usable byte is `top - NMI_STACK_SPAN`.
+pub const NMI_STACK_SPAN: u64 = 16 * 1024 - 16;
+
 /// Bits of [`Script::options`].
 pub mod option {
     /// Unmask NMIs right after `first_nmi` with an IRETQ to the next instruction, as Linux's

@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use nmifuzz_abi::{Report, port};
 
+use super::returns::{self, Context};
 use super::schedule::Trigger;
 use super::trace::{Event, Injected};
-use super::{Context, DR6_BREAKPOINTS, DR6_BS, Engine, Run, RunOptions, WATCHED_VECTORS};
+use super::{DR6_BREAKPOINTS, DR6_BS, Engine, Run, RunOptions, WATCHED_VECTORS};
 use crate::error::Result;
 use crate::exit::Exit;
 use crate::outcome::Verdict;
@@ -174,10 +175,21 @@ impl Engine {
             }
             let insn = self.insns.get(vm.ram(), pc)?;
             run.last_stop = Some((pc, insn));
-            if !insn.is_iretq || self.profile.iretq_single_step || nmi_imminent(vm, run) {
+            // An NMI about to be delivered comes before the IRETQ, which then runs later, if
+            // at all; an IRETQ whose frame is outside memory faults instead of returning.
+            if !insn.is_iretq || nmi_imminent(vm, run) {
                 return Ok(None);
             }
-            let Some(frame) = same_privilege_frame(vm)? else { return Ok(None) };
+            let Some(frame) = iret_frame(vm) else { return Ok(None) };
+            if let Some(verdict) =
+                returns::judge(&run.contexts, &self.facts.bounds, &frame, run.insn, pc, vm.image())
+            {
+                run.recorder.event(Event::WrongReturn { target: frame.rip });
+                return Ok(Some(verdict));
+            }
+            if self.profile.iretq_single_step || !same_privilege(vm, &frame) {
+                return Ok(None);
+            }
             vm.emulate_iretq(&frame);
             run.retire(1);
             run.recorder.event(Event::Iretq { target: frame.rip, emulated: true });
@@ -226,10 +238,11 @@ impl Engine {
         }
         let sync = vm.sync_state();
         let (pc, rsp) = (sync.regs.rip, sync.regs.rsp);
-        let mut returned = false;
-        while run.contexts.last().is_some_and(|c| c.rip == pc && c.rsp == rsp) {
-            run.contexts.pop();
-            returned = true;
+        // A return to an open context closes it and every NMI nested inside it (merged NMIs).
+        let resumed = run.contexts.iter().position(|c| c.frame.rip == pc && c.frame.rsp == rsp);
+        let returned = resumed.is_some();
+        if let Some(index) = resumed {
+            run.contexts.truncate(index);
         }
         // A return to an NMI that struck right at the iteration's first instruction is not a
         // new iteration.
@@ -267,10 +280,18 @@ impl Engine {
                 ),
             });
         }
+        // This host runs the handler's first instruction before the stop after a delivery. If
+        // that already left the NMI-handling code (an entry that returns at once), the return
+        // was never a stop of its own, and there is no open context to judge it by.
+        let pc = vm.sync_state().regs.rip;
+        let returned_at_once = !self.facts.bounds.nmi_code.contains(&pc);
         for _ in undelivered..run.undelivered {
             let frame = self.nmi_frame(vm);
             run.nmi.delivered += 1;
-            run.contexts.push(Context { rip: frame.rip, rsp: frame.rsp });
+            if !returned_at_once {
+                let nmi = run.nmi.delivered;
+                run.contexts.push(Context { frame, nmi, delivered_at: run.insn });
+            }
             run.awaiting_iteration.get_or_insert(run.insn);
             run.note(Event::NmiDelivered { frame_rip: frame.rip });
         }
@@ -390,16 +411,20 @@ fn nmi_imminent(vm: &mut Vm, run: &Run<'_>) -> bool {
     run.undelivered > 0 && vm.sync_state().events.nmi.masked == 0
 }
 
-/// The frame an IRETQ at this stop would pop, if it returns to the same privilege level and
-/// segments (the only IRETQ the VMM performs itself).
-fn same_privilege_frame(vm: &mut Vm) -> Result<Option<IretFrame>> {
-    let sync = vm.sync_state();
-    let (rsp, cs, ss) = (sync.regs.rsp, sync.sregs.cs.selector, sync.sregs.ss.selector);
+/// The frame an IRETQ at this stop would pop; `None` if it lies outside guest memory (the
+/// IRETQ then faults).
+fn iret_frame(vm: &mut Vm) -> Option<IretFrame> {
+    let rsp = vm.sync_state().regs.rsp;
     let ram = vm.ram();
-    let word = |i: u64| ram.read_u64(rsp + 8 * i);
-    let frame =
-        IretFrame { rip: word(0)?, cs: word(1)?, rflags: word(2)?, rsp: word(3)?, ss: word(4)? };
-    Ok((frame.cs == u64::from(cs) && frame.ss == u64::from(ss)).then_some(frame))
+    let word = |i: u64| ram.read_u64(rsp.checked_add(8 * i)?).ok();
+    Some(IretFrame { rip: word(0)?, cs: word(1)?, rflags: word(2)?, rsp: word(3)?, ss: word(4)? })
+}
+
+/// Whether an IRETQ popping `frame` returns to the same privilege level and segments (the only
+/// IRETQ the VMM performs itself).
+fn same_privilege(vm: &mut Vm, frame: &IretFrame) -> bool {
+    let sregs = &vm.sync_state().sregs;
+    frame.cs == u64::from(sregs.cs.selector) && frame.ss == u64::from(sregs.ss.selector)
 }
 
 fn unexpected(vm: &Vm, exit: &Exit) -> Verdict {

@@ -21,11 +21,13 @@
 //! # Host-side oracles (design.md section 4, items 4, 7 to 9)
 //! Every delivery must be followed by the start of a `do_nmi` iteration and iterations never
 //! outnumber deliveries; the VMM's NMI count must add up and agree with the guest's; at DONE
-//! NMIs must be unblocked and a probe NMI must start an iteration.
+//! NMIs must be unblocked and a probe NMI must start an iteration. Every NMI must return exactly
+//! to the context it interrupted ([`returns`]).
 
 pub mod decode;
 mod drive;
 pub mod profile;
+pub mod returns;
 pub mod schedule;
 pub mod trace;
 
@@ -36,6 +38,7 @@ use serde::Serialize;
 
 use self::decode::InsnCache;
 use self::profile::HostProfile;
+use self::returns::{Bounds, Context};
 use self::schedule::{Plan, Trigger};
 use self::trace::{Event, Recorder, Step};
 use crate::error::{Error, Result};
@@ -126,6 +129,8 @@ struct GuestFacts {
     nmi_stack_top: u64,
     /// The handler entries of [`WATCHED_VECTORS`].
     exception_entries: [u64; WATCHED_VECTORS.len()],
+    /// The NMI-handling code and the NMI stack, for the return-integrity oracle.
+    bounds: Bounds,
 }
 
 impl GuestFacts {
@@ -148,19 +153,20 @@ impl GuestFacts {
         for (entry, vector) in exception_entries.iter_mut().zip(WATCHED_VECTORS) {
             *entry = gate_target(vector)?;
         }
+        let image = vm.image();
+        let nmi_stack_top = read_u64(snapshot.sregs.tr.base + TSS_IST1)?;
+        let bounds = Bounds {
+            nmi_code: image.marker(nmifuzz_abi::NMI_CODE_START)?
+                ..image.marker(nmifuzz_abi::NMI_CODE_END)?,
+            nmi_stack: nmi_stack_top.saturating_sub(nmifuzz_abi::NMI_STACK_SPAN)..nmi_stack_top + 1,
+        };
         Ok(Self {
-            iteration: vm.image().symbol(ITERATION_SYMBOL)?,
-            nmi_stack_top: read_u64(snapshot.sregs.tr.base + TSS_IST1)?,
+            iteration: image.symbol(ITERATION_SYMBOL)?,
+            nmi_stack_top,
             exception_entries,
+            bounds,
         })
     }
-}
-
-/// An interrupted context an NMI will return to.
-#[derive(Clone, Copy, Debug)]
-struct Context {
-    rip: u64,
-    rsp: u64,
 }
 
 /// The state of one execution.

@@ -51,6 +51,12 @@ pub enum Event {
         /// Whether the VMM performed it.
         emulated: bool,
     },
+    /// The IRETQ here would return to `target` without resuming the context its NMI
+    /// interrupted: the run ends with a wrong-return verdict.
+    WrongReturn {
+        /// Return RIP.
+        target: u64,
+    },
     /// A `do_nmi` iteration started.
     NmiIteration,
     /// The guest reported through port I/O.
@@ -73,6 +79,9 @@ impl fmt::Display for Event {
             Self::Exception { vector } => write!(f, "exception vector {vector}"),
             Self::Iretq { target, emulated: true } => write!(f, "IRETQ to {target:#x} (emulated)"),
             Self::Iretq { target, emulated: false } => write!(f, "IRETQ to {target:#x}"),
+            Self::WrongReturn { target } => {
+                write!(f, "WRONG RETURN: IRETQ to {target:#x} resumes no interrupted context")
+            }
             Self::NmiIteration => write!(f, "do_nmi iteration"),
             Self::Report { code } => write!(f, "report {code}"),
             Self::FreeRun => write!(f, "free run from here"),
@@ -137,6 +146,7 @@ impl Recorder {
             Event::NmiIteration => (6, 0, 0),
             Event::Report { code } => (7, code.into(), 0),
             Event::FreeRun => (8, 0, 0),
+            Event::WrongReturn { target } => (9, target, 0),
         };
         for value in [tag, a, b] {
             self.mix(value);
