@@ -17,6 +17,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
 
     for path in [
+        "../entries",
         "src",
         "abi/src",
         "abi/Cargo.toml",

@@ -105,7 +105,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 /// Times each KVM_RUN between two consecutive `out` exits of the guest's ping loop.
 fn exit_roundtrip(vm: &mut Vm, samples: u32) -> Result<Duration> {
     vm.reset()?;
-    vm.write_script(&Script::new(Variant::Naive, Workload::Ping, samples + 1))?;
+    vm.write_script(&Script::new(Variant::NAIVE, Workload::Ping, samples + 1))?;
     // The first exit includes the script read and the cold start; not measured.
     expect_ping(vm.run_once()?)?;
     let mut times = Vec::with_capacity(samples as usize);
@@ -127,7 +127,7 @@ fn expect_ping(exit: Exit) -> Result<()> {
 
 /// Times `reset()` after runs that dirty [`DIRTY_PAGES`] pages.
 fn reset_cost(vm: &mut Vm, samples: u32) -> Result<(Duration, usize)> {
-    let script = Script::new(Variant::Naive, Workload::Scribble, DIRTY_PAGES);
+    let script = Script::new(Variant::NAIVE, Workload::Scribble, DIRTY_PAGES);
     let mut times = Vec::with_capacity(samples as usize);
     let mut pages = 0;
     vm.reset()?;
@@ -144,7 +144,7 @@ fn reset_cost(vm: &mut Vm, samples: u32) -> Result<(Duration, usize)> {
 
 /// Times reset + script write + run to DONE of a guest whose workload is empty.
 fn reset_run_idle(vm: &mut Vm, samples: u32) -> Result<Duration> {
-    let script = Script::new(Variant::Naive, Workload::Ping, 0);
+    let script = Script::new(Variant::NAIVE, Workload::Ping, 0);
     let mut times = Vec::with_capacity(samples as usize);
     for _ in 0..samples {
         let start = Instant::now();
@@ -161,7 +161,7 @@ fn reset_run_idle(vm: &mut Vm, samples: u32) -> Result<Duration> {
 /// keeps the engine stepping) and divides by the instructions stepped.
 fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
     let plan = Plan {
-        script: Script::new(Variant::Naive, Workload::Loop, 20),
+        script: Script::new(Variant::NAIVE, Workload::Loop, 20),
         injections: vec![Trigger::After(MAX_DELAY)],
     };
     let mut per_step = Vec::with_capacity(samples as usize);
@@ -181,7 +181,7 @@ fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
 /// each `do_nmi` doing a little work and taking a #UD. Returns the median execution time and
 /// the share spent outside KVM_RUN.
 fn three_nmi_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<(Duration, f64)> {
-    let mut script = Script::new(Variant::Linux, Workload::Loop, 40);
+    let mut script = Script::new(Variant::LINUX, Workload::Loop, 40);
     script.action_count = 3;
     script.actions[..3].fill(Action { busy: 3, faults: fault::UD });
     let plan = Plan {

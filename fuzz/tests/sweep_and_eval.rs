@@ -23,7 +23,7 @@ fn kvm_the_sweep_kills_every_buggy_variant_and_linux_survives_its_pairs() {
     if kvm_tests_skipped() {
         return;
     }
-    for variant in Variant::ALL.iter().filter(|v| **v != Variant::Linux) {
+    for variant in Variant::ALL.iter().filter(|v| **v != Variant::LINUX) {
         let out = nmifuzz(&["sweep", "--variant", variant.name(), "--stop-on-first", "--json"]);
         assert_eq!(out.status.code(), Some(1), "{}", variant.name());
         let summary = json(&out);

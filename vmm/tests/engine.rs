@@ -17,7 +17,7 @@ fn traced() -> RunOptions {
 }
 
 fn plan(workload: Workload, arg: u32, actions: &[Action], injections: &[Trigger]) -> Plan {
-    let mut script = Script::new(Variant::Naive, workload, arg);
+    let mut script = Script::new(Variant::NAIVE, workload, arg);
     script.action_count = actions.len() as u32;
     script.actions[..actions.len()].copy_from_slice(actions);
     Plan { script, injections: injections.to_vec() }

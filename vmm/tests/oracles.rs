@@ -35,7 +35,7 @@ fn options() -> RunOptions {
 }
 
 fn run(vm: &mut Vm, workload: Workload, arg: u32, injections: &[Trigger]) -> Verdict {
-    run_variant(vm, Variant::Naive, workload, arg, injections)
+    run_variant(vm, Variant::NAIVE, workload, arg, injections)
 }
 
 fn run_variant(
@@ -163,7 +163,7 @@ fn linux_with_tampered_return(tamper: [u8; 4]) -> Vec<u8> {
 fn one_nmi_on_linux(vm: &mut Vm, extra: u64) -> Verdict {
     let address = vm.image().symbol("workload_loop_top").unwrap();
     let nmi = Trigger::At { address, occurrence: 2, extra };
-    run_variant(vm, Variant::Linux, Workload::Loop, 10, &[nmi])
+    run_variant(vm, Variant::LINUX, Workload::Loop, 10, &[nmi])
 }
 
 #[test]

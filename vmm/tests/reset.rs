@@ -36,7 +36,7 @@ fn kvm_reset_restores_memory_and_vcpu_byte_for_byte() {
     let scratch = vm.image().symbol("NMIFUZZ_SCRATCH").unwrap();
     for pages in [1, 200, 256] {
         vm.reset().unwrap();
-        vm.write_script(&Script::new(Variant::Naive, Workload::Scribble, pages)).unwrap();
+        vm.write_script(&Script::new(Variant::NAIVE, Workload::Scribble, pages)).unwrap();
         // A host write far from anything the guest touches must be undone as well.
         vm.ram_mut().write_u64(scratch + 255 * 4096 + 8, 0x5eed).unwrap();
         let outcome = vm.run(&RunLimits::default()).unwrap();
@@ -55,7 +55,7 @@ fn kvm_reset_after_a_timeout_and_a_triple_fault_is_exact() {
     let limits = RunLimits { wall: Duration::from_millis(200), max_exits: 10_000 };
     for workload in [Workload::Spin, Workload::TripleFault, Workload::Panic] {
         vm.reset().unwrap();
-        vm.write_script(&Script::new(Variant::Naive, workload, 0)).unwrap();
+        vm.write_script(&Script::new(Variant::NAIVE, workload, 0)).unwrap();
         let outcome = vm.run(&limits).unwrap();
         assert!(outcome.verdict.is_finding(), "{workload:?}: {}", outcome.verdict);
         vm.reset().unwrap();

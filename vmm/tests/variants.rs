@@ -14,24 +14,24 @@ use vmm::{Verdict, Vm};
 
 /// What each buggy variant's reproducer must end in: a verdict whose message contains this.
 const EXPECTED: &[(Variant, &str)] = &[
-    (Variant::Naive, "guest panic: invariant violated: do_nmi entered while running (depth 2)"),
+    (Variant::NAIVE, "guest panic: invariant violated: do_nmi entered while running (depth 2)"),
     (
-        Variant::NoStackCheck,
+        Variant::NO_STACK_CHECK,
         "guest panic: invariant violated: do_nmi entered for an NMI that interrupted NMI handling",
     ),
     (
-        Variant::NoExecutingVar,
+        Variant::NO_EXECUTING_VAR,
         "guest panic: invariant violated: do_nmi entered while running (depth 2)",
     ),
     // The host's return-integrity oracle sees the final IRETQ return on the NMI stack before the
     // workload's register checks (invariant 2) can.
-    (Variant::NoRepeatWindow, "(on the NMI stack); the context it interrupted was workload_loop"),
+    (Variant::NO_REPEAT_WINDOW, "(on the NMI stack); the context it interrupted was workload_loop"),
     (
-        Variant::RepeatWithoutSet,
+        Variant::REPEAT_WITHOUT_SET,
         "guest panic: invariant violated: do_nmi entered while running (depth 2)",
     ),
     (
-        Variant::EarlyClear,
+        Variant::EARLY_CLEAR,
         "guest panic: invariant violated: do_nmi entered for an NMI that interrupted NMI handling",
     ),
 ];
@@ -88,7 +88,7 @@ fn events(vm: &Vm, execution: &Execution) -> String {
 #[test]
 fn kvm_every_buggy_variant_fails_its_reproducer_which_linux_passes() {
     let Some((mut vm, mut engine)) = setup() else { return };
-    for variant in Variant::ALL.iter().copied().filter(|v| *v != Variant::Linux) {
+    for variant in Variant::ALL.iter().copied().filter(|v| *v != Variant::LINUX) {
         let (_, expected) = EXPECTED.iter().find(|(v, _)| *v == variant).unwrap();
         let path = corpus_file(variant);
         let schedule = Schedule::load(&path).unwrap();
@@ -101,7 +101,7 @@ fn kvm_every_buggy_variant_fails_its_reproducer_which_linux_passes() {
         assert!(verdict.is_finding(), "{}: passed\n{}", variant.name(), events(&vm, &execution));
         assert!(verdict.to_string().contains(expected), "{}: {verdict}", variant.name());
 
-        let linux = retarget(&schedule, Variant::Linux);
+        let linux = retarget(&schedule, Variant::LINUX);
         let plan = linux.resolve(vm.image()).unwrap();
         let execution = run(&mut vm, &mut engine, &plan);
         assert_eq!(
@@ -118,7 +118,7 @@ fn kvm_every_buggy_variant_fails_its_reproducer_which_linux_passes() {
 
 /// A `linux` plan: the Loop workload with `actions`, `options` and `injections` at symbols.
 fn linux_plan(vm: &Vm, options: u32, actions: &[Action], injections: &[(&str, u32, u64)]) -> Plan {
-    let mut script = Script::new(Variant::Linux, Workload::Loop, 8);
+    let mut script = Script::new(Variant::LINUX, Workload::Loop, 8);
     script.options = options;
     script.action_count = actions.len() as u32;
     script.actions[..actions.len()].copy_from_slice(actions);

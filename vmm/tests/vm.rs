@@ -9,7 +9,7 @@ use nmifuzz_abi::{Action, Script, Variant, Workload, fault};
 use vmm::{RunLimits, Verdict, Vm};
 
 fn script(workload: Workload, arg: u32) -> Script {
-    Script::new(Variant::Naive, workload, arg)
+    Script::new(Variant::NAIVE, workload, arg)
 }
 
 /// Resets, writes `script` and runs it with short limits.

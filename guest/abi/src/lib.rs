@@ -10,7 +10,10 @@
 //! - **The script** goes from host to guest: before each run the VMM writes a [`Script`] into the
 //!   guest static named [`SCRIPT_SYMBOL`]. It selects the workload and the NMI entry variant and
 //!   says what each `do_nmi` call does.
-#![no_std]
+#![cfg_attr(not(feature = "std"), no_std)]
+
+#[cfg(feature = "std")]
+pub mod entry_name;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -65,107 +68,75 @@ pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"NMIM");
 /// Number of per-call entries in [`Script::actions`]. Calls beyond the last entry return at once.
 pub const MAX_ACTIONS: usize = 32;
 
-/// The NMI entry variant. The host points IDT vector 2 at its [`Variant::entry_symbol`] when it
-/// writes the script, so that even an NMI at the first instruction of a run enters it; the
-/// guest checks that the gate matches the script.
+/// An NMI entry: one file in the repository's `entries/` directory, found by the build
+/// (`guest/abi/build.rs`; the contract is in docs/entries.md). Its code is its index in
+/// [`Variant::ALL`], the default (`linux`) first and then by name; schedules name entries by
+/// [`Variant::name`], never by code. The host points IDT vector 2 at its
+/// [`Variant::entry_symbol`] when it writes the script, so that even an NMI at the first
+/// instruction of a run enters it; the guest checks that the gate matches the script.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum Variant {
-    /// Linux's nested-NMI entry in its finished (late 2015) form: the default.
-    Linux = 0,
-    /// IST entry, save registers, call `do_nmi`, IRETQ: no nesting support (Linux before 3.3).
-    Naive = 1,
-    /// `linux` without the interrupted-RSP/DF test.
-    NoStackCheck = 2,
-    /// `linux` without the "NMI executing" variable: only the RSP/DF test.
-    NoExecutingVar = 3,
-    /// `linux` without the `repeat_nmi`..`end_repeat_nmi` RIP-window test.
-    NoRepeatWindow = 4,
-    /// `linux` whose `repeat_nmi` does not set "NMI executing" again (the 2012 code).
-    RepeatWithoutSet = 5,
-    /// `linux` that clears "NMI executing" before restoring the registers.
-    EarlyClear = 6,
+pub struct Variant(u32);
+
+/// What the build read from an entry's file.
+struct EntryInfo {
+    name: &'static str,
+    symbol: &'static str,
+    summary: &'static str,
+    file: &'static str,
+    layout: Option<NmiStackLayout>,
 }
 
+// `ENTRIES`, `Variant::ALL` and a constant per entry (`Variant::LINUX`, `Variant::NAIVE`, ...),
+// and the guest's `include_entries!`.
+include!(concat!(env!("OUT_DIR"), "/entries.rs"));
+
 impl Variant {
-    /// Every variant the guest links in, in a stable order, the default first.
-    pub const ALL: &'static [Variant] = &[
-        Variant::Linux,
-        Variant::Naive,
-        Variant::NoStackCheck,
-        Variant::NoExecutingVar,
-        Variant::NoRepeatWindow,
-        Variant::RepeatWithoutSet,
-        Variant::EarlyClear,
-    ];
+    /// The entry used when none is named.
+    pub const DEFAULT: Self = Self::LINUX;
+
+    fn info(self) -> &'static EntryInfo {
+        &ENTRIES[self.0 as usize]
+    }
+
+    /// The code the script carries.
+    pub const fn code(self) -> u32 {
+        self.0
+    }
 
     /// Decodes a script's variant field.
     pub fn from_code(code: u32) -> Option<Self> {
-        Self::ALL.iter().copied().find(|v| *v as u32 == code)
+        ((code as usize) < ENTRIES.len()).then_some(Self(code))
     }
 
-    /// The variant called `name`.
+    /// The entry called `name`.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.iter().copied().find(|v| v.name() == name)
     }
 
-    /// The name users type (`--variant NAME`).
+    /// The name users type (`--variant NAME`): the file's stem with `-` for `_`.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Linux => "linux",
-            Self::Naive => "naive",
-            Self::NoStackCheck => "no-stack-check",
-            Self::NoExecutingVar => "no-executing-var",
-            Self::NoRepeatWindow => "no-repeat-window",
-            Self::RepeatWithoutSet => "repeat-without-set",
-            Self::EarlyClear => "early-clear",
-        }
+        self.info().name
     }
 
-    /// The symbol of the variant's NMI entry, which the VMM installs in IDT vector 2.
+    /// The symbol of the entry, `nmi_<stem>`, which the VMM installs in IDT vector 2.
     pub fn entry_symbol(self) -> &'static str {
-        match self {
-            Self::Linux => "nmi_linux",
-            Self::Naive => "nmi_naive",
-            Self::NoStackCheck => "nmi_no_stack_check",
-            Self::NoExecutingVar => "nmi_no_executing_var",
-            Self::NoRepeatWindow => "nmi_no_repeat_window",
-            Self::RepeatWithoutSet => "nmi_repeat_without_set",
-            Self::EarlyClear => "nmi_early_clear",
-        }
+        self.info().symbol
     }
 
-    /// One line on what the variant is.
+    /// One line on what the entry is: the first line of its file's header comment.
     pub fn summary(self) -> &'static str {
-        match self {
-            Self::Linux => "Linux's nested-NMI entry as finished in 2015 (default)",
-            Self::Naive => {
-                "IST entry, save registers, call do_nmi, IRETQ; no nesting support (Linux < 3.3)"
-            }
-            Self::NoStackCheck => {
-                "no RSP/DF test: misses an NMI between clearing \"NMI executing\" and IRETQ"
-            }
-            Self::NoExecutingVar => {
-                "only the RSP/DF test: an NMI nested inside the handler proper looks like a first one"
-            }
-            Self::NoRepeatWindow => {
-                "no RIP-window test: a nested NMI rewrites the \"iret\" frame while repeat_nmi copies it"
-            }
-            Self::RepeatWithoutSet => {
-                "repeat_nmi does not set \"NMI executing\" again: repeated iterations run unprotected"
-            }
-            Self::EarlyClear => {
-                "\"NMI executing\" cleared before the registers are restored, DF set only at IRETQ"
-            }
-        }
+        self.info().summary
     }
 
-    /// Where the variant keeps its nested-NMI state on the NMI stack, if it has any.
+    /// The entry's file, relative to the repository's root.
+    pub fn file(self) -> &'static str {
+        self.info().file
+    }
+
+    /// Where the entry keeps its nested-NMI state on the NMI stack, if its file describes it
+    /// (a `Layout:` line in its header comment).
     pub fn stack_layout(self) -> Option<NmiStackLayout> {
-        match self {
-            Self::Naive => None,
-            _ => Some(NmiStackLayout::LINUX),
-        }
+        self.info().layout
     }
 }
 
@@ -212,6 +183,8 @@ pub const NMI_CODE_END: &str = "__nmi_code_end";
 /// Bytes of the NMI stack below IST1's top that NMI handling may use: the stack's lowest
 /// usable byte is `top - NMI_STACK_SPAN`.
 pub const NMI_STACK_SPAN: u64 = 16 * 1024 - 16;
+// The build checked every entry's layout against the same span.
+const _: () = assert!(CHECKED_NMI_STACK_SPAN == NMI_STACK_SPAN);
 
 /// Bits of [`Script::options`].
 pub mod option {
@@ -321,7 +294,7 @@ impl Script {
         Self {
             magic: SCRIPT_MAGIC,
             version: ABI_VERSION,
-            variant: variant as u32,
+            variant: variant.code(),
             options: 0,
             workload: workload as u32,
             workload_arg,
@@ -418,7 +391,7 @@ mod tests {
         }
         assert_eq!(Report::from_code(0), None);
         for v in Variant::ALL {
-            assert_eq!(Variant::from_code(*v as u32), Some(*v));
+            assert_eq!(Variant::from_code(v.code()), Some(*v));
         }
         for code in 0..9 {
             assert_eq!(Workload::from_code(code).map(|w| w as u32), Some(code));

@@ -1,21 +1,17 @@
-//! NMI handling: the entry variants (one module each, in assembly), the pieces of Linux's entry
-//! they share, and `do_nmi`, the handler body they all call, with its invariant checks.
+//! NMI handling: the entries (one file each in the repository's `entries/`, found by the
+//! build), the pieces of Linux's entry they share, and `do_nmi`, the handler body they all call,
+//! with its invariant checks.
 //!
-//! The script selects a variant and the host points IDT vector 2 (on IST1) at its entry symbol;
-//! [`check_installed`] verifies that. To add a variant: add it to `nmifuzz_abi::Variant` (with
-//! its entry symbol and stack layout), write its entry in a new module here (see `linux.rs` and
-//! `README.md`), and add its arm to [`entry`].
+//! The script selects an entry and the host points IDT vector 2 (on IST1) at its symbol;
+//! [`check_installed`] verifies that. To add an entry, add a file to `entries/`: nothing here
+//! changes (docs/entries.md).
 
 mod checks;
-mod early_clear;
 mod handler;
-mod linux;
-mod naive;
-mod no_executing_var;
-mod no_repeat_window;
-mod no_stack_check;
 mod pieces;
-mod repeat_without_set;
+
+// Every entry's code, and `entry_addresses()`.
+nmifuzz_abi::include_entries!();
 
 use core::mem::size_of;
 
@@ -25,17 +21,9 @@ pub use self::checks::check_done;
 use crate::idt;
 use crate::regs::{GeneralRegs, InterruptFrame};
 
-/// Where each variant's entry code starts: the table of variants.
+/// Where `variant`'s entry code starts.
 fn entry(variant: Variant) -> u64 {
-    match variant {
-        Variant::Linux => linux::entry(),
-        Variant::Naive => naive::entry(),
-        Variant::NoStackCheck => no_stack_check::entry(),
-        Variant::NoExecutingVar => no_executing_var::entry(),
-        Variant::NoRepeatWindow => no_repeat_window::entry(),
-        Variant::RepeatWithoutSet => repeat_without_set::entry(),
-        Variant::EarlyClear => early_clear::entry(),
-    }
+    entry_addresses()[variant.code() as usize]
 }
 
 /// Panics unless the host pointed the NMI gate at `variant`'s entry.

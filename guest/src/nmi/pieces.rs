@@ -1,5 +1,5 @@
 //! The pieces of Linux's nested-NMI entry (`arch/x86/entry/entry_64.S`, `asm_exc_nmi`, kernel
-//! mode, in its finished late-2015 form), as macros that expand to assembly text. `linux.rs`
+//! mode, in its finished late-2015 form), as macros that expand to assembly text. `entries/linux.rs`
 //! strings all of them together; each buggy variant strings together the same pieces minus the
 //! one its name says, or with that one piece replaced, so a variant's file shows only its
 //! difference.
@@ -380,25 +380,9 @@ macro_rules! nmi_epilogue {
     };
 }
 
-/// Declares the variant's entry symbol to Rust and returns its address.
-macro_rules! entry_address {
-    ($name:literal) => {
-        /// The address of the entry.
-        pub fn entry() -> u64 {
-            unsafe extern "C" {
-                /// The entry. Code, not data: only its address is used.
-                #[link_name = $name]
-                static ENTRY: u8;
-            }
-            core::ptr::addr_of!(ENTRY) as u64
-        }
-    };
-}
-
 pub(crate) use {
-    asm_label, entry_address, nmi_call, nmi_check_executing, nmi_check_repeat_window,
-    nmi_check_stack_and_df, nmi_epilogue, nmi_exit, nmi_first, nmi_nested, nmi_not_nested,
-    nmi_prologue, nmi_repeat,
+    asm_label, nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df,
+    nmi_epilogue, nmi_exit, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
 
 // The numbers written literally in the text above.

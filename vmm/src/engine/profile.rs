@@ -105,7 +105,7 @@ impl fmt::Display for HostProfile {
 pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
     let facts = GuestFacts::read(vm)?;
     let mut insns = InsnCache::default();
-    let entry = vm.image().symbol(Variant::Naive.entry_symbol())?;
+    let entry = vm.image().symbol(Variant::NAIVE.entry_symbol())?;
 
     // 1. An NMI during the workload: where is the first stop, and does IRETQ stop on its own?
     let target = start_nmi_and_step_to_iretq(vm, &mut insns)?;
@@ -130,7 +130,7 @@ pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
     // 3. A ring-0 int3 outside of single-stepping.
     vm.set_debug(GuestDebug::default())?;
     vm.reset()?;
-    vm.write_script(&Script::new(Variant::Naive, Workload::Breakpoint, 1))?;
+    vm.write_script(&Script::new(Variant::NAIVE, Workload::Breakpoint, 1))?;
     let mut int3_native = true;
     for _ in 0..CALIBRATION_STEPS {
         match vm.run_once()? {
@@ -155,7 +155,7 @@ struct IretqStop {
 /// steps to the NMI handler's IRETQ.
 fn start_nmi_and_step_to_iretq(vm: &mut Vm, insns: &mut InsnCache) -> Result<IretqStop> {
     vm.reset()?;
-    vm.write_script(&Script::new(Variant::Naive, Workload::Loop, 20))?;
+    vm.write_script(&Script::new(Variant::NAIVE, Workload::Loop, 20))?;
     vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() })?;
     step(vm)?;
     // The NMI must interrupt an ordinary instruction: after an IRETQ back into a `rep` string

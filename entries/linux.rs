@@ -1,3 +1,7 @@
+//! Linux's nested-NMI entry as finished in 2015 (the default).
+//!
+//! Layout: linux
+//!
 //! The `linux` NMI entry (the default): Linux's nested-NMI handling for an NMI from kernel mode,
 //! as `asm_exc_nmi` in `arch/x86/entry/entry_64.S` has done it since the end of 2015 (the seed's
 //! comments plus "Reorder nested NMI checks" and "Use DF to avoid userspace RSP confusing nested
@@ -34,8 +38,8 @@
 
 use core::arch::global_asm;
 
-use super::pieces::{
-    entry_address, nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df,
+use crate::nmi::pieces::{
+    nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df,
     nmi_epilogue, nmi_exit, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
 
@@ -53,4 +57,3 @@ global_asm!(
     nmi_epilogue!("nmi_linux"),
 );
 
-entry_address!("nmi_linux");

@@ -1,3 +1,7 @@
+//! no RIP-window test: a nested NMI rewrites the "iret" frame while repeat_nmi copies it.
+//!
+//! Layout: linux
+//!
 //! The `no-repeat-window` NMI entry: `linux` without the test of the interrupted RIP against
 //! `repeat_nmi`..`end_repeat_nmi`.
 //!
@@ -25,8 +29,8 @@
 
 use core::arch::global_asm;
 
-use super::pieces::{
-    entry_address, nmi_call, nmi_check_executing, nmi_check_stack_and_df, nmi_epilogue, nmi_exit,
+use crate::nmi::pieces::{
+    nmi_call, nmi_check_executing, nmi_check_stack_and_df, nmi_epilogue, nmi_exit,
     nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
 
@@ -44,4 +48,3 @@ global_asm!(
     nmi_epilogue!("nmi_no_repeat_window"),
 );
 
-entry_address!("nmi_no_repeat_window");

@@ -1,3 +1,7 @@
+//! only the RSP/DF test: an NMI nested inside the handler proper looks like a first one.
+//!
+//! Layout: linux
+//!
 //! The `no-executing-var` NMI entry: `linux` without the "NMI executing" test; only the
 //! interrupted-RSP/DF test decides whether an NMI is nested. (The variable is still written, so
 //! the stack layout stays `linux`'s; nothing reads it.)
@@ -21,8 +25,8 @@
 
 use core::arch::global_asm;
 
-use super::pieces::{
-    entry_address, nmi_call, nmi_check_repeat_window, nmi_check_stack_and_df, nmi_epilogue,
+use crate::nmi::pieces::{
+    nmi_call, nmi_check_repeat_window, nmi_check_stack_and_df, nmi_epilogue,
     nmi_exit, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
 
@@ -40,4 +44,3 @@ global_asm!(
     nmi_epilogue!("nmi_no_executing_var"),
 );
 
-entry_address!("nmi_no_executing_var");

@@ -1,3 +1,7 @@
+//! repeat_nmi does not set "NMI executing" again: repeated iterations run unprotected.
+//!
+//! Layout: linux
+//!
 //! The `repeat-without-set` NMI entry: `linux` whose `first_nmi` pushes "NMI executing" = 1
 //! and whose `repeat_nmi` does not set it again: the variable is set once per NMI, as in the
 //! nested-NMI code's first (2012) form.
@@ -21,8 +25,8 @@
 
 use core::arch::global_asm;
 
-use super::pieces::{
-    entry_address, nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df,
+use crate::nmi::pieces::{
+    nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df,
     nmi_epilogue, nmi_exit, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
 
@@ -40,4 +44,3 @@ global_asm!(
     nmi_epilogue!("nmi_repeat_without_set"),
 );
 
-entry_address!("nmi_repeat_without_set");

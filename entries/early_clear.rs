@@ -1,3 +1,7 @@
+//! "NMI executing" cleared before the registers are restored, DF set only at IRETQ.
+//!
+//! Layout: linux
+//!
 //! The `early-clear` NMI entry: `linux` whose exit path clears "NMI executing" before it
 //! restores the registers, while DF is still set only right before the IRETQ.
 //!
@@ -20,8 +24,8 @@
 
 use core::arch::global_asm;
 
-use super::pieces::{
-    asm_label, entry_address, nmi_call, nmi_check_executing, nmi_check_repeat_window,
+use crate::nmi::pieces::{
+    asm_label, nmi_call, nmi_check_executing, nmi_check_repeat_window,
     nmi_check_stack_and_df, nmi_epilogue, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue,
     nmi_repeat,
 };
@@ -50,4 +54,3 @@ global_asm!(
     nmi_epilogue!("nmi_early_clear"),
 );
 
-entry_address!("nmi_early_clear");

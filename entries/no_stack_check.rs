@@ -1,3 +1,7 @@
+//! no RSP/DF test: misses an NMI between clearing "NMI executing" and IRETQ.
+//!
+//! Layout: linux
+//!
 //! The `no-stack-check` NMI entry: `linux` without the interrupted-RSP/DF test, so "NMI
 //! executing" is the only sign of an outer NMI.
 //!
@@ -23,8 +27,8 @@
 
 use core::arch::global_asm;
 
-use super::pieces::{
-    entry_address, nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_epilogue, nmi_exit,
+use crate::nmi::pieces::{
+    nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_epilogue, nmi_exit,
     nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
 
@@ -42,4 +46,3 @@ global_asm!(
     nmi_epilogue!("nmi_no_stack_check"),
 );
 
-entry_address!("nmi_no_stack_check");
