@@ -10,6 +10,7 @@ mod executor;
 mod feedback;
 mod input;
 mod launch;
+mod new_entry;
 mod options;
 mod progress;
 mod replay;
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args).map(|()| false),
         Command::Eval(args) => eval::run(&args).map(|()| false),
         Command::EvalJob(args) => eval::run_job(&args).map(|()| false),
+        Command::NewEntry(args) => new_entry::run(&args).map(|()| false),
         Command::Variants => {
             options::print_variants();
             Ok(false)

@@ -63,8 +63,14 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Measure the VMM's costs on this host: exit round trip, reset, reset + idle run.
     Bench(BenchArgs),
-    /// List the NMI entry variants linked into the guest.
+    /// List the NMI entry variants linked into the guest: the files in entries/.
     Variants,
+    /// Write a commented starting point for an NMI entry of your own: entries/NAME.S (or .rs),
+    /// a copy of --from with its symbols renamed and the entry contract inline.
+    ///
+    /// The build finds the file by itself; no other file changes. See docs/entries.md and the
+    /// tutorial docs/fuzz-your-entry.md.
+    NewEntry(NewEntryArgs),
     /// Measure time to the first finding per variant: the campaign against a random-timing
     /// baseline and the sweep. Writes eval.md, eval.svg and eval.json to --output.
     ///
@@ -319,6 +325,19 @@ pub struct BenchArgs {
     /// Samples per measurement (the median is reported).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..))]
     pub samples: u32,
+}
+
+/// Arguments of `nmifuzz new-entry`.
+#[derive(Debug, Args)]
+pub struct NewEntryArgs {
+    /// The new entry's name: a lower-case identifier like `my_entry` (listed as `my-entry`).
+    pub name: String,
+    /// The entry to copy.
+    #[arg(long, default_value = "naive", value_parser = parse_variant)]
+    pub from: String,
+    /// The nmifuzz tree to write into (default: found from the current directory).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
 }
 
 /// Prints the variants, one line each.

@@ -356,10 +356,9 @@ fn bad_inputs_are_named() {
 
     let o = run(&dir, &["run", "--variant", "bogus"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o)
-            .contains("unknown variant `bogus`; valid variants: linux, naive, no-stack-check")
-    );
+    assert!(stderr(&o).contains(
+        "unknown variant `bogus`; valid variants: linux, early-clear, naive, no-executing"
+    ));
 
     let o = run(&dir, &["run", "--variant", "naive", "--faults", "xx"]);
     assert_eq!(o.status.code(), Some(2));

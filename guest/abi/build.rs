@@ -73,7 +73,11 @@ fn discover(dir: &Path) -> Result<Vec<Entry>, String> {
             _ => continue,
         };
         println!("cargo:rerun-if-changed={}", path.display());
-        entries.push(read_entry(&path, kind)?);
+        let entry = read_entry(&path, kind)?;
+        if kind == Kind::Assembly {
+            check_assembles(&path)?;
+        }
+        entries.push(entry);
     }
     entries
         .sort_by(|a, b| (a.stem != DEFAULT_STEM, &a.stem).cmp(&(b.stem != DEFAULT_STEM, &b.stem)));
@@ -118,6 +122,27 @@ fn read_entry(path: &Path, kind: Kind) -> Result<Entry, String> {
         Some(value) => parse_layout(value.trim()).map_err(|e| format!("{at}: Layout: {e}"))?,
     };
     Ok(Entry { stem, path: path.to_owned(), kind, summary, layout })
+}
+
+/// Assembles `path` on its own with the system's GNU assembler, if there is one, so that a
+/// mistake is reported with the file and line: inside the guest's `global_asm!`, LLVM would
+/// name only a line of the whole concatenated assembly. (The guest build's own assembler has
+/// the last word; the two agree on the plain Intel-syntax code entries are written in.)
+fn check_assembles(path: &Path) -> Result<(), String> {
+    let output = process::Command::new("as")
+        .args(["--64", "-msyntax=intel", "-mnaked-reg", "-o", "/dev/null"])
+        .arg(path)
+        .output();
+    match output {
+        // No assembler: the guest build still reports the error, only less precisely.
+        Err(_) => Ok(()),
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "{} does not assemble:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        )),
+    }
 }
 
 /// The leading comment lines, without their markers: `//!` for Rust, `#` for assembly.

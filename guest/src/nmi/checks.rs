@@ -66,6 +66,12 @@ pub fn iteration_start(regs: &NmiRegs) {
         if frame == addr_of!(regs.frame).cast() {
             FINAL_FRAME = core::ptr::null();
         } else {
+            // The run's first iteration is the first NMI's, before anything could nest: the
+            // frame the entry's `Layout:` says it returns through must hold the interrupted
+            // context then, or the description contradicts the code.
+            if iterations == 1 && !equal(frame, addr_of!(regs.frame).cast(), FRAME_QWORDS) {
+                layout_contradicts_code(frame);
+            }
             FINAL_FRAME = frame;
             copy(addr_of_mut!(SHADOW_FRAME).cast(), frame, FRAME_QWORDS);
         }
@@ -131,6 +137,18 @@ fn final_frame(regs: &NmiRegs) -> *const u64 {
         Some(layout) => (tss::nmi_stack_top() - layout.outermost) as *const u64,
         None => addr_of!(regs.frame).cast(),
     }
+}
+
+/// The panic for an entry whose `Layout:` puts the "outermost" frame where the code does not.
+#[cold]
+#[inline(never)]
+fn layout_contradicts_code(frame: *const u64) -> ! {
+    let offset = tss::nmi_stack_top() - frame as u64;
+    panic!(
+        "the entry's Layout: contradicts its code: at the first NMI's first do_nmi iteration, \
+         the \"outermost\" frame it names (IST1 top - {offset}) is not the interrupted context \
+         that do_nmi received (docs/entries.md)"
+    )
 }
 
 /// Copies `qwords` qwords from `src` to `dst`.

@@ -439,7 +439,10 @@ mod tests {
                 "unknown field `bogus`",
             ),
             (r#"{"format":2,"variant":"naive","injections":[]}"#, "format 2 is not supported"),
-            (r#"{"format":1,"variant":"nope","injections":[]}"#, "valid variants: linux, early-clear, naive"),
+            (
+                r#"{"format":1,"variant":"nope","injections":[]}"#,
+                "valid variants: linux, early-clear, naive",
+            ),
             (
                 r#"{"format":1,"variant":"naive","injections":[{"after":99999999999}]}"#,
                 "injections[0].after = 99999999999 is out of range",

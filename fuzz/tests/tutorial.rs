@@ -1,0 +1,135 @@
+//! Users' own entries, in copies of the repository: the tutorial, `docs/fuzz-your-entry.md`,
+//! run as written (every `sh` block, in order, with bash; a block whose first line is `# exits
+//! N: ...` must exit with N, every other block with 0, and what each step promises is checked
+//! too), then a hand-written assembly entry, and the errors a broken entry gets.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn kvm_tests_skipped() -> bool {
+    std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1")
+}
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The `sh` code blocks of a Markdown text.
+fn sh_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```sh") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), line) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// The exit status a block announces on its first line (`# exits 1: ...`), else 0.
+fn expected_status(block: &str) -> i32 {
+    block
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# exits "))
+        .and_then(|rest| rest.split(':').next())
+        .map_or(0, |n| n.parse().expect("`# exits N:` names a number"))
+}
+
+/// A copy of the repository in a temporary directory whose `target/` is `target/<cache>` of
+/// the repository itself, so that reruns of a test build incrementally.
+fn copy_repository(name: &str, cache: &str) -> PathBuf {
+    let to = std::env::temp_dir().join(format!("nmifuzz-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&to);
+    let repo = repository();
+    let listing = Command::new("git")
+        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .current_dir(&repo)
+        .output()
+        .expect("git runs");
+    assert!(listing.status.success(), "git ls-files failed");
+    for name in listing.stdout.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = std::str::from_utf8(name).unwrap();
+        let (from, dest) = (repo.join(name), to.join(name));
+        if from.is_file() {
+            fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            fs::copy(&from, &dest).unwrap();
+        }
+    }
+    let cache = repo.join("target").join(cache);
+    fs::create_dir_all(&cache).unwrap();
+    std::os::unix::fs::symlink(&cache, to.join("target")).unwrap();
+    to
+}
+
+/// Runs `script` with bash in `dir`: its exit status and its stdout and stderr together.
+fn bash(dir: &Path, script: &str) -> (Option<i32>, String) {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{script}"))
+        .current_dir(dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("bash runs");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+#[test]
+fn kvm_the_tutorial_runs_as_written() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    let tutorial = fs::read_to_string(repository().join("docs/fuzz-your-entry.md")).unwrap();
+    let blocks = sh_blocks(&tutorial);
+    assert_eq!(blocks.len(), 8, "the tutorial's steps changed: update this test");
+    let copy = copy_repository("tutorial", "tutorial");
+    let mut outputs = Vec::new();
+    for (i, block) in blocks.iter().enumerate() {
+        let (status, text) = bash(&copy, block);
+        assert_eq!(status, Some(expected_status(block)), "block {i}:\n{block}\n{text}");
+        outputs.push(text);
+    }
+    // 1: the scaffold wrote one file and said what to run next.
+    assert!(copy.join("entries/first_try.S").is_file());
+    assert!(outputs[0].contains("next: build it and fuzz it"), "{}", outputs[0]);
+    // 2: listed with its one-line description.
+    let listed = outputs[1].lines().find(|l| l.starts_with("first-try "));
+    assert!(
+        listed
+            .is_some_and(|l| l.ends_with("`first-try`: my NMI entry (describe it in this line).")),
+        "{}",
+        outputs[1]
+    );
+    // 3: the campaign saved a crash.
+    let artifacts: Vec<_> = fs::read_dir(copy.join("artifacts")).unwrap().collect();
+    assert_eq!(artifacts.len(), 1, "{}", outputs[2]);
+    // 4 and 5: a minimized reproducer whose trace shows the second NMI nesting into do_nmi.
+    assert_eq!(fs::read_dir(copy.join("first-try-min")).unwrap().count(), 1, "{}", outputs[3]);
+    assert!(outputs[4].contains("do_nmi entered while running (depth 2)"), "{}", outputs[4]);
+    assert!(outputs[4].contains("NMI delivered (frame RIP"), "{}", outputs[4]);
+    // 6 and 7: the fixed entry passes the reproducer and the pairs sweep, and has a diagram.
+    assert!(
+        copy.join("entries/first_try.rs").is_file() && !copy.join("entries/first_try.S").exists()
+    );
+    assert!(outputs[6].contains("pass: the workload reported DONE"), "{}", outputs[6]);
+    assert!(outputs[7].contains("sweep of variant first-try: "), "{}", outputs[7]);
+    assert!(
+        outputs[7].contains("no findings") && !outputs[7].contains("stopped early"),
+        "{}",
+        outputs[7]
+    );
+    fs::remove_dir_all(&copy).unwrap();
+}
