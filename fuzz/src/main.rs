@@ -1,6 +1,7 @@
 //! `nmifuzz`: a hypervisor-based fuzzer for x86-64 NMI entry code. See the README.
 
 mod bench;
+mod broker;
 mod campaign;
 mod cmin;
 mod corpus;
@@ -13,6 +14,7 @@ mod launch;
 mod options;
 mod progress;
 mod replay;
+mod shmem;
 mod smoke;
 mod stats;
 mod status;

@@ -44,6 +44,8 @@ pub struct Shared {
     pub interrupted: AtomicBool,
     /// Executions of all clients, for `--runs`.
     pub total_executions: AtomicU64,
+    /// Clients that have returned (done or failed), for the broker to know when to stop.
+    pub finished: AtomicU64,
     /// Per client, indexed by the client's number.
     pub clients: [ClientCounters; MAX_CLIENTS],
 }
@@ -88,6 +90,16 @@ impl Shared {
     /// Whether a client asked every client to stop.
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client that has returned.
+    pub fn client_finished(&self) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many clients have returned.
+    pub fn finished(&self) -> usize {
+        self.finished.load(Ordering::Relaxed) as usize
     }
 
     /// The sum over clients, and the clients that executed anything.
