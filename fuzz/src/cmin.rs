@@ -87,7 +87,7 @@ pub fn run(args: &CminArgs) -> Result<()> {
         total_edges.len()
     );
     if let Some(output) = &args.output {
-        store::ensure_dir(output)?;
+        store::prepare_dir(output)?;
         for &i in &kept {
             let source = &entries[i].path;
             let bytes = std::fs::read(source)

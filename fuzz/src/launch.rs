@@ -158,7 +158,9 @@ pub fn load_seeds(dir: &Path) -> Result<Vec<Schedule>> {
 /// Runs the campaign's clients and reports what they did.
 pub fn run_campaign(setup: Setup) -> Result<Report> {
     let config = &setup.config;
-    store::ensure_dir(&config.artifacts)?;
+    for dir in config.corpus_dir.iter().chain([&config.artifacts]) {
+        store::prepare_dir(dir)?;
+    }
     let before = artifacts_in(&config.artifacts)?;
     let shared = Shared::new();
     println!("INFO: Seed: {}", config.seed);

@@ -231,13 +231,11 @@ pub fn run(args: &TminArgs) -> Result<()> {
         }
     );
     let dir = match &args.output {
-        Some(dir) => {
-            store::ensure_dir(dir)?;
-            dir.clone()
-        }
+        Some(dir) => dir.clone(),
         None => args.file.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
     };
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    store::prepare_dir(&dir)?;
     let path = dir.join(format!("minimized-{:016x}.json", store::content_hash(&minimized)));
     store::write_atomic(&path, minimized.to_json().as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
