@@ -201,6 +201,10 @@ fn launch(
     port: u16,
     remote: Option<SocketAddr>,
 ) -> Result<()> {
+    // LLMP clients join whatever broker listens on their port: on a port in use (the default
+    // 1337 is a common one) they would join another campaign's.
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .with_context(|| format!("broker port {port} is in use: choose another --broker-port"))?;
     let main_pid = std::process::id();
     let clients = cores.len();
     let cores = Cores::from(cores.to_vec());
@@ -236,7 +240,7 @@ fn launch(
                 None::<StatusMonitor>, // the broker's monitor prints the status lines
                 port,
                 ManagerKind::Client { client_description },
-                None,                       // no exit after N clients: a client is no broker
+                None,                       // exit_cleanly_after: for brokers only
                 ShouldSaveState::OnRestart, // the Launcher's default
                 (),                         // no event hooks
             ),
@@ -327,7 +331,8 @@ pub fn print_summary(r: &Report) {
     for (client, executions) in &r.clients {
         println!("  client {client}: {executions} executions");
     }
-    if r.clients.len() > 1 {
+    if r.clients.len() > 1 || r.imported > 0 {
+        // From this machine's other clients and, with --remote-broker, the other campaign.
         println!("  inputs shared between clients: {}", r.imported);
     }
     if let (Some(target), Some(overhead), Some(share)) =

@@ -24,7 +24,8 @@ pub struct ClientCounters {
     pub loop_nanos: AtomicU64,
     /// Corpus entries (own finds and imports).
     pub corpus: AtomicU64,
-    /// Corpus entries received from other clients.
+    /// Corpus entries received from other clients (of this campaign or, through a remote
+    /// broker, of another).
     pub imported: AtomicU64,
     /// Executions that ended in a finding.
     pub crashes: AtomicU64,
