@@ -242,3 +242,32 @@ fn covered_edges(state: &State) -> usize {
 fn known_hashes(seeds: &[Schedule]) -> std::collections::HashSet<u64> {
     seeds.iter().map(store::content_hash).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn every_seed_goes_to_exactly_one_client() {
+        let seeds: Vec<Schedule> = (0..7)
+            .map(|i| {
+                let json =
+                    format!(r#"{{"format":1,"variant":"naive","injections":[{{"after":{i}}}]}}"#);
+                Schedule::from_json(json.as_bytes(), Path::new("seed")).unwrap()
+            })
+            .collect();
+        let alone = Seat { client: 0, clients: 1 };
+        assert_eq!(alone.share(&seeds).count(), seeds.len());
+        for clients in 1..=4 {
+            let mut evaluations = vec![0; seeds.len()];
+            for client in 1..=clients {
+                for seed in (Seat { client, clients }).share(&seeds) {
+                    evaluations[seeds.iter().position(|s| std::ptr::eq(s, seed)).unwrap()] += 1;
+                }
+            }
+            assert_eq!(evaluations, vec![1; seeds.len()], "{clients} clients");
+        }
+    }
+}
