@@ -67,6 +67,26 @@ pub struct Config {
     pub limits: Limits,
 }
 
+/// Which client of how many this is.
+#[derive(Clone, Copy, Debug)]
+pub struct Seat {
+    /// The client's number: 0 in a single-process campaign, 1..=N as LibAFL's Launcher
+    /// numbers its clients.
+    pub client: usize,
+    /// How many clients the campaign has on this machine.
+    pub clients: usize,
+}
+
+impl Seat {
+    /// The seeds this client evaluates: every `clients`-th one, starting with the first for
+    /// client 0 or 1, so that each seed is evaluated by exactly one client; the others receive
+    /// what it keeps through the broker. Every client has the same seeds in the same order
+    /// (file name order).
+    fn share<'s>(&self, seeds: &'s [Schedule]) -> impl Iterator<Item = &'s Schedule> {
+        seeds.iter().skip(self.client.saturating_sub(1)).step_by(self.clients)
+    }
+}
+
 /// Runs one client until a limit is reached, then tells the event manager it exits.
 /// `restored` is the state a restarting manager kept across a respawn.
 pub fn run_client<EM>(
@@ -74,7 +94,7 @@ pub fn run_client<EM>(
     mut mgr: EM,
     config: &Config,
     shared: &'static Shared,
-    client: usize,
+    seat: Seat,
 ) -> Result<(), Error>
 where
     EM: EventFirer<NmiInput, State>
@@ -82,6 +102,7 @@ where
         + ProgressReporter<State>
         + SendExiting,
 {
+    let client = seat.client;
     // SIGINT: stop after the current execution, in every client.
     executor::install_sigint_handler();
 
@@ -138,10 +159,13 @@ where
         client,
     );
 
-    // Initial inputs: the seeds (new coverage only), or generated ones if none is kept.
+    // Initial inputs: this client's share of the seeds (new coverage only), or generated
+    // ones if it keeps none. A respawned client has its corpus already.
     let started = Instant::now();
     if state.corpus().count_all() == 0 {
-        for seed in &config.seeds {
+        let mut evaluated = 0;
+        for seed in seat.share(&config.seeds) {
+            evaluated += 1;
             let mut seed = seed.clone();
             seed.variant.clone_from(&config.variant);
             fuzzer.evaluate_input(&mut state, &mut executor, &mut mgr, &NmiInput(seed))?;
@@ -160,7 +184,8 @@ where
             fuzzer.add_input(&mut state, &mut executor, &mut mgr, input)?;
         }
         println!(
-            "#{} INITED cov: {} corp: {} exec/s: {:.0} crashes: {} (client {client}, {} seeds)",
+            "#{} INITED cov: {} corp: {} exec/s: {:.0} crashes: {} (client {client}, {evaluated} \
+             of {} seeds)",
             state.executions(),
             covered_edges(&state),
             state.corpus().count(),
@@ -216,4 +241,33 @@ fn covered_edges(state: &State) -> usize {
 /// The content hashes of the seeds, which are already in the corpus directory.
 fn known_hashes(seeds: &[Schedule]) -> std::collections::HashSet<u64> {
     seeds.iter().map(store::content_hash).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn every_seed_goes_to_exactly_one_client() {
+        let seeds: Vec<Schedule> = (0..7)
+            .map(|i| {
+                let json =
+                    format!(r#"{{"format":1,"variant":"naive","injections":[{{"after":{i}}}]}}"#);
+                Schedule::from_json(json.as_bytes(), Path::new("seed")).unwrap()
+            })
+            .collect();
+        let alone = Seat { client: 0, clients: 1 };
+        assert_eq!(alone.share(&seeds).count(), seeds.len());
+        for clients in 1..=4 {
+            let mut evaluations = vec![0; seeds.len()];
+            for client in 1..=clients {
+                for seed in (Seat { client, clients }).share(&seeds) {
+                    evaluations[seeds.iter().position(|s| std::ptr::eq(s, seed)).unwrap()] += 1;
+                }
+            }
+            assert_eq!(evaluations, vec![1; seeds.len()], "{clients} clients");
+        }
+    }
 }

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 
 use crate::campaign::MAP_SIZE;
 use crate::options::CminArgs;
+use crate::progress::Progress;
 use crate::store;
 use crate::target::Target;
 
@@ -65,6 +66,7 @@ pub fn run(args: &CminArgs) -> Result<()> {
     let options = crate::target::run_options(args.timeout_ms);
     let mut map = vec![0u8; MAP_SIZE];
     let mut entries = Vec::new();
+    let progress = Progress::new(loaded.entries.len() as u64, "entries", true);
     for (path, schedule) in &loaded.entries {
         map.fill(0);
         target.execute(schedule, &options, &mut map)?;
@@ -73,7 +75,9 @@ pub fn run(args: &CminArgs) -> Result<()> {
             size: (schedule.injections.len(), schedule.to_json().len()),
             edges: map.iter().enumerate().filter(|(_, hits)| **hits > 0).map(|(i, _)| i).collect(),
         });
+        progress.inc(1);
     }
+    progress.finish();
     let kept = greedy_cover(&entries);
     let total_edges: HashSet<usize> =
         entries.iter().flat_map(|e| e.edges.iter().copied()).collect();
@@ -87,7 +91,7 @@ pub fn run(args: &CminArgs) -> Result<()> {
         total_edges.len()
     );
     if let Some(output) = &args.output {
-        store::ensure_dir(output)?;
+        store::prepare_dir(output)?;
         for &i in &kept {
             let source = &entries[i].path;
             let bytes = std::fs::read(source)

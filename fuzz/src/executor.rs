@@ -34,8 +34,8 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 /// Makes the first SIGINT stop the campaign after the current execution (with its summary),
 /// the second one kill it. Launcher clients call it too, replacing the handler LibAFL's
-/// restarting manager installs, which `_exit`s and so leaks the client's 256 MiB SysV
-/// shared-memory segments.
+/// restarting manager installs, which `_exit`s at once; so does the main process of a
+/// `--cores` campaign, which runs the broker (see `broker`).
 pub fn install_sigint_handler() {
     // SAFETY: the handler only stores to an atomic and calls signal(); both are
     // async-signal-safe.

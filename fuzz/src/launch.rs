@@ -7,16 +7,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use libafl::Error;
-use libafl::events::{ClientDescription, EventConfig, Launcher, SimpleEventManager};
+use libafl::events::{
+    ClientDescription, EventConfig, Launcher, ManagerKind, ShouldSaveState, SimpleEventManager,
+    setup_restarting_mgr_llmp,
+};
 use libafl_bolts::core_affinity::Cores;
-use libafl_bolts::shmem::{ShMemProvider, StdShMemProvider};
+use libafl_bolts::shmem::ShMemProvider;
 use serde::Serialize;
 use vmm::engine::schedule::Schedule;
 
-use crate::campaign::{self, Config, PULSE, State};
+use crate::broker::Broker;
+use crate::campaign::{self, Config, PULSE, Seat, State};
 use crate::executor::{self, Limits};
-use crate::input::NmiInput;
 use crate::options::{CampaignArgs, RunArgs};
+use crate::shmem::SelfRemovingShMemProvider;
 use crate::stats::{Shared, Totals};
 use crate::status::StatusMonitor;
 use crate::store;
@@ -154,7 +158,9 @@ pub fn load_seeds(dir: &Path) -> Result<Vec<Schedule>> {
 /// Runs the campaign's clients and reports what they did.
 pub fn run_campaign(setup: Setup) -> Result<Report> {
     let config = &setup.config;
-    store::ensure_dir(&config.artifacts)?;
+    for dir in config.corpus_dir.iter().chain([&config.artifacts]) {
+        store::prepare_dir(dir)?;
+    }
     let before = artifacts_in(&config.artifacts)?;
     let shared = Shared::new();
     println!("INFO: Seed: {}", config.seed);
@@ -162,7 +168,8 @@ pub fn run_campaign(setup: Setup) -> Result<Report> {
     match &setup.clients {
         Clients::Single => {
             let manager = SimpleEventManager::new(StatusMonitor::new(PULSE));
-            campaign::run_client(None, manager, config, shared, 0)
+            let seat = Seat { client: 0, clients: 1 };
+            campaign::run_client(None, manager, config, shared, seat)
                 .map_err(|e| anyhow!("campaign: {e}"))?;
         }
         Clients::Cores { cores, port, remote } => launch(config, shared, cores, *port, *remote)?,
@@ -184,6 +191,9 @@ pub fn run_campaign(setup: Setup) -> Result<Report> {
 }
 
 /// Runs one client per core through LibAFL's Launcher; returns in the main process only.
+///
+/// The Launcher forks the clients; the main process then runs the broker ([`Broker`]) in
+/// place of the Launcher's own, which cannot reach a remote broker.
 fn launch(
     config: &Config,
     shared: &'static Shared,
@@ -191,27 +201,59 @@ fn launch(
     port: u16,
     remote: Option<SocketAddr>,
 ) -> Result<()> {
+    // LLMP clients join whatever broker listens on their port: on a port in use (the default
+    // 1337 is a common one) they would join another campaign's.
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .with_context(|| format!("broker port {port} is in use: choose another --broker-port"))?;
     let main_pid = std::process::id();
+    let clients = cores.len();
     let cores = Cores::from(cores.to_vec());
-    let shmem = StdShMemProvider::new().context("cannot set up shared memory for LLMP")?;
+    let shmem = SelfRemovingShMemProvider::new().context("cannot set up shared memory for LLMP")?;
+    let configuration = EventConfig::from_name("nmifuzz");
     println!(
         "INFO: {} clients on cores {:?}, LLMP broker on 127.0.0.1:{port}",
         cores.ids.len(),
         cores.ids
     );
+    // Before the forks, so that no SIGINT finds the main process without it.
+    executor::install_sigint_handler();
     let run_client = |state: Option<State>, manager, client: ClientDescription| {
-        campaign::run_client(state, manager, config, shared, client.id())
+        let seat = Seat { client: client.id(), clients };
+        let result = campaign::run_client(state, manager, config, shared, seat);
+        shared.client_finished();
+        result
     };
+    // The Launcher reports a failed broker only to its log: keep the error for the summary.
+    let mut broker_error = None;
     let result = Launcher::builder()
-        .shmem_provider(shmem)
-        .configuration(EventConfig::from_name("nmifuzz"))
+        .shmem_provider(shmem.clone())
+        .configuration(configuration)
         .monitor(StatusMonitor::new(PULSE))
         .run_client(run_client)
         .cores(&cores)
         .broker_port(port)
-        .remote_broker_addr(remote)
         .build()
-        .launch::<NmiInput, State>();
+        .launch_with_manager(|_, client, monitor| match client {
+            Some(client_description) => setup_restarting_mgr_llmp(
+                shmem.clone(),
+                configuration,
+                None::<StatusMonitor>, // the broker's monitor prints the status lines
+                port,
+                ManagerKind::Client { client_description },
+                None,                       // exit_cleanly_after: for brokers only
+                ShouldSaveState::OnRestart, // the Launcher's default
+                (),                         // no event hooks
+            ),
+            None => {
+                let monitor = monitor.expect("the Launcher passes its monitor to the broker");
+                let broker = Broker { shmem: shmem.clone(), monitor, port, remote, clients };
+                if let Err(e) = broker.run(shared) {
+                    shared.request_stop(); // the clients cannot share inputs any more
+                    broker_error = Some(e);
+                }
+                Err(Error::shutting_down())
+            }
+        });
     if std::process::id() != main_pid {
         // A client or its respawner returning from the Launcher: its work is done.
         match result {
@@ -221,6 +263,9 @@ fn launch(
                 std::process::exit(2);
             }
         }
+    }
+    if let Some(e) = broker_error {
+        return Err(anyhow!("LLMP broker on port {port}: {e}"));
     }
     match result {
         Ok(()) | Err(Error::ShuttingDown) => Ok(()),
@@ -286,7 +331,8 @@ pub fn print_summary(r: &Report) {
     for (client, executions) in &r.clients {
         println!("  client {client}: {executions} executions");
     }
-    if r.clients.len() > 1 {
+    if r.clients.len() > 1 || r.imported > 0 {
+        // From this machine's other clients and, with --remote-broker, the other campaign.
         println!("  inputs shared between clients: {}", r.imported);
     }
     if let (Some(target), Some(overhead), Some(share)) =

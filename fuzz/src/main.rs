@@ -1,6 +1,7 @@
 //! `nmifuzz`: a hypervisor-based fuzzer for x86-64 NMI entry code. See the README.
 
 mod bench;
+mod broker;
 mod campaign;
 mod cmin;
 mod corpus;
@@ -14,6 +15,7 @@ mod new_entry;
 mod options;
 mod progress;
 mod replay;
+mod shmem;
 mod smoke;
 mod stats;
 mod status;

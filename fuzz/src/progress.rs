@@ -1,7 +1,9 @@
-//! Progress bars for long work (sweep, eval) that also work in logs: on a terminal a bar with
-//! notes printed above it; elsewhere (CI logs, pipes) no bar, and the notes plus a periodic
-//! "N/M" line on stderr.
+//! Progress of long commands (sweep, eval, cmin, tmin), the one helper they all use. On a
+//! terminal: a bar with the rate and the time left (or, when the total is unknown, a spinner
+//! with the count and the rate), and notes printed above it. Elsewhere (CI logs, pipes) no
+//! bar: the notes, and every 30 s a plain "progress: N/M units" line, all on stderr.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -9,30 +11,53 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// How often a log line reports progress when there is no terminal.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// A progress bar over `length` items of `unit`s (`runs`, ...).
+/// Progress over items of some `unit` (`runs`, `entries`, ...).
 pub struct Progress {
     bar: ProgressBar,
     /// Report at all (false: quiet, e.g. `--json` or a child job).
     shown: bool,
     terminal: bool,
+    /// Whether the total is known (a bar) or not (a counter).
+    bounded: bool,
     unit: &'static str,
-    last_log: std::sync::Mutex<Instant>,
+    last_log: Mutex<Instant>,
 }
 
 impl Progress {
-    /// Progress on stderr if `shown`: a bar on a terminal, log lines elsewhere.
+    /// Progress towards `length` items (more may be added with [`Progress::inc_length`]), on
+    /// stderr if `shown`.
     pub fn new(length: u64, unit: &'static str, shown: bool) -> Self {
-        let terminal = shown && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let bar = ProgressBar::new(length).with_style(
-            ProgressStyle::with_template(&format!(
-                "{{elapsed_precise}} [{{wide_bar}}] {{pos}}/{{len}} {unit} ({{eta}} left) {{msg}}"
-            ))
-            .expect("a valid template"),
+        let template = format!(
+            "{{elapsed_precise}} [{{wide_bar}}] {{pos}}/{{len}} {unit} ({{per_sec:1}}, {{eta}} \
+             left) {{msg}}"
         );
-        if !terminal {
+        Self::with_template(ProgressBar::new(length), &template, unit, shown, true)
+    }
+
+    /// Progress of work whose total is not known in advance (`tmin` runs until nothing
+    /// shrinks): a count and its rate.
+    pub fn counter(unit: &'static str, shown: bool) -> Self {
+        let template =
+            format!("{{elapsed_precise}} {{spinner}} {{pos}} {unit} ({{per_sec:1}}) {{msg}}");
+        Self::with_template(ProgressBar::no_length(), &template, unit, shown, false)
+    }
+
+    fn with_template(
+        bar: ProgressBar,
+        template: &str,
+        unit: &'static str,
+        shown: bool,
+        bounded: bool,
+    ) -> Self {
+        let terminal = shown && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = bar.with_style(ProgressStyle::with_template(template).expect("a valid template"));
+        if terminal {
+            // A spinner only turns when it is told to; a bar redraws on every `inc`.
+            bar.enable_steady_tick(Duration::from_millis(250));
+        } else {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         }
-        Self { bar, shown, terminal, unit, last_log: std::sync::Mutex::new(Instant::now()) }
+        Self { bar, shown, terminal, bounded, unit, last_log: Mutex::new(Instant::now()) }
     }
 
     /// A note for the user, above the bar or as a log line.
@@ -51,13 +76,17 @@ impl Progress {
             let mut last = self.last_log.lock().expect("not poisoned");
             if last.elapsed() >= LOG_EVERY {
                 *last = Instant::now();
-                eprintln!(
-                    "progress: {}/{} {}",
-                    self.bar.position(),
-                    self.bar.length().unwrap_or(0),
-                    self.unit
-                );
+                eprintln!("progress: {} {}", self.position(), self.unit);
             }
+        }
+    }
+
+    /// "N/M" for a bar, "N" for a counter.
+    fn position(&self) -> String {
+        if self.bounded {
+            format!("{}/{}", self.bar.position(), self.bar.length().unwrap_or(0))
+        } else {
+            self.bar.position().to_string()
         }
     }
 

@@ -24,7 +24,8 @@ pub struct ClientCounters {
     pub loop_nanos: AtomicU64,
     /// Corpus entries (own finds and imports).
     pub corpus: AtomicU64,
-    /// Corpus entries received from other clients.
+    /// Corpus entries received from other clients (of this campaign or, through a remote
+    /// broker, of another).
     pub imported: AtomicU64,
     /// Executions that ended in a finding.
     pub crashes: AtomicU64,
@@ -44,6 +45,8 @@ pub struct Shared {
     pub interrupted: AtomicBool,
     /// Executions of all clients, for `--runs`.
     pub total_executions: AtomicU64,
+    /// Clients that have returned (done or failed), for the broker to know when to stop.
+    pub finished: AtomicU64,
     /// Per client, indexed by the client's number.
     pub clients: [ClientCounters; MAX_CLIENTS],
 }
@@ -88,6 +91,16 @@ impl Shared {
     /// Whether a client asked every client to stop.
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client that has returned.
+    pub fn client_finished(&self) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many clients have returned.
+    pub fn finished(&self) -> usize {
+        self.finished.load(Ordering::Relaxed) as usize
     }
 
     /// The sum over clients, and the clients that executed anything.

@@ -4,7 +4,9 @@
 //! Every file nmifuzz writes appears whole or not at all: it is written to a hidden temporary
 //! file in the same directory and renamed (or hard-linked, for "create only if absent") into
 //! place, so a campaign killed with SIGKILL never leaves a half-written schedule behind, and
-//! the temporary files are dot-files that corpus loading skips.
+//! the temporary files are dot-files that corpus loading skips. A process killed between
+//! writing and renaming leaves its temporary file behind; [`remove_stale_temps`] removes
+//! those of dead processes when a command starts on the directory.
 
 use std::fs;
 use std::io::{self, Write};
@@ -51,6 +53,36 @@ fn temp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
     path.with_file_name(format!(".{name}.{}.{unique}.tmp", std::process::id()))
+}
+
+/// Removes from `dir` the temporary files of writers that are no longer running (killed
+/// between writing and renaming); returns how many. A live writer's files are kept.
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if temp_writer(&name).is_some_and(|pid| !running(pid)) {
+            fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// The writer's PID if `name` is one of [`temp_path`]'s names: `.{name}.{pid}.{n}.tmp`.
+fn temp_writer(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = rest.rsplitn(3, '.');
+    let (_n, pid) = (parts.next()?.parse::<u64>().ok()?, parts.next()?.parse().ok()?);
+    parts.next().map(|_| pid)
+}
+
+/// Whether process `pid` exists.
+fn running(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    alive || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// FNV-1a, 64 bits: a hash that is the same on every host and Rust version, for file names.
@@ -126,6 +158,14 @@ pub fn load_dir(dir: &Path) -> Result<LoadedDir> {
     Ok(loaded)
 }
 
+/// Makes `dir` ready for writing: creates it (and its parents) if needed and removes the
+/// temporary files of dead writers; names it on failure.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    ensure_dir(dir)?;
+    remove_stale_temps(dir).with_context(|| format!("cannot clean up {}", dir.display()))?;
+    Ok(())
+}
+
 /// Creates `dir` (and its parents) if needed, naming it on failure.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))
@@ -190,6 +230,23 @@ mod tests {
         });
         assert_eq!(fs::read(&path).unwrap(), big);
         assert_eq!(visible_files(&dir), vec!["same.json"]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn stale_temporary_files_of_dead_writers_are_removed() {
+        let dir = scratch("stale");
+        // A child that exits at once: its PID is dead (and, in this short test, not reused).
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        let ours = temp_path(&dir.join("a.json"));
+        fs::write(&ours, b"in progress").unwrap();
+        let stale = dir.join(format!(".b.json.{dead_pid}.0.tmp"));
+        fs::write(&stale, b"torn").unwrap();
+        fs::write(dir.join(".notes"), b"not ours").unwrap();
+        assert_eq!(remove_stale_temps(&dir).unwrap(), 1);
+        assert!(ours.exists() && !stale.exists() && dir.join(".notes").exists());
         fs::remove_dir_all(dir).unwrap();
     }
 

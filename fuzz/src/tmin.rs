@@ -18,6 +18,7 @@ use vmm::engine::schedule::{Injection, Schedule};
 
 use crate::feedback::finding_key;
 use crate::options::TminArgs;
+use crate::progress::Progress;
 use crate::store;
 use crate::target::Target;
 
@@ -72,6 +73,8 @@ pub struct Minimizer<'t> {
     key: String,
     /// Executions so far.
     pub executions: u64,
+    /// Counts them for the user (the total is not known in advance).
+    progress: Progress,
 }
 
 impl<'t> Minimizer<'t> {
@@ -83,12 +86,15 @@ impl<'t> Minimizer<'t> {
         }
         let key = finding_key(verdict.kind(), &verdict.to_string());
         println!("INFO: keeping the finding: {verdict} [{}]", verdict.kind());
-        Ok(Self { target, options, key, executions: 1 })
+        let progress = Progress::counter("executions", true);
+        progress.inc(1);
+        Ok(Self { target, options, key, executions: 1, progress })
     }
 
     /// Whether `candidate` ends in the same finding.
     fn keeps(&mut self, candidate: &Schedule) -> Result<bool> {
         self.executions += 1;
+        self.progress.inc(1);
         let verdict = self.target.execute(candidate, &self.options, &mut [])?.outcome.verdict;
         Ok(verdict.is_finding() && finding_key(verdict.kind(), &verdict.to_string()) == self.key)
     }
@@ -101,8 +107,10 @@ impl<'t> Minimizer<'t> {
             self.remove_actions(&mut schedule)?;
             self.shrink_counts(&mut schedule)?;
             if schedule == before {
+                self.progress.finish();
                 return Ok(schedule);
             }
+            self.progress.set_message(format!("now {}", Size::of(&schedule)));
         }
     }
 
@@ -231,13 +239,11 @@ pub fn run(args: &TminArgs) -> Result<()> {
         }
     );
     let dir = match &args.output {
-        Some(dir) => {
-            store::ensure_dir(dir)?;
-            dir.clone()
-        }
+        Some(dir) => dir.clone(),
         None => args.file.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
     };
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    store::prepare_dir(&dir)?;
     let path = dir.join(format!("minimized-{:016x}.json", store::content_hash(&minimized)));
     store::write_atomic(&path, minimized.to_json().as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
