@@ -37,6 +37,9 @@ const EXIT_FINDING: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Replay(_) | Command::Variants) {
+        end_quietly_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::Run(args) => launch::run(&args),
         Command::Tmin(args) => tmin::run(&args).map(|()| false),
@@ -61,6 +64,17 @@ fn main() -> ExitCode {
             eprintln!("error: {}", describe(&e));
             ExitCode::from(EXIT_SETUP_ERROR)
         }
+    }
+}
+
+/// Lets a command whose output is piped (`replay --trace ... | head`) end like other Unix tools
+/// when the reader goes away, instead of panicking at the next print: Rust ignores SIGPIPE. Only
+/// for commands that just print; campaigns keep ignoring it, since their brokers talk over TCP
+/// and must see a closed connection as an error, not die of it.
+fn end_quietly_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -90,6 +90,28 @@ fn kvm_replay_trace_marks_a_wrong_return_and_shows_both_frames() {
 }
 
 #[test]
+fn kvm_replay_trace_piped_into_a_reader_that_stops_early_ends_quietly() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nmifuzz"))
+        .args(["replay", "--trace", seed().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Like `| head -1`: read the header line, then close the pipe.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("insn"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
+}
+
+#[test]
 fn kvm_replay_warns_about_another_guest_or_host() {
     if kvm_tests_skipped() {
         return;
