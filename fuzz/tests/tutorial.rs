@@ -131,5 +131,61 @@ fn kvm_the_tutorial_runs_as_written() {
         "{}",
         outputs[7]
     );
+
+    // An entry written by hand as an assembly file: naive's code, but claiming Linux's stack
+    // layout. It is listed, and the first NMI's first iteration shows the contradiction.
+    let naive = fs::read_to_string(copy.join("entries/naive.S")).unwrap();
+    let body = naive.split_once("\n\n").unwrap().1.replace("nmi_naive", "nmi_hand_made");
+    let hand_made =
+        format!("# Written by hand, with a wrong layout.\n#\n# Layout: linux\n\n{body}");
+    fs::write(copy.join("entries/hand_made.S"), hand_made).unwrap();
+    let (status, text) = bash(
+        &copy,
+        "cargo build --release -q -p nmifuzz\n\
+         ./target/release/nmifuzz variants\n\
+         ./target/release/nmifuzz replay --variant hand-made corpus/single-nmi-in-workload.json",
+    );
+    assert_eq!(status, Some(1), "{text}");
+    let listed = text.lines().find(|l| l.starts_with("hand-made "));
+    assert!(listed.is_some_and(|l| l.ends_with("Written by hand, with a wrong layout.")), "{text}");
+    assert!(text.contains("the entry's Layout: contradicts its code"), "{text}");
+    fs::remove_dir_all(&copy).unwrap();
+}
+
+#[test]
+fn broken_entries_stop_the_build_with_the_file_and_the_problem() {
+    let copy = copy_repository("broken-entries", "broken-entries");
+    let naive = fs::read_to_string(copy.join("entries/naive.S")).unwrap();
+    let cld_line = 1 + naive.lines().position(|l| l.starts_with("    cld ")).unwrap();
+    let renamed = |symbol: &str| naive.replace("nmi_naive", symbol);
+    // (file, text, what the error must say)
+    let cases = [
+        (
+            "bad_syntax.S",
+            renamed("nmi_bad_syntax").replace("    cld ", "    cldx "),
+            format!("entries/bad_syntax.S:{cld_line}: Error: no such instruction: `cldx"),
+        ),
+        (
+            "no_symbol.S",
+            renamed("nmi_other"),
+            "no_symbol.S: missing required symbol `nmi_no_symbol`".to_owned(),
+        ),
+        (
+            "bad_layout.S",
+            renamed("nmi_bad_layout").replace(
+                "# Layout: none",
+                "# Layout: original=40 temp_rdx=48 executing=48 iret=96 outermost=136",
+            ),
+            "bad_layout.S: Layout: temp_rdx and executing overlap".to_owned(),
+        ),
+        ("Bad-Name.S", renamed("nmi_bad_name"), "`Bad-Name` is not a valid entry name".to_owned()),
+    ];
+    for (file, text, message) in cases {
+        fs::write(copy.join("entries").join(file), text).unwrap();
+        let (status, output) = bash(&copy, "cargo check -q -p nmifuzz-abi");
+        assert_ne!(status, Some(0), "{file} built");
+        assert!(output.contains(&message), "{file}: {output}");
+        fs::remove_file(copy.join("entries").join(file)).unwrap();
+    }
     fs::remove_dir_all(&copy).unwrap();
 }
