@@ -267,7 +267,9 @@ fn generate(entries: &[Entry]) -> String {
     out.push_str(
         "/// Compiles every entry into the guest and defines `entry_addresses()`, their addresses by\n\
          /// code. Invoked once, in the guest's `nmi` module.\n\
-         #[doc(hidden)]\n#[macro_export]\nmacro_rules! include_entries {\n    () => {\n",
+         #[doc(hidden)]\n#[macro_export]\nmacro_rules! include_entries {\n    () => {\n\
+         // In a module of their own, so that no entry's name can collide with the guest's.\n\
+         mod entries {\n",
     );
     for entry in entries {
         let path = entry.path.display().to_string();
@@ -287,7 +289,7 @@ fn generate(entries: &[Entry]) -> String {
         .unwrap();
     }
     out.push_str(
-        "        /// The address of every entry, by code.\n        \
+        "        }\n        /// The address of every entry, by code.\n        \
          fn entry_addresses() -> [u64; ",
     );
     writeln!(out, "{}] {{\n            unsafe extern \"C\" {{", entries.len()).unwrap();
