@@ -183,7 +183,7 @@ fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
 fn three_nmi_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<(Duration, f64)> {
     let mut script = Script::new(Variant::Linux, Workload::Loop, 40);
     script.action_count = 3;
-    script.actions[..3].fill(Action { busy: 3, faults: fault::UD });
+    script.actions[..3].fill(Action { busy: 3, faults: fault::UD, ..Action::NONE });
     let plan = Plan {
         script,
         injections: vec![Trigger::After(60), Trigger::After(150), Trigger::After(150)],

@@ -24,6 +24,7 @@ mod nmi;
 mod paging;
 mod panic;
 mod regs;
+mod scribble;
 mod script;
 mod tss;
 mod workload;

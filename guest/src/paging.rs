@@ -23,6 +23,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use nmifuzz_abi::MAX_ACTIONS;
 
 use crate::cpu;
+use crate::scribble::Region;
 
 /// Bytes of guest memory the identity map covers: the VMM's default guest memory.
 const IDENTITY_BYTES: u64 = 16 << 20;
@@ -142,4 +143,17 @@ pub fn touch_fresh_page() {
             options(nostack, preserves_flags)
         );
     }
+}
+
+/// The first eight entries of one page-table page (`pick` chooses which): the live ones of
+/// every table but the demand page table, for the chaos `scribble` action.
+pub fn scribble_region(pick: u64) -> Region {
+    let tables = [
+        addr_of_mut!(PML4),
+        addr_of_mut!(PDPT),
+        addr_of_mut!(PD_IDENTITY),
+        addr_of_mut!(PD_DEMAND),
+        addr_of_mut!(DEMAND_PT),
+    ];
+    Region { base: tables[(pick % tables.len() as u64) as usize].cast(), len: 8 * 8 }
 }

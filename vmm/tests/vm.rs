@@ -121,7 +121,7 @@ fn kvm_nmi_calls_do_nmi_and_ud2_returns_into_it() {
     // The Loop workload raises #UD itself in some iterations: count those without the NMI.
     let workload_own = run(&mut vm, &s).counters.invalid_opcodes;
     s.action_count = 1;
-    s.actions[0] = Action { busy: 5, faults: fault::UD };
+    s.actions[0] = Action { busy: 5, faults: fault::UD, ..Action::NONE };
     vm.reset().unwrap();
     vm.apply_pending_reset().unwrap();
     vm.write_script(&s).unwrap();

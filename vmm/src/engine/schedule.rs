@@ -19,7 +19,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use nmifuzz_abi::{Action, MAX_ACTIONS, Script, Variant, Workload, fault};
+use nmifuzz_abi::{Action, MAX_ACTIONS, MAX_BUSY_ITERATIONS, Script, Variant, Workload, fault};
 use serde::{Deserialize, Serialize};
 
 use crate::image::GuestImage;
@@ -33,8 +33,6 @@ pub const MAX_INJECTIONS: usize = 64;
 pub const MAX_DELAY: u64 = 10_000_000;
 /// Largest `occurrence` of a symbolic point.
 pub const MAX_OCCURRENCE: u32 = 1_000_000;
-/// Largest busy-work count of one action (two instructions each).
-pub const MAX_BUSY: u32 = 2_000;
 /// Largest workload length: runs stay in the milliseconds.
 pub const MAX_WORKLOAD_ITERATIONS: u32 = 2_000;
 /// Largest schedule file read; anything bigger is refused before parsing.
@@ -296,7 +294,7 @@ impl Schedule {
             MAX_WORKLOAD_ITERATIONS.into(),
         )?;
         for (i, action) in self.actions.iter().enumerate() {
-            range(format!("actions[{i}].busy"), action.busy.into(), MAX_BUSY.into())?;
+            range(format!("actions[{i}].busy"), action.busy.into(), MAX_BUSY_ITERATIONS.into())?;
             too_many("faults in one action", action.faults.len(), 8)?;
         }
         for (i, injection) in self.injections.iter().enumerate() {
@@ -336,6 +334,7 @@ impl Schedule {
             *slot = Action {
                 busy: action.busy,
                 faults: action.faults.iter().fold(0, |bits, f| bits | f.bit()),
+                ..Action::NONE
             };
         }
         Ok(script)
@@ -521,8 +520,11 @@ mod tests {
         ];
         let script = s.script().unwrap();
         assert_eq!(script.action_count, 3);
-        assert_eq!(script.actions[0], Action { busy: 7, faults: fault::UD });
+        assert_eq!(script.actions[0], Action { busy: 7, faults: fault::UD, ..Action::NONE });
         assert_eq!(script.actions[1], Action::default());
-        assert_eq!(script.actions[2], Action { busy: 0, faults: fault::PF | fault::BP });
+        assert_eq!(
+            script.actions[2],
+            Action { busy: 0, faults: fault::PF | fault::BP, ..Action::NONE }
+        );
     }
 }
