@@ -56,8 +56,13 @@ impl InsnCache {
 
 fn decode(ram: &GuestRam, rip: u64) -> Result<Instruction> {
     let mut bytes = [0u8; MAX_INSN_LEN];
-    // Near the end of memory fewer bytes are readable; decode what there is.
+    // Near the end of memory fewer bytes are readable; decode what there is. A guest that jumped
+    // outside its memory (a smashed return frame) has no bytes there at all: that is an invalid
+    // instruction, which the CPU, not the engine, will fault on.
     let available = (ram.size().saturating_sub(rip) as usize).min(MAX_INSN_LEN);
+    if available == 0 {
+        return Ok(Instruction::default());
+    }
     ram.read(rip, &mut bytes[..available])?;
     let mut decoder = Decoder::with_ip(64, &bytes[..available], rip, DecoderOptions::NONE);
     Ok(decoder.decode())
