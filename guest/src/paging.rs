@@ -23,6 +23,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use nmifuzz_abi::MAX_ACTIONS;
 
 use crate::cpu;
+use crate::panic::fail;
 use crate::scribble::Region;
 
 /// Bytes of guest memory the identity map covers: the VMM's default guest memory.
@@ -129,7 +130,7 @@ pub fn touch_fresh_page() {
     // SAFETY: the counter static is only used here, by `do_nmi`, which does not nest.
     let page = unsafe { NEXT_NMI_PAGE };
     if page >= DEMAND_PAGES {
-        panic!("do_nmi: all {DEMAND_PAGES} demand pages are used up");
+        fail!("do_nmi: all {DEMAND_PAGES} demand pages are used up");
     }
     // SAFETY: as above.
     unsafe { NEXT_NMI_PAGE = page + 1 };

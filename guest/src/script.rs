@@ -13,6 +13,7 @@ use nmifuzz_abi::{
     Scribble, ScribbleArea, Script, Variant, Workload, fault, option,
 };
 
+use crate::panic::fail;
 use crate::scribble::Region;
 
 /// The script buffer, found by the host through the symbol `nmifuzz_abi::SCRIPT_SYMBOL`. All
@@ -64,31 +65,31 @@ pub fn read() -> Run {
 fn validate(script: &Script) -> Run {
     let magic = once(&script.magic);
     if magic != SCRIPT_MAGIC {
-        panic!("script: bad magic {magic:#010x}, expected {SCRIPT_MAGIC:#010x}");
+        fail!("script: bad magic {magic:#010x}, expected {SCRIPT_MAGIC:#010x}");
     }
     let version = once(&script.version);
     if version != ABI_VERSION {
-        panic!("script: unsupported version {version}, expected {ABI_VERSION}");
+        fail!("script: unsupported version {version}, expected {ABI_VERSION}");
     }
     let code = once(&script.variant);
     let Some(variant) = Variant::from_code(code) else {
-        panic!("script: unknown variant code {code}");
+        fail!("script: unknown variant code {code}");
     };
     let code = once(&script.workload);
     let Some(workload) = Workload::from_code(code) else {
-        panic!("script: unknown workload code {code}");
+        fail!("script: unknown workload code {code}");
     };
     let unknown = once(&script.options) & !option::ALL;
     if unknown != 0 {
-        panic!("script: unknown option bits {unknown:#x}");
+        fail!("script: unknown option bits {unknown:#x}");
     }
     let reserved = once(&script.reserved);
     if reserved != 0 {
-        panic!("script: reserved must be 0, got {reserved:#x}");
+        fail!("script: reserved must be 0, got {reserved:#x}");
     }
     let count = once(&script.action_count) as usize;
     if count > MAX_ACTIONS {
-        panic!("script: action_count {count} exceeds {MAX_ACTIONS}");
+        fail!("script: action_count {count} exceeds {MAX_ACTIONS}");
     }
     for (index, action) in script.actions[..count].iter().enumerate() {
         validate_action(index, &once(action));
@@ -101,24 +102,24 @@ fn validate(script: &Script) -> Run {
 #[inline(always)]
 fn validate_action(index: usize, action: &Action) {
     if action.busy > MAX_BUSY_ITERATIONS {
-        panic!("script: action {index} busy {} exceeds {MAX_BUSY_ITERATIONS}", action.busy);
+        fail!("script: action {index} busy {} exceeds {MAX_BUSY_ITERATIONS}", action.busy);
     }
     let unknown = action.faults & !fault::ALL;
     if unknown != 0 {
-        panic!("script: action {index} has unknown fault bits {unknown:#x}");
+        fail!("script: action {index} has unknown fault bits {unknown:#x}");
     }
     let Scribble { area, bytes, seed } = action.scribble;
     if action.faults & fault::SCRIBBLE == 0 {
         if (area, bytes, seed) != (0, 0, 0) {
-            panic!("script: action {index} has a scribble but not the scribble fault bit");
+            fail!("script: action {index} has a scribble but not the scribble fault bit");
         }
         return;
     }
     if ScribbleArea::from_code(area).is_none() {
-        panic!("script: action {index} scribbles unknown area {area}");
+        fail!("script: action {index} scribbles unknown area {area}");
     }
     if !(1..=MAX_SCRIBBLE_BYTES).contains(&bytes) {
-        panic!("script: action {index} scribbles {bytes} bytes, not 1 to {MAX_SCRIBBLE_BYTES}");
+        fail!("script: action {index} scribbles {bytes} bytes, not 1 to {MAX_SCRIBBLE_BYTES}");
     }
 }
 

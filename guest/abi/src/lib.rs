@@ -448,8 +448,9 @@ pub const PANIC_FILE_LEN: usize = 96;
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct PanicRecord {
-    /// The instruction the panic is about: the faulting RIP for an unexpected exception, 0
-    /// for other panics (core's panic machinery keeps no frame pointers to find the caller).
+    /// The instruction the panic is about: the faulting RIP for an unexpected exception, the
+    /// panic site for the guest's own panics, and the panic handler itself for a panic raised
+    /// inside `core` (its panic machinery keeps no frame pointers to find the caller).
     pub rip: u64,
     /// Source line of the panic.
     pub line: u32,

@@ -12,6 +12,7 @@ use nmifuzz_abi::{Action, fault};
 
 use super::{NmiRegs, checks};
 use crate::mailbox::{self, Counter};
+use crate::panic::fail;
 use crate::{cpu, idt, invariant, paging, scribble, script, tss};
 
 /// Linux's `nmi_state`: `do_nmi` is not running.
@@ -87,7 +88,7 @@ pub extern "C" fn nmi_iteration(regs: &NmiRegs) {
 /// The reaction to an NMI from ring 3, reached from every entry's ring-3 branch.
 #[unsafe(no_mangle)]
 extern "C" fn nmi_from_user() -> ! {
-    panic!("NMI from ring 3: this guest never runs ring 3, and the entries do not handle it yet")
+    fail!("NMI from ring 3: this guest never runs ring 3, and the entries do not handle it yet")
 }
 
 /// Busy work, the chaos scribble if asked for, then the faults in their fixed order: #UD, #PF,
