@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use vmm::engine::schedule::Schedule;
+use vmm::hash::fnv1a;
 
 /// Writes `bytes` to `path` atomically, replacing any file there.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -51,13 +52,6 @@ fn temp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
     path.with_file_name(format!(".{name}.{}.{unique}.tmp", std::process::id()))
-}
-
-/// FNV-1a, 64 bits: a hash that is the same on every host and Rust version, for file names.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Identifies what a schedule does: its JSON without the description, the origin and the
