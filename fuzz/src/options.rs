@@ -7,8 +7,6 @@ use clap::{Args, Parser, Subcommand};
 use nmifuzz_abi::Variant;
 use vmm::engine::schedule::{Fault, variant_names};
 
-use crate::input::all_faults;
-
 /// Default wall-clock limit of one execution, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
 
@@ -253,14 +251,14 @@ pub struct FaultList(pub Vec<Fault>);
 /// Parses `all`, `none` or a comma-separated list of fault names.
 pub fn parse_faults(text: &str) -> Result<FaultList, String> {
     let valid = || {
-        all_faults()
+        Fault::ALL
             .iter()
             .map(|f| serde_json::to_string(f).unwrap().replace('"', ""))
             .collect::<Vec<_>>()
             .join(", ")
     };
     match text {
-        "all" => Ok(FaultList(all_faults())),
+        "all" => Ok(FaultList(Fault::ALL.to_vec())),
         "none" => Ok(FaultList(Vec::new())),
         list => list
             .split(',')

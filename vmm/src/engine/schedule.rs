@@ -511,6 +511,23 @@ mod tests {
     }
 
     #[test]
+    fn fault_all_lists_every_fault_of_the_format() {
+        use serde::de::value::{Error, U32Deserializer};
+        // Serde numbers the variants 0, 1, ...: every index that deserializes is a fault, so a
+        // fault added to the enum but not to `Fault::ALL` (and so never fuzzed) fails here.
+        let by_index: Vec<Fault> = (0u32..)
+            .map_while(|index| Fault::deserialize(U32Deserializer::<Error>::new(index)).ok())
+            .collect();
+        assert_eq!(by_index, Fault::ALL);
+        assert!(Fault::ALL.contains(&Fault::Ud));
+        let names: Vec<String> =
+            Fault::ALL.iter().map(|f| serde_json::to_string(f).unwrap()).collect();
+        let mut unique = names.clone();
+        unique.dedup();
+        assert_eq!(unique, names);
+    }
+
+    #[test]
     fn script_carries_actions() {
         let mut s = parse(MINIMAL).unwrap();
         s.actions = vec![
