@@ -20,7 +20,7 @@
 use core::arch::asm;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use nmifuzz_abi::MAX_ACTIONS;
+use nmifuzz_abi::SCRIPT_ACTION_SLOTS;
 
 use crate::cpu;
 use crate::panic::fail;
@@ -40,7 +40,7 @@ const ENTRIES: usize = 512;
 /// Start of the demand-paged region: 1 GiB, the second PDPT entry, far from anything else.
 pub const DEMAND_BASE: u64 = 0x4000_0000;
 /// Pages in the demand region: one for the workload, one per possible `do_nmi` action.
-pub const DEMAND_PAGES: usize = 1 + MAX_ACTIONS;
+pub const DEMAND_PAGES: usize = 1 + SCRIPT_ACTION_SLOTS;
 /// The workload's demand page.
 pub const WORKLOAD_PAGE: usize = 0;
 

@@ -9,8 +9,8 @@ use core::mem::{MaybeUninit, size_of};
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use nmifuzz_abi::{
-    ABI_VERSION, Action, MAX_ACTIONS, MAX_BUSY_ITERATIONS, MAX_SCRIBBLE_BYTES, SCRIPT_MAGIC,
-    Scribble, ScribbleArea, Script, Variant, Workload, fault, option,
+    ABI_VERSION, Action, MAX_BUSY_ITERATIONS, MAX_SCRIBBLE_BYTES, SCRIPT_ACTION_SLOTS,
+    SCRIPT_MAGIC, Scribble, ScribbleArea, Script, Variant, Workload, fault, option,
 };
 
 use crate::panic::fail;
@@ -88,8 +88,8 @@ fn validate(script: &Script) -> Run {
         fail!("script: reserved must be 0, got {reserved:#x}");
     }
     let count = once(&script.action_count) as usize;
-    if count > MAX_ACTIONS {
-        fail!("script: action_count {count} exceeds {MAX_ACTIONS}");
+    if count > SCRIPT_ACTION_SLOTS {
+        fail!("script: action_count {count} exceeds {SCRIPT_ACTION_SLOTS}");
     }
     for (index, action) in script.actions[..count].iter().enumerate() {
         validate_action(index, &once(action));
@@ -148,7 +148,7 @@ pub fn action(index: u64) -> Option<Action> {
     // The array index is bounds-checked, so even a script changed after validation cannot make
     // this read out of bounds.
     let index = index as usize;
-    // SAFETY: as above; `index < MAX_ACTIONS` (checked by the indexing).
+    // SAFETY: as above; `index < SCRIPT_ACTION_SLOTS` (checked by the indexing).
     let action = unsafe { read_volatile(addr_of!((*script).actions[index])) };
     validate_action(index, &action);
     Some(action)

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use nmifuzz_abi::{Action, Script, Variant, Workload, fault};
 use vmm::engine::decode::InsnCache;
 use vmm::engine::profile;
-use vmm::engine::schedule::{MAX_DELAY, Plan, Trigger};
+use vmm::engine::schedule::{Plan, SCHEDULE_MAX_DELAY, Trigger};
 use vmm::engine::trace::{Event, Injected};
 use vmm::engine::{Engine, Execution, RunOptions};
 use vmm::{Verdict, Vm};
@@ -52,8 +52,9 @@ fn injections(execution: &Execution) -> Vec<Injected> {
 /// A run that single-steps from start to DONE without injecting anything: its trace maps each
 /// instruction count to the boundary the engine stops at.
 fn baseline(engine: &mut Engine, vm: &mut Vm, workload: Workload, arg: u32) -> Execution {
-    let execution =
-        engine.run(vm, &plan(workload, arg, &[], &[Trigger::After(MAX_DELAY)]), &traced()).unwrap();
+    let execution = engine
+        .run(vm, &plan(workload, arg, &[], &[Trigger::After(SCHEDULE_MAX_DELAY)]), &traced())
+        .unwrap();
     assert_eq!(execution.outcome.verdict, Verdict::Done);
     assert_eq!(execution.nmi.injected, 0);
     execution
@@ -102,8 +103,12 @@ fn kvm_instruction_counts_follow_the_decoder() {
     let Some(mut vm) = common::boot() else { return };
     let mut engine = engine(&mut vm);
     let action = Action { busy: 2, faults: fault::UD, ..Action::NONE };
-    let plan =
-        plan(Workload::Breakpoint, 2, &[action], &[Trigger::After(40), Trigger::After(MAX_DELAY)]);
+    let plan = plan(
+        Workload::Breakpoint,
+        2,
+        &[action],
+        &[Trigger::After(40), Trigger::After(SCHEDULE_MAX_DELAY)],
+    );
     let execution = engine.run(&mut vm, &plan, &traced()).unwrap();
     assert_eq!(execution.outcome.verdict, Verdict::Done);
     let mut insns = InsnCache::default();

@@ -16,13 +16,13 @@
 
 use libafl_bolts::rands::{Rand, StdRand};
 use nmifuzz_abi::{
-    ABI_VERSION, MAX_ACTIONS, MAX_BUSY_ITERATIONS, MAX_SCRIBBLE_BYTES, SCRIPT_MAGIC, Scribble,
-    ScribbleArea, Script, Variant, Workload, fault,
+    ABI_VERSION, MAX_BUSY_ITERATIONS, MAX_SCRIBBLE_BYTES, SCRIPT_ACTION_SLOTS, SCRIPT_MAGIC,
+    Scribble, ScribbleArea, Script, Variant, Workload, fault,
 };
 use vmm::GuestImage;
 use vmm::engine::schedule::{
-    Fault, HandlerAction, Injection, MAX_DELAY, MAX_INJECTIONS, MAX_OCCURRENCE,
-    MAX_WORKLOAD_ITERATIONS, Plan, Point, SCHEDULE_FORMAT, Schedule,
+    Fault, HandlerAction, Injection, MAX_OCCURRENCE, MAX_WORKLOAD_ITERATIONS, Plan, Point,
+    SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, SCHEDULE_MAX_INJECTIONS, Schedule,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -101,7 +101,7 @@ impl<'a> Inputs<'a> {
                 script.workload_arg = self.rand.below_or_zero(17) as u32;
                 script.options = self.odd_code(2, 0);
                 script.reserved = self.odd_code(1, 0);
-                script.action_count = self.rand.below_or_zero(MAX_ACTIONS + 2) as u32;
+                script.action_count = self.rand.below_or_zero(SCRIPT_ACTION_SLOTS + 2) as u32;
                 script
             }
             // A valid script, garbled in a few bytes.
@@ -146,14 +146,14 @@ impl<'a> Inputs<'a> {
         match self.rand.below_or_zero(7) {
             0 => {
                 // The most injections, many at the same boundary as the one before.
-                schedule.injections = (0..MAX_INJECTIONS)
+                schedule.injections = (0..SCHEDULE_MAX_INJECTIONS)
                     .map(|_| Injection::After(self.pick(&[0, 0, 1, 7])))
                     .collect();
             }
             1 => {
                 // The longest delays: NMIs that never come before DONE.
-                schedule.injections.push(Injection::After(MAX_DELAY));
-                schedule.injections.push(self.odd_point(MAX_DELAY));
+                schedule.injections.push(Injection::After(SCHEDULE_MAX_DELAY));
+                schedule.injections.push(self.odd_point(SCHEDULE_MAX_DELAY));
             }
             2 => {
                 // The most busy work, in NMIs that can nest.
@@ -164,13 +164,14 @@ impl<'a> Inputs<'a> {
             }
             3 => {
                 // The most actions, each with the most faults the format allows.
-                schedule.actions = (0..MAX_ACTIONS)
+                schedule.actions = (0..SCRIPT_ACTION_SLOTS)
                     .map(|_| HandlerAction {
                         busy: self.rand.below_or_zero(4) as u32,
                         faults: (0..8).map(|_| self.pick(Fault::ALL)).collect(),
                     })
                     .collect();
-                schedule.injections = (0..MAX_ACTIONS).map(|_| Injection::After(3)).collect();
+                schedule.injections =
+                    (0..SCRIPT_ACTION_SLOTS).map(|_| Injection::After(3)).collect();
             }
             4 => {
                 // The longest workload, with its NMIs early so the rest runs free.

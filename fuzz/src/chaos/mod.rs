@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nmifuzz_abi::{MAX_ACTIONS, Variant};
+use nmifuzz_abi::{SCRIPT_ACTION_SLOTS, Variant};
 use serde::Serialize;
 use vmm::Verdict;
 use vmm::engine::Execution;
@@ -148,7 +148,8 @@ impl Summary {
     fn note(&mut self, run: u64, kind: Kind, plan: &Plan, what: &str) {
         if self.details.len() < DETAILS_KEPT {
             let script = &plan.script;
-            let actions = &script.actions[..(script.action_count as usize).min(MAX_ACTIONS)];
+            let actions =
+                &script.actions[..(script.action_count as usize).min(SCRIPT_ACTION_SLOTS)];
             self.details.push(format!(
                 "run {run} ({}: {} injections; script variant {}, workload {} arg {}, actions \
                  {:?}): {what}",

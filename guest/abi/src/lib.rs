@@ -62,8 +62,9 @@ pub const SCRIPT_MAGIC: u32 = u32::from_le_bytes(*b"NMIS");
 /// `Mailbox::magic`: "NMIM" little-endian, set by the guest at boot.
 pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"NMIM");
 
-/// Number of per-call entries in [`Script::actions`]. Calls beyond the last entry return at once.
-pub const MAX_ACTIONS: usize = 32;
+/// Number of per-call entries in [`Script::actions`], the most actions any schedule can have.
+/// Calls beyond the last entry return at once.
+pub const SCRIPT_ACTION_SLOTS: usize = 32;
 
 /// The NMI entry variant. The host points IDT vector 2 at its [`Variant::entry_symbol`] when it
 /// writes the script, so that even an NMI at the first instruction of a run enters it; the
@@ -390,12 +391,12 @@ pub struct Script {
     pub workload: u32,
     /// The workload's parameter (iterations, pages, breakpoints).
     pub workload_arg: u32,
-    /// How many entries of `actions` are valid (at most [`MAX_ACTIONS`]).
+    /// How many entries of `actions` are valid (at most [`SCRIPT_ACTION_SLOTS`]).
     pub action_count: u32,
     /// Must be 0.
     pub reserved: u32,
     /// `actions[i]` is what the i-th `do_nmi` call of the run does.
-    pub actions: [Action; MAX_ACTIONS],
+    pub actions: [Action; SCRIPT_ACTION_SLOTS],
 }
 
 impl Script {
@@ -410,7 +411,7 @@ impl Script {
             workload_arg,
             action_count: 0,
             reserved: 0,
-            actions: [Action::NONE; MAX_ACTIONS],
+            actions: [Action::NONE; SCRIPT_ACTION_SLOTS],
         }
     }
 }
@@ -490,7 +491,7 @@ mod tests {
     fn layouts_are_pinned() {
         assert_eq!(size_of::<Scribble>(), 8);
         assert_eq!(size_of::<Action>(), 16);
-        assert_eq!(size_of::<Script>(), 32 + 16 * MAX_ACTIONS);
+        assert_eq!(size_of::<Script>(), 32 + 16 * SCRIPT_ACTION_SLOTS);
         assert_eq!(size_of::<Counters>(), 64);
         assert_eq!(size_of::<PanicRecord>(), 24 + PANIC_FILE_LEN + PANIC_MESSAGE_LEN);
         assert_eq!(size_of::<Mailbox>(), 8 + 64 + 376);

@@ -19,7 +19,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use nmifuzz_abi::{Action, MAX_ACTIONS, MAX_BUSY_ITERATIONS, Script, Variant, Workload, fault};
+use nmifuzz_abi::{
+    Action, MAX_BUSY_ITERATIONS, SCRIPT_ACTION_SLOTS, Script, Variant, Workload, fault,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::image::GuestImage;
@@ -27,10 +29,12 @@ use crate::image::GuestImage;
 /// The current schedule format; files with another one are refused.
 pub const SCHEDULE_FORMAT: u32 = 1;
 
-/// Most injections in one schedule.
-pub const MAX_INJECTIONS: usize = 64;
-/// Largest `after` delay and `extra` count, in instructions: far beyond any run's budget.
-pub const MAX_DELAY: u64 = 10_000_000;
+/// Most injections in one schedule file (the fuzzer's own limit, `FUZZER_MAX_INJECTIONS`, is
+/// smaller).
+pub const SCHEDULE_MAX_INJECTIONS: usize = 64;
+/// Largest `after` delay and `extra` count in a schedule file, in instructions: far beyond any
+/// run's budget.
+pub const SCHEDULE_MAX_DELAY: u64 = 10_000_000;
 /// Largest `occurrence` of a symbolic point.
 pub const MAX_OCCURRENCE: u32 = 1_000_000;
 /// Largest workload length: runs stay in the milliseconds.
@@ -283,8 +287,8 @@ impl Schedule {
         let too_many = |what, count, limit| {
             if count > limit { Err(Problem::TooMany { what, count, limit }) } else { Ok(()) }
         };
-        too_many("injections", self.injections.len(), MAX_INJECTIONS)?;
-        too_many("actions", self.actions.len(), MAX_ACTIONS)?;
+        too_many("injections", self.injections.len(), SCHEDULE_MAX_INJECTIONS)?;
+        too_many("actions", self.actions.len(), SCRIPT_ACTION_SLOTS)?;
         let range = |field: String, value: u64, limit: u64| {
             if value > limit { Err(Problem::OutOfRange { field, value, limit }) } else { Ok(()) }
         };
@@ -299,9 +303,11 @@ impl Schedule {
         }
         for (i, injection) in self.injections.iter().enumerate() {
             match injection {
-                Injection::After(n) => range(format!("injections[{i}].after"), *n, MAX_DELAY)?,
+                Injection::After(n) => {
+                    range(format!("injections[{i}].after"), *n, SCHEDULE_MAX_DELAY)?
+                }
                 Injection::At(p) => {
-                    range(format!("injections[{i}].at.extra"), p.extra, MAX_DELAY)?;
+                    range(format!("injections[{i}].at.extra"), p.extra, SCHEDULE_MAX_DELAY)?;
                     range(
                         format!("injections[{i}].at.occurrence"),
                         p.occurrence.into(),
@@ -461,7 +467,7 @@ mod tests {
 
     #[test]
     fn too_many_injections_are_refused_without_running() {
-        let many = vec![r#"{"after":1}"#; MAX_INJECTIONS + 1].join(",");
+        let many = vec![r#"{"after":1}"#; SCHEDULE_MAX_INJECTIONS + 1].join(",");
         let json = format!(r#"{{"format":1,"variant":"naive","injections":[{many}]}}"#);
         assert!(parse(&json).unwrap_err().contains("65 injections is too many"));
     }
