@@ -11,8 +11,9 @@
 //! - [`Kind::Scribble`]: an ordinary schedule whose handler actions overwrite random bytes of
 //!   the IDT, GDT, TSS, page tables, NMI or exception stacks, mailbox or script.
 //!
-//! Nothing here asks for what must end in the watchdog (the `Spin` workload, workloads longer
-//! than a run's wall-clock limit), so every timeout a soak sees is a surprise.
+//! Nothing here asks on purpose for what must end in the watchdog (the `Spin` workload,
+//! workloads longer than a run's wall-clock limit): a timeout comes from what the hostile bytes
+//! did to the guest (an endless exception loop, a garbled iteration count).
 
 use libafl_bolts::rands::{Rand, StdRand};
 use nmifuzz_abi::{
@@ -38,8 +39,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// One kind: raw scripts are cheap (the guest refuses most at once), so they get a third;
-    /// scribbles, the most varied, get the largest share.
+    /// One kind: three in ten raw scripts, three in ten limits, and four in ten scribbles, the
+    /// most varied kind.
     fn draw(rand: &mut StdRand) -> Self {
         match rand.below_or_zero(10) {
             0..=2 => Self::RawScript,
