@@ -69,3 +69,20 @@ fn kvm_chaos_is_deterministic_for_a_seed() {
     assert_eq!(first["inputs"], second["inputs"]);
     assert_eq!(first["verdicts"], second["verdicts"]);
 }
+
+#[test]
+fn kvm_chaos_without_json_prints_progress_and_a_summary() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_nmifuzz"))
+        .args(["chaos", "--runs", "5", "--seed", "2", "--variant", "naive"])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("chaos: 5 runs on `naive`, seed 2\n"), "{stdout}");
+    for line in ["  VMM errors: 0\n", "  hangs:      0 ", "  RSS:        "] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+}
