@@ -10,6 +10,7 @@ use nmifuzz_abi::{
     Action, MAILBOX_SYMBOL, Report, SCRIPT_SYMBOL, Scribble, ScribbleArea, Script, Variant,
     Workload, fault, port,
 };
+use vmm::engine::decode::InsnCache;
 use vmm::engine::profile;
 use vmm::engine::schedule::{Plan, Trigger};
 use vmm::engine::{Engine, RunOptions};
@@ -129,4 +130,20 @@ fn kvm_empty_and_garbled_panic_records_say_so_and_where_the_mailbox_is() {
         panic_report(&vm).message,
         format!("unreadable panic report: bad magic 0x41414141, expected 0x4d494d4e {at}")
     );
+}
+
+/// A guest sent into data by a smashed frame executes bytes that change from run to run: the
+/// engine must decode what is there now, and an address outside memory is no error.
+#[test]
+fn kvm_decoded_instructions_follow_the_bytes_in_memory() {
+    let Some(mut vm) = common::boot() else { return };
+    let at = vm.image().symbol("NMIFUZZ_SCRATCH").unwrap();
+    let mut insns = InsnCache::default();
+    vm.ram_mut().write(at, &[0x48, 0xcf]).unwrap(); // iretq
+    assert!(insns.get(vm.ram(), at).unwrap().is_iretq);
+    vm.ram_mut().write(at, &[0xcc, 0x90]).unwrap(); // int3; nop
+    let insn = insns.get(vm.ram(), at).unwrap();
+    assert!(insn.is_int3 && !insn.is_iretq && insn.len == 1, "{insn:?}");
+    let outside = insns.get(vm.ram(), 0x6c00_0020_3bb0).unwrap();
+    assert_eq!(outside.len, 0, "no bytes, an invalid instruction: {outside:?}");
 }
