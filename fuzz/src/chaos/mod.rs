@@ -68,6 +68,8 @@ struct Summary {
     sanity_replays: u64,
     /// The first VMM errors and hangs: run number, input kind and what happened.
     details: Vec<String>,
+    /// The first timeouts, likewise.
+    timeout_details: Vec<String>,
     rss_start_kib: u64,
     rss_end_kib: u64,
     elapsed_secs: f64,
@@ -96,31 +98,7 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
         *summary.inputs.entry(kind_name(kind)).or_default() += 1;
         let began = Instant::now();
         let result = target.execute_plan(&plan, &options);
-        let took = began.elapsed();
-        *summary.input_secs.entry(kind_name(kind)).or_default() += took.as_secs_f64();
-        let late = took > limit + OVERRUN_GRACE;
-        summary.runs += 1;
-        match result {
-            Ok(execution) => {
-                let verdict = &execution.outcome.verdict;
-                *summary.verdicts.entry(verdict.kind()).or_default() += 1;
-                if matches!(verdict, Verdict::Timeout { .. }) {
-                    summary.timeouts += 1;
-                    summary.note(run, kind, &plan, &format!("{verdict}"));
-                } else {
-                    summary.slowest_verdict_ms =
-                        summary.slowest_verdict_ms.max(took.as_secs_f64() * 1e3);
-                }
-                if late {
-                    summary.hangs += 1;
-                    summary.note(run, kind, &plan, &format!("hang: returned after {took:?}"));
-                }
-            }
-            Err(e) => {
-                summary.vmm_errors += 1;
-                summary.note(run, kind, &plan, &format!("VMM error: {e:#}"));
-            }
-        }
+        summary.record(run, kind, &plan, result, began.elapsed(), limit);
         if run % SANITY_EVERY == 0 {
             summary.sanity_replays += 1;
             if let Err(problem) = sanity.check(&mut target) {
@@ -144,22 +122,39 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
 }
 
 impl Summary {
-    /// Keeps the details of a VMM error or hang, up to [`DETAILS_KEPT`].
-    fn note(&mut self, run: u64, kind: Kind, plan: &Plan, what: &str) {
-        if self.details.len() < DETAILS_KEPT {
-            let script = &plan.script;
-            let actions =
-                &script.actions[..(script.action_count as usize).min(SCRIPT_ACTION_SLOTS)];
-            self.details.push(format!(
-                "run {run} ({}: {} injections; script variant {}, workload {} arg {}, actions \
-                 {:?}): {what}",
-                kind_name(kind),
-                plan.injections.len(),
-                script.variant,
-                script.workload,
-                script.workload_arg,
-                actions.iter().map(|a| (a.busy, a.faults, a.scribble.area)).collect::<Vec<_>>()
-            ));
+    /// Counts the result of chaos run number `run`, which took `took` with a wall-clock
+    /// `limit`.
+    fn record(
+        &mut self,
+        run: u64,
+        kind: Kind,
+        plan: &Plan,
+        result: Result<Execution>,
+        took: Duration,
+        limit: Duration,
+    ) {
+        self.runs += 1;
+        *self.input_secs.entry(kind_name(kind)).or_default() += took.as_secs_f64();
+        let execution = match result {
+            Ok(execution) => execution,
+            Err(e) => {
+                self.vmm_errors += 1;
+                let detail = describe(run, kind, plan, &format!("VMM error: {e:#}"));
+                keep(&mut self.details, detail);
+                return;
+            }
+        };
+        let verdict = &execution.outcome.verdict;
+        *self.verdicts.entry(verdict.kind()).or_default() += 1;
+        if matches!(verdict, Verdict::Timeout { .. }) {
+            self.timeouts += 1;
+            keep(&mut self.timeout_details, describe(run, kind, plan, &verdict.to_string()));
+        } else {
+            self.slowest_verdict_ms = self.slowest_verdict_ms.max(took.as_secs_f64() * 1e3);
+        }
+        if took > limit + OVERRUN_GRACE {
+            self.hangs += 1;
+            keep(&mut self.details, describe(run, kind, plan, &format!("hang: took {took:?}")));
         }
     }
 
@@ -192,7 +187,7 @@ impl Summary {
         let secs = self.input_secs.iter().map(|(k, s)| format!("{k}: {s:.1} s"));
         println!("  time per input kind: {}", secs.collect::<Vec<_>>().join(", "));
         println!("  slowest run before the watchdog: {:.0} ms", self.slowest_verdict_ms);
-        for detail in &self.details {
+        for detail in self.details.iter().chain(&self.timeout_details) {
             println!("  {detail}");
         }
     }
@@ -242,6 +237,29 @@ impl Sanity {
             ));
         }
         Ok(())
+    }
+}
+
+/// One line on chaos run number `run` and what happened to it.
+fn describe(run: u64, kind: Kind, plan: &Plan, what: &str) -> String {
+    let script = &plan.script;
+    let actions = &script.actions[..(script.action_count as usize).min(SCRIPT_ACTION_SLOTS)];
+    format!(
+        "run {run} ({}: {} injections; script variant {}, workload {} arg {}, actions (busy, \
+         faults, scribble area) {:?}): {what}",
+        kind_name(kind),
+        plan.injections.len(),
+        script.variant,
+        script.workload,
+        script.workload_arg,
+        actions.iter().map(|a| (a.busy, a.faults, a.scribble.area)).collect::<Vec<_>>()
+    )
+}
+
+/// Appends `detail` to `details` unless [`DETAILS_KEPT`] are already there.
+fn keep(details: &mut Vec<String>, detail: String) {
+    if details.len() < DETAILS_KEPT {
+        details.push(detail);
     }
 }
 
