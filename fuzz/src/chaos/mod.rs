@@ -54,6 +54,8 @@ struct Summary {
     runs: u64,
     /// Executions per verdict kind.
     verdicts: BTreeMap<&'static str, u64>,
+    /// The first message of each verdict kind, to see what the guest did.
+    examples: BTreeMap<&'static str, String>,
     /// Executions per input kind.
     inputs: BTreeMap<&'static str, u64>,
     /// Seconds spent per input kind.
@@ -146,6 +148,7 @@ impl Summary {
         };
         let verdict = &execution.outcome.verdict;
         *self.verdicts.entry(verdict.kind()).or_default() += 1;
+        self.examples.entry(verdict.kind()).or_insert_with(|| verdict.to_string());
         if matches!(verdict, Verdict::Timeout { .. }) {
             self.timeouts += 1;
             keep(&mut self.timeout_details, describe(run, kind, plan, &verdict.to_string()));
@@ -187,6 +190,9 @@ impl Summary {
         let secs = self.input_secs.iter().map(|(k, s)| format!("{k}: {s:.1} s"));
         println!("  time per input kind: {}", secs.collect::<Vec<_>>().join(", "));
         println!("  slowest run before the watchdog: {:.0} ms", self.slowest_verdict_ms);
+        for (kind, example) in &self.examples {
+            println!("  e.g. {kind}: {example}");
+        }
         for detail in self.details.iter().chain(&self.timeout_details) {
             println!("  {detail}");
         }
