@@ -68,6 +68,10 @@ fn kvm_chaos_is_deterministic_for_a_seed() {
     assert_eq!(code, Some(0), "{first:#}");
     assert_eq!(first["inputs"], second["inputs"]);
     assert_eq!(first["verdicts"], second["verdicts"]);
+    // Guest memory is part of the resident set, at most all of its 16 MiB.
+    let guest = first["guest_ram_rss_end_kib"].as_u64().unwrap();
+    assert!(guest > 0 && guest <= 16 << 10, "{first:#}");
+    assert!(first["rss_end_kib"].as_u64().unwrap() > guest, "{first:#}");
 }
 
 #[test]
