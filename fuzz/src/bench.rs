@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail, ensure};
 use nmifuzz_abi::{Action, Script, Variant, Workload, fault, port};
 use serde::Serialize;
 use vmm::engine::profile;
-use vmm::engine::schedule::{MAX_DELAY, Plan, Trigger};
+use vmm::engine::schedule::{Plan, SCHEDULE_MAX_DELAY, Trigger};
 use vmm::engine::{Engine, RunOptions};
 use vmm::exit::Exit;
 use vmm::{RunLimits, Verdict, Vm, VmConfig};
@@ -162,7 +162,7 @@ fn reset_run_idle(vm: &mut Vm, samples: u32) -> Result<Duration> {
 fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
     let plan = Plan {
         script: Script::new(Variant::NAIVE, Workload::Loop, 20),
-        injections: vec![Trigger::After(MAX_DELAY)],
+        injections: vec![Trigger::After(SCHEDULE_MAX_DELAY)],
     };
     let mut per_step = Vec::with_capacity(samples as usize);
     for _ in 0..samples.div_ceil(10) {
@@ -183,7 +183,7 @@ fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
 fn three_nmi_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<(Duration, f64)> {
     let mut script = Script::new(Variant::LINUX, Workload::Loop, 40);
     script.action_count = 3;
-    script.actions[..3].fill(Action { busy: 3, faults: fault::UD });
+    script.actions[..3].fill(Action { busy: 3, faults: fault::UD, ..Action::NONE });
     let plan = Plan {
         script,
         injections: vec![Trigger::After(60), Trigger::After(150), Trigger::After(150)],

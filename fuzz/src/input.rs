@@ -1,13 +1,15 @@
 //! The fuzzer's input, a [`Schedule`], with its generator and its structure-aware mutators.
 //!
 //! # Limits the fuzzer keeps to
-//! Schedules the fuzzer makes stay far inside [`Schedule::validate`]'s limits and inside the
-//! engine's budget of stepped instructions (20,000 by default), so that exhausting that budget
-//! means a looping guest and never a long schedule:
-//! - at most [`MAX_INJECTIONS`] injections and [`MAX_ACTIONS`] handler actions;
-//! - `after` (and a symbolic point's `extra`) at most [`MAX_DELAY`] instructions: the default
-//!   workload loop is about 1,000 stepped instructions long, so later NMIs never arrive;
-//! - `busy` at most [`MAX_BUSY`], at most [`MAX_FAULTS`] faults per action.
+//! Schedules the fuzzer makes stay far inside the schedule format's limits
+//! ([`Schedule::validate`]: `SCHEDULE_MAX_*`) and inside the engine's budgets
+//! ([`RunOptions::default`](vmm::engine::RunOptions): 1,000,000 stepped instructions per run,
+//! and 5,000 in NMI context beyond the busy work the script asks for), so that exhausting a
+//! budget means a looping guest and never a long schedule:
+//! - at most [`FUZZER_MAX_INJECTIONS`] injections and [`FUZZER_MAX_ACTIONS`] handler actions;
+//! - `after` (and a symbolic point's `extra`) at most [`FUZZER_MAX_DELAY`] instructions: the
+//!   default workload loop is about 1,000 stepped instructions long, so later NMIs never arrive;
+//! - `busy` at most [`FUZZER_MAX_BUSY`], at most [`FUZZER_MAX_FAULTS`] faults per action.
 //!
 //! # The generator (also the random baseline of evaluations)
 //! [`ScheduleGenerator`] draws, independently and uniformly:
@@ -31,38 +33,25 @@ use libafl::state::{HasCorpus, HasRand};
 use libafl::{Error, random_corpus_id};
 use libafl_bolts::rands::Rand;
 use libafl_bolts::{HasLen, Named};
-use serde::de::IntoDeserializer;
-use serde::de::value::{Error as ValueError, U32Deserializer};
 use serde::{Deserialize, Serialize};
 use vmm::engine::schedule::{Fault, HandlerAction, Injection, SCHEDULE_FORMAT, Schedule};
 
 use crate::store;
 
 /// Most injections in a schedule the fuzzer makes.
-pub const MAX_INJECTIONS: usize = 16;
+pub const FUZZER_MAX_INJECTIONS: usize = 16;
 /// Most handler actions in a schedule the fuzzer makes.
-pub const MAX_ACTIONS: usize = 8;
+pub const FUZZER_MAX_ACTIONS: usize = 8;
 /// Largest `after`/`extra` the mutators set, in instructions.
-pub const MAX_DELAY: u64 = 2_000;
+pub const FUZZER_MAX_DELAY: u64 = 2_000;
 /// Largest `busy` the mutators set.
-pub const MAX_BUSY: u32 = 64;
+pub const FUZZER_MAX_BUSY: u32 = 64;
 /// Most faults in one handler action the fuzzer makes.
-pub const MAX_FAULTS: usize = 3;
+pub const FUZZER_MAX_FAULTS: usize = 3;
 /// The generator's range of `after` delays.
 pub const GENERATED_DELAY: Range<u64> = 0..400;
 /// The generator's largest `busy`.
 pub const GENERATED_BUSY: u32 = 16;
-
-/// Every [`Fault`] the schedule format has, found by deserializing variant indices 0, 1, ...
-/// until one fails, so faults added to the enum are fuzzed without a change here.
-pub fn all_faults() -> Vec<Fault> {
-    (0u32..)
-        .map_while(|index| {
-            let deserializer: U32Deserializer<ValueError> = index.into_deserializer();
-            Fault::deserialize(deserializer).ok()
-        })
-        .collect()
-}
 
 /// The input: a schedule. JSON on disk (the reproducer format `nmifuzz replay` reads),
 /// postcard inside LibAFL (the schedule types are externally tagged and skip no field).
@@ -191,9 +180,9 @@ fn replace_delay<R: Rand>(
     MutationResult::Mutated
 }
 
-/// Adds `delta` (may be negative) to a delay, staying in `0..=MAX_DELAY`.
+/// Adds `delta` (may be negative) to a delay, staying in `0..=FUZZER_MAX_DELAY`.
 fn shift(value: u64, delta: i64) -> u64 {
-    value.saturating_add_signed(delta).min(MAX_DELAY)
+    value.saturating_add_signed(delta).min(FUZZER_MAX_DELAY)
 }
 
 named!(
@@ -203,7 +192,7 @@ named!(
 impl<S: HasRand> Mutator<NmiInput, S> for InsertInjection {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         let injections = &mut input.0.injections;
-        if injections.len() >= MAX_INJECTIONS {
+        if injections.len() >= FUZZER_MAX_INJECTIONS {
             return Ok(MutationResult::Skipped);
         }
         let rand = state.rand_mut();
@@ -241,7 +230,7 @@ named!(
 impl<S: HasRand> Mutator<NmiInput, S> for DuplicateInjection {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         let injections = &mut input.0.injections;
-        if injections.len() >= MAX_INJECTIONS {
+        if injections.len() >= FUZZER_MAX_INJECTIONS {
             return Ok(MutationResult::Skipped);
         }
         let Some(k) = pick(state.rand_mut(), injections.len()) else {
@@ -274,14 +263,14 @@ impl<S: HasRand> Mutator<NmiInput, S> for ShiftDelaySmall {
 
 named!(
     /// Moves one injection's delay far: by 16 to 256 instructions either way, or to a fresh
-    /// value in `0..=MAX_DELAY`, or to 0 (the same boundary as the previous NMI).
+    /// value in `0..=FUZZER_MAX_DELAY`, or to 0 (the same boundary as the previous NMI).
     ShiftDelayLarge
 );
 impl<S: HasRand> Mutator<NmiInput, S> for ShiftDelayLarge {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         Ok(replace_delay(state.rand_mut(), input, |rand, delay| match rand.below_or_zero(4) {
             0 => 0,
-            1 => rand.between(0, MAX_DELAY as usize) as u64,
+            1 => rand.between(0, FUZZER_MAX_DELAY as usize) as u64,
             2 => shift(delay, rand.between(16, 256) as i64),
             _ => shift(delay, -(rand.between(16, 256) as i64)),
         }))
@@ -293,7 +282,7 @@ impl<S: HasRand> Mutator<NmiInput, S> for ShiftDelayLarge {
 
 named!(
     /// Changes how long one `do_nmi` call works: busy +-1..4, or a fresh value in
-    /// `0..=MAX_BUSY`. Adds an action when the schedule has none.
+    /// `0..=FUZZER_MAX_BUSY`. Adds an action when the schedule has none.
     ChangeBusy
 );
 impl<S: HasRand> Mutator<NmiInput, S> for ChangeBusy {
@@ -308,9 +297,9 @@ impl<S: HasRand> Mutator<NmiInput, S> for ChangeBusy {
         let new = if rand.coinflip(0.7) {
             let delta = rand.between(1, 4) as i64;
             let delta = if rand.coinflip(0.5) { delta } else { -delta };
-            (i64::from(*busy) + delta).clamp(0, i64::from(MAX_BUSY)) as u32
+            (i64::from(*busy) + delta).clamp(0, i64::from(FUZZER_MAX_BUSY)) as u32
         } else {
-            rand.between(0, MAX_BUSY as usize) as u32
+            rand.between(0, FUZZER_MAX_BUSY as usize) as u32
         };
         if new == *busy {
             return Ok(MutationResult::Skipped);
@@ -324,7 +313,7 @@ impl<S: HasRand> Mutator<NmiInput, S> for ChangeBusy {
 }
 
 /// Adds, removes or replaces one fault of one action, drawing from the allowed faults
-/// (by default [`all_faults`]). Adds an action when the schedule has none.
+/// (by default [`Fault::ALL`]). Adds an action when the schedule has none.
 pub struct ChangeFaults {
     faults: Vec<Fault>,
 }
@@ -349,7 +338,7 @@ impl<S: HasRand> Mutator<NmiInput, S> for ChangeFaults {
         let faults = &mut actions[k].faults;
         let fresh = pick(rand, self.faults.len()).map(|i| self.faults[i]);
         match (rand.below_or_zero(3), fresh) {
-            (0, Some(fault)) if faults.len() < MAX_FAULTS => {
+            (0, Some(fault)) if faults.len() < FUZZER_MAX_FAULTS => {
                 let at = rand.below_or_zero(faults.len() + 1);
                 faults.insert(at, fault);
             }
@@ -380,9 +369,9 @@ impl<S: HasRand> Mutator<NmiInput, S> for InsertOrRemoveAction {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         let rand = state.rand_mut();
         let actions = &mut input.0.actions;
-        if !actions.is_empty() && (actions.len() >= MAX_ACTIONS || rand.coinflip(0.5)) {
+        if !actions.is_empty() && (actions.len() >= FUZZER_MAX_ACTIONS || rand.coinflip(0.5)) {
             actions.remove(rand.below_or_zero(actions.len()));
-        } else if actions.len() < MAX_ACTIONS {
+        } else if actions.len() < FUZZER_MAX_ACTIONS {
             let at = rand.below_or_zero(actions.len() + 1);
             let copy = pick(rand, actions.len()).map(|i| actions[i].clone()).unwrap_or_default();
             actions.insert(at, copy);
@@ -419,10 +408,10 @@ impl<S: HasRand + HasCorpus<NmiInput>> Mutator<NmiInput, S> for SpliceSchedules 
         let mine = &mut input.0;
         let at = rand.below_or_zero(mine.injections.len() + 1);
         mine.injections.splice(at..at, other.injections[from..from + count].iter().cloned());
-        mine.injections.truncate(MAX_INJECTIONS);
+        mine.injections.truncate(FUZZER_MAX_INJECTIONS);
         if rand.coinflip(0.5) {
             mine.actions = other.actions;
-            mine.actions.truncate(MAX_ACTIONS);
+            mine.actions.truncate(FUZZER_MAX_ACTIONS);
         }
         Ok(MutationResult::Mutated)
     }
@@ -476,32 +465,22 @@ mod tests {
     fn assert_within_limits(schedule: &Schedule) {
         schedule.validate().unwrap_or_else(|p| panic!("{p}: {schedule:?}"));
         assert_eq!(schedule.variant, "naive", "the variant changed");
-        assert!(schedule.injections.len() <= MAX_INJECTIONS);
-        assert!(schedule.actions.len() <= MAX_ACTIONS);
+        assert!(schedule.injections.len() <= FUZZER_MAX_INJECTIONS);
+        assert!(schedule.actions.len() <= FUZZER_MAX_ACTIONS);
         for injection in &schedule.injections {
             match injection {
-                Injection::After(n) => assert!(*n <= MAX_DELAY),
-                Injection::At(p) => assert!(p.extra <= MAX_DELAY),
+                Injection::After(n) => assert!(*n <= FUZZER_MAX_DELAY),
+                Injection::At(p) => assert!(p.extra <= FUZZER_MAX_DELAY),
             }
         }
         for action in &schedule.actions {
-            assert!(action.busy <= MAX_BUSY && action.faults.len() <= MAX_FAULTS);
+            assert!(action.busy <= FUZZER_MAX_BUSY && action.faults.len() <= FUZZER_MAX_FAULTS);
         }
-    }
-
-    #[test]
-    fn every_fault_is_found() {
-        let faults = all_faults();
-        assert!(faults.contains(&Fault::Ud));
-        let names: Vec<String> = faults.iter().map(|f| serde_json::to_string(f).unwrap()).collect();
-        let mut unique = names.clone();
-        unique.dedup();
-        assert_eq!(unique, names);
     }
 
     #[test]
     fn generated_schedules_follow_the_documented_ranges() {
-        let generator = ScheduleGenerator::new("naive", &all_faults());
+        let generator = ScheduleGenerator::new("naive", Fault::ALL);
         let mut rand = StdRand::with_seed(7);
         let mut saw_faults = false;
         for _ in 0..2_000 {
@@ -524,12 +503,12 @@ mod tests {
     #[test]
     fn mutators_keep_the_variant_and_the_limits() {
         let mut state = state(3);
-        let generator = ScheduleGenerator::new("naive", &all_faults());
+        let generator = ScheduleGenerator::new("naive", Fault::ALL);
         for _ in 0..4 {
             let seed = NmiInput(generator.schedule(state.rand_mut()));
             state.corpus_mut().add(Testcase::new(seed)).unwrap();
         }
-        let mut havoc = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&all_faults()), 4);
+        let mut havoc = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(Fault::ALL), 4);
         let mut input = NmiInput(generator.schedule(state.rand_mut()));
         let mut mutated = 0;
         for round in 0..5_000 {
@@ -547,7 +526,7 @@ mod tests {
     #[test]
     fn each_mutator_changes_something_and_stays_valid() {
         let mut state = state(11);
-        let generator = ScheduleGenerator::new("naive", &all_faults());
+        let generator = ScheduleGenerator::new("naive", Fault::ALL);
         for _ in 0..3 {
             let seed = NmiInput(generator.schedule(state.rand_mut()));
             state.corpus_mut().add(Testcase::new(seed)).unwrap();
@@ -577,7 +556,7 @@ mod tests {
         check(&mut ShiftDelaySmall, &mut state, &generator);
         check(&mut ShiftDelayLarge, &mut state, &generator);
         check(&mut ChangeBusy, &mut state, &generator);
-        check(&mut ChangeFaults::new(&all_faults()), &mut state, &generator);
+        check(&mut ChangeFaults::new(Fault::ALL), &mut state, &generator);
         check(&mut InsertOrRemoveAction, &mut state, &generator);
         check(&mut SpliceSchedules, &mut state, &generator);
     }
@@ -597,7 +576,7 @@ mod tests {
     #[test]
     fn input_round_trips_through_postcard_and_json() {
         let mut schedule =
-            ScheduleGenerator::new("naive", &all_faults()).schedule(&mut StdRand::with_seed(1));
+            ScheduleGenerator::new("naive", Fault::ALL).schedule(&mut StdRand::with_seed(1));
         schedule.origin = Some(vmm::engine::schedule::Origin {
             guest_hash: "00".into(),
             host_profile: "p".into(),

@@ -3,6 +3,7 @@
 mod bench;
 mod broker;
 mod campaign;
+mod chaos;
 mod cmin;
 mod corpus;
 mod doctor;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay::run(&args),
         Command::Doctor => doctor::run().map(|()| false),
         Command::Sweep(args) => sweep::run(&args),
+        Command::Chaos(args) => chaos::run(&args),
         Command::Bench(args) => bench::run(&args).map(|()| false),
         Command::Eval(args) => eval::run(&args).map(|()| false),
         Command::EvalJob(args) => eval::run_job(&args).map(|()| false),

@@ -7,8 +7,6 @@ use clap::{Args, Parser, Subcommand};
 use nmifuzz_abi::Variant;
 use vmm::engine::schedule::{Fault, variant_names};
 
-use crate::input::all_faults;
-
 /// Default wall-clock limit of one execution, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
 
@@ -61,6 +59,13 @@ pub enum Command {
     /// Exhaustively place a second NMI at every instruction of a first NMI's handling, and a
     /// third in a window after the second. Exits 1 if any run fails.
     Sweep(SweepArgs),
+    /// Soak the VMM with the most hostile inputs: raw script bytes past validation, schedules
+    /// at every limit, and NMI handlers that scribble over the guest's IDT, GDT, TSS, page
+    /// tables, stacks, mailbox and script. Every run must end in a verdict, and a plain
+    /// reproducer replayed every 1,000 runs must give its usual one.
+    ///
+    /// Exit status: 0 without VMM errors and hangs, 1 otherwise, 2 usage or setup error.
+    Chaos(ChaosArgs),
     /// Measure the VMM's costs on this host: exit round trip, reset, reset + idle run.
     Bench(BenchArgs),
     /// List the NMI entry variants linked into the guest: the files in entries/.
@@ -119,6 +124,27 @@ pub struct SweepArgs {
     #[arg(long)]
     pub stop_on_first: bool,
     /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `nmifuzz chaos`.
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    /// How many chaos executions.
+    #[arg(long, default_value_t = 10_000)]
+    pub runs: u64,
+    /// Seed of the inputs: the same seed gives the same inputs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The NMI entry variant the guest runs.
+    #[arg(long, default_value = "linux", value_parser = parse_variant)]
+    pub variant: String,
+    /// Wall-clock limit of one execution, in milliseconds (the slowest chaos runs that end by
+    /// themselves take about 0.5 s here); the watchdog ends a run reaching it with a timeout.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+    /// Print one JSON object instead of progress lines and a summary.
     #[arg(long)]
     pub json: bool,
 }
@@ -231,14 +257,14 @@ pub struct FaultList(pub Vec<Fault>);
 /// Parses `all`, `none` or a comma-separated list of fault names.
 pub fn parse_faults(text: &str) -> Result<FaultList, String> {
     let valid = || {
-        all_faults()
+        Fault::ALL
             .iter()
             .map(|f| serde_json::to_string(f).unwrap().replace('"', ""))
             .collect::<Vec<_>>()
             .join(", ")
     };
     match text {
-        "all" => Ok(FaultList(all_faults())),
+        "all" => Ok(FaultList(Fault::ALL.to_vec())),
         "none" => Ok(FaultList(Vec::new())),
         list => list
             .split(',')

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use vmm::engine::schedule::Schedule;
+use vmm::hash::fnv1a;
 
 /// Writes `bytes` to `path` atomically, replacing any file there.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -83,13 +84,6 @@ fn running(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists; nothing is sent.
     let alive = unsafe { libc::kill(pid, 0) } == 0;
     alive || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// FNV-1a, 64 bits: a hash that is the same on every host and Rust version, for file names.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Identifies what a schedule does: its JSON without the description, the origin and the

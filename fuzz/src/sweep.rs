@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use vmm::engine::decode::InsnCache;
 use vmm::engine::schedule::{
-    Fault, HandlerAction, Injection, MAX_DELAY, SCHEDULE_FORMAT, Schedule,
+    Fault, HandlerAction, Injection, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule,
 };
 use vmm::engine::trace::Event;
 use vmm::engine::{Execution, RunOptions};
@@ -136,7 +136,8 @@ pub fn sweep(
                 injections,
                 origin: Some(origin.clone()),
             };
-            let measured = schedule(vec![Injection::After(first), Injection::After(MAX_DELAY)]);
+            let measured =
+                schedule(vec![Injection::After(first), Injection::After(SCHEDULE_MAX_DELAY)]);
             let length = handling_length(target, &measured)
                 .with_context(|| format!("measuring the handling of {action:?} at {first}"))?;
             summary.handling_lengths.push(length);

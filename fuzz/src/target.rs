@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use vmm::engine::profile::{self, HostProfile};
-use vmm::engine::schedule::{Origin, Schedule};
+use vmm::engine::schedule::{Origin, Plan, Schedule};
 use vmm::engine::{Engine, Execution, RunOptions};
 use vmm::{RunLimits, Vm, VmConfig};
 
@@ -82,5 +82,10 @@ impl Target {
     ) -> Result<Execution> {
         let plan = schedule.resolve(self.vm.image())?;
         Ok(self.engine.run_with_coverage(&mut self.vm, &plan, options, coverage)?)
+    }
+
+    /// Executes a plan as it is, including scripts no schedule can express (`nmifuzz chaos`).
+    pub fn execute_plan(&mut self, plan: &Plan, options: &RunOptions) -> Result<Execution> {
+        Ok(self.engine.run(&mut self.vm, plan, options)?)
     }
 }

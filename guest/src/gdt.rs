@@ -9,6 +9,7 @@ use core::arch::asm;
 use core::mem::size_of;
 use core::ptr::{addr_of, addr_of_mut};
 
+use crate::scribble::Region;
 use crate::tss;
 
 /// Selector of the 64-bit kernel code segment (GDT index 1, RPL 0).
@@ -94,4 +95,9 @@ pub fn init() {
             options(preserves_flags)
         );
     }
+}
+
+/// The whole GDT, for the chaos `scribble` action.
+pub fn scribble_region() -> Region {
+    Region { base: addr_of_mut!(GDT).cast(), len: size_of::<Gdt>() }
 }

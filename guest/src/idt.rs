@@ -16,6 +16,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use crate::exceptions;
 use crate::gdt::{KERNEL_CODE_SELECTOR, TablePointer};
+use crate::scribble::Region;
 use crate::tss::Ist;
 
 /// Number of vectors, so every vector has a gate.
@@ -120,4 +121,11 @@ pub unsafe fn load_empty() {
 unsafe fn load(pointer: *const TablePointer) {
     // SAFETY: `lidt` only reads the 10-byte operand; the caller vouches for the table.
     unsafe { asm!("lidt [{}]", in(reg) pointer, options(readonly, nostack, preserves_flags)) };
+}
+
+/// The exception and NMI gates (vectors 0 to 31) of the IDT (`pick` even) or of the NMI IDT
+/// (odd), for the chaos `scribble` action.
+pub fn scribble_region(pick: u64) -> Region {
+    let table = if pick.is_multiple_of(2) { addr_of_mut!(IDT) } else { addr_of_mut!(NMI_IDT) };
+    Region { base: table.cast(), len: 32 * size_of::<Gate>() }
 }

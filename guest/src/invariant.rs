@@ -18,9 +18,12 @@
 
 use core::fmt;
 
-/// Panics with `message` as a violation of invariant `number`; the location is the caller's.
-#[cold]
+use crate::panic::fail;
+
+/// Panics with `message` as a violation of invariant `number`; the location and the recorded
+/// RIP are the caller's (always inlined, so that [`fail!`] takes the caller's RIP).
+#[inline(always)]
 #[track_caller]
 pub fn violated(number: u8, message: fmt::Arguments) -> ! {
-    panic!("invariant violated: {message} [invariant {number}]")
+    fail!("invariant violated: {message} [invariant {number}]")
 }

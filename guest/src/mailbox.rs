@@ -5,9 +5,12 @@
 //! goes through raw pointers (never a reference to the `static mut`).
 
 use core::arch::asm;
+use core::mem::size_of;
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use nmifuzz_abi::{ABI_VERSION, Counters, MAILBOX_MAGIC, Mailbox, PanicRecord, Report, port};
+
+use crate::scribble::Region;
 
 /// The mailbox, found by the host through the symbol `nmifuzz_abi::MAILBOX_SYMBOL`.
 #[unsafe(no_mangle)]
@@ -136,4 +139,9 @@ fn halt_forever() -> ! {
         // SAFETY: `hlt` only waits for the next interrupt or NMI.
         unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) };
     }
+}
+
+/// The whole mailbox, for the chaos `scribble` action.
+pub fn scribble_region() -> Region {
+    Region { base: addr_of_mut!(NMIFUZZ_MAILBOX).cast(), len: size_of::<Mailbox>() }
 }

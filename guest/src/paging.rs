@@ -20,9 +20,11 @@
 use core::arch::asm;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use nmifuzz_abi::MAX_ACTIONS;
+use nmifuzz_abi::SCRIPT_ACTION_SLOTS;
 
 use crate::cpu;
+use crate::panic::fail;
+use crate::scribble::Region;
 
 /// Bytes of guest memory the identity map covers: the VMM's default guest memory.
 const IDENTITY_BYTES: u64 = 16 << 20;
@@ -38,7 +40,7 @@ const ENTRIES: usize = 512;
 /// Start of the demand-paged region: 1 GiB, the second PDPT entry, far from anything else.
 pub const DEMAND_BASE: u64 = 0x4000_0000;
 /// Pages in the demand region: one for the workload, one per possible `do_nmi` action.
-pub const DEMAND_PAGES: usize = 1 + MAX_ACTIONS;
+pub const DEMAND_PAGES: usize = 1 + SCRIPT_ACTION_SLOTS;
 /// The workload's demand page.
 pub const WORKLOAD_PAGE: usize = 0;
 
@@ -128,7 +130,7 @@ pub fn touch_fresh_page() {
     // SAFETY: the counter static is only used here, by `do_nmi`, which does not nest.
     let page = unsafe { NEXT_NMI_PAGE };
     if page >= DEMAND_PAGES {
-        panic!("do_nmi: all {DEMAND_PAGES} demand pages are used up");
+        fail!("do_nmi: all {DEMAND_PAGES} demand pages are used up");
     }
     // SAFETY: as above.
     unsafe { NEXT_NMI_PAGE = page + 1 };
@@ -142,4 +144,17 @@ pub fn touch_fresh_page() {
             options(nostack, preserves_flags)
         );
     }
+}
+
+/// The first eight entries of one page-table page (`pick` chooses which): the live ones of
+/// every table but the demand page table, for the chaos `scribble` action.
+pub fn scribble_region(pick: u64) -> Region {
+    let tables = [
+        addr_of_mut!(PML4),
+        addr_of_mut!(PDPT),
+        addr_of_mut!(PD_IDENTITY),
+        addr_of_mut!(PD_DEMAND),
+        addr_of_mut!(DEMAND_PT),
+    ];
+    Region { base: tables[(pick % tables.len() as u64) as usize].cast(), len: 8 * 8 }
 }

@@ -1,10 +1,14 @@
 //! The panic handler: records why and where into the mailbox, reports PANIC and halts.
 //!
-//! `PanicRecord::rip` is the faulting RIP for panics about an exception ([`exception`]) and 0
-//! for every other panic. A caller's address is not recoverable here: the panic handler is
-//! reached through `core::panicking`, which is prebuilt without frame pointers, so for those
-//! panics the location (file, line, column) is what says where.
+//! `PanicRecord::rip` says where the panic is, as an address:
+//! - for a panic about an exception ([`exception`]), the faulting RIP;
+//! - for the guest's own panics ([`fail!`], and so every `invariant::violated`), the RIP of the
+//!   panic site itself, taken there with `lea`;
+//! - for a panic raised inside `core` (an index out of bounds), the panic handler's own RIP. The
+//!   caller's address is not recoverable: `core::panicking` is prebuilt without frame pointers.
+//!   The location (file, line, column) says where.
 
+use core::arch::asm;
 use core::fmt::{self, Write as _};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,13 +19,37 @@ use crate::mailbox;
 
 /// Set by the first panic; a panic while recording one goes straight to the report.
 static PANICKING: AtomicBool = AtomicBool::new(false);
-/// The faulting RIP of the exception being reported, 0 if the panic is not about one.
-static EXCEPTION_RIP: AtomicU64 = AtomicU64::new(0);
+/// The address the panic being raised is about; 0 until a panic site or [`exception`] sets it.
+static PANIC_RIP: AtomicU64 = AtomicU64::new(0);
+
+/// `panic!` that records the RIP of its own site in the panic record.
+macro_rules! fail {
+    ($($arg:tt)*) => {{
+        $crate::panic::note_rip($crate::panic::here());
+        panic!($($arg)*)
+    }};
+}
+pub(crate) use fail;
+
+/// The address of this instruction in the caller (always inlined).
+#[inline(always)]
+pub fn here() -> u64 {
+    let rip: u64;
+    // SAFETY: `lea` only computes an address into a register.
+    unsafe { asm!("lea {}, [rip]", out(reg) rip, options(nomem, nostack, preserves_flags)) };
+    rip
+}
+
+/// Makes `rip` the address the next panic record reports.
+#[inline(always)]
+pub fn note_rip(rip: u64) {
+    PANIC_RIP.store(rip, Ordering::Relaxed);
+}
 
 /// Panics about an exception taken at `rip`, with `message`; the record's `rip` is `rip`.
 #[track_caller]
 pub fn exception(rip: u64, message: fmt::Arguments) -> ! {
-    EXCEPTION_RIP.store(rip, Ordering::Relaxed);
+    note_rip(rip);
     panic!("{message}")
 }
 
@@ -44,8 +72,13 @@ fn record(info: &PanicInfo) -> PanicRecord {
         let _ = file.write_str(location.file());
         (line, column) = (location.line(), location.column());
     }
+    let rip = match PANIC_RIP.load(Ordering::Relaxed) {
+        // A panic from inside `core`, whose site nothing recorded: here is as close as it gets.
+        0 => here(),
+        rip => rip,
+    };
     PanicRecord {
-        rip: EXCEPTION_RIP.load(Ordering::Relaxed),
+        rip,
         line,
         column,
         file_len: file.len as u32,

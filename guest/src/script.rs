@@ -6,11 +6,15 @@
 
 use core::arch::asm;
 use core::mem::{MaybeUninit, size_of};
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use nmifuzz_abi::{
-    ABI_VERSION, Action, MAX_ACTIONS, SCRIPT_MAGIC, Script, Variant, Workload, fault, option,
+    ABI_VERSION, Action, MAX_BUSY_ITERATIONS, MAX_SCRIBBLE_BYTES, SCRIPT_ACTION_SLOTS,
+    SCRIPT_MAGIC, Scribble, ScribbleArea, Script, Variant, Workload, fault, option,
 };
+
+use crate::panic::fail;
+use crate::scribble::Region;
 
 /// The script buffer, found by the host through the symbol `nmifuzz_abi::SCRIPT_SYMBOL`. All
 /// zero until the host writes it, which fails the magic check.
@@ -55,43 +59,84 @@ pub fn read() -> Run {
     validate(script)
 }
 
+/// Checks the copy `read` made. Each field is loaded once, and the value compared is the value
+/// reported: a guest whose stack is being overwritten (a workload left running on the NMI
+/// stack by a broken entry) must not report "reserved must be 0, got 0x0".
 fn validate(script: &Script) -> Run {
-    if script.magic != SCRIPT_MAGIC {
-        panic!("script: bad magic {:#010x}, expected {SCRIPT_MAGIC:#010x}", script.magic);
+    let magic = once(&script.magic);
+    if magic != SCRIPT_MAGIC {
+        fail!("script: bad magic {magic:#010x}, expected {SCRIPT_MAGIC:#010x}");
     }
-    if script.version != ABI_VERSION {
-        panic!("script: unsupported version {}, expected {ABI_VERSION}", script.version);
+    let version = once(&script.version);
+    if version != ABI_VERSION {
+        fail!("script: unsupported version {version}, expected {ABI_VERSION}");
     }
-    let Some(variant) = Variant::from_code(script.variant) else {
-        panic!("script: unknown variant code {}", script.variant);
+    let code = once(&script.variant);
+    let Some(variant) = Variant::from_code(code) else {
+        fail!("script: unknown variant code {code}");
     };
-    let Some(workload) = Workload::from_code(script.workload) else {
-        panic!("script: unknown workload code {}", script.workload);
+    let code = once(&script.workload);
+    let Some(workload) = Workload::from_code(code) else {
+        fail!("script: unknown workload code {code}");
     };
-    let unknown = script.options & !option::ALL;
+    let unknown = once(&script.options) & !option::ALL;
     if unknown != 0 {
-        panic!("script: unknown option bits {unknown:#x}");
+        fail!("script: unknown option bits {unknown:#x}");
     }
-    if script.reserved != 0 {
-        panic!("script: reserved must be 0, got {:#x}", script.reserved);
+    let reserved = once(&script.reserved);
+    if reserved != 0 {
+        fail!("script: reserved must be 0, got {reserved:#x}");
     }
-    let count = script.action_count as usize;
-    if count > MAX_ACTIONS {
-        panic!("script: action_count {count} exceeds {MAX_ACTIONS}");
+    let count = once(&script.action_count) as usize;
+    if count > SCRIPT_ACTION_SLOTS {
+        fail!("script: action_count {count} exceeds {SCRIPT_ACTION_SLOTS}");
     }
     for (index, action) in script.actions[..count].iter().enumerate() {
-        let unknown = action.faults & !fault::ALL;
-        if unknown != 0 {
-            panic!("script: action {index} has unknown fault bits {unknown:#x}");
-        }
+        validate_action(index, &once(action));
     }
-    Run { variant, workload, workload_arg: script.workload_arg }
+    Run { variant, workload, workload_arg: once(&script.workload_arg) }
+}
+
+/// Checks action `index`: bounded busy work, known fault bits, and a scribble only with the
+/// scribble bit.
+#[inline(always)]
+fn validate_action(index: usize, action: &Action) {
+    if action.busy > MAX_BUSY_ITERATIONS {
+        fail!("script: action {index} busy {} exceeds {MAX_BUSY_ITERATIONS}", action.busy);
+    }
+    let unknown = action.faults & !fault::ALL;
+    if unknown != 0 {
+        fail!("script: action {index} has unknown fault bits {unknown:#x}");
+    }
+    let Scribble { area, bytes, seed } = action.scribble;
+    if action.faults & fault::SCRIBBLE == 0 {
+        if (area, bytes, seed) != (0, 0, 0) {
+            fail!("script: action {index} has a scribble but not the scribble fault bit");
+        }
+        return;
+    }
+    if ScribbleArea::from_code(area).is_none() {
+        fail!("script: action {index} scribbles unknown area {area}");
+    }
+    if !(1..=MAX_SCRIBBLE_BYTES).contains(&bytes) {
+        fail!("script: action {index} scribbles {bytes} bytes, not 1 to {MAX_SCRIBBLE_BYTES}");
+    }
+}
+
+/// One volatile load of `field`: the compiler may neither repeat nor drop it.
+#[inline(always)]
+fn once<T: Copy>(field: &T) -> T {
+    // SAFETY: a reference is valid and aligned for a read.
+    unsafe { read_volatile(field) }
 }
 
 /// What the `index`-th `do_nmi` call of this run does, or `None` past the script's last action.
 ///
-/// Reads the host's buffer directly rather than a copy: [`read`] validated it before the NMI
-/// entry was installed, and a copy would cost every run a few hundred emulated instructions.
+/// Reads the host's buffer directly rather than a copy (a copy would cost every run a few
+/// hundred emulated instructions), and checks the action it returns as [`read`] does: an NMI
+/// can arrive before [`read`] ran (at a run's first instruction), and the script may have been
+/// overwritten since, so an action that was never validated must not ask for four billion
+/// rounds of busy work.
 #[inline(always)]
 pub fn action(index: u64) -> Option<Action> {
     let script = addr_of!(NMIFUZZ_SCRIPT);
@@ -103,8 +148,10 @@ pub fn action(index: u64) -> Option<Action> {
     // The array index is bounds-checked, so even a script changed after validation cannot make
     // this read out of bounds.
     let index = index as usize;
-    // SAFETY: as above; `index < MAX_ACTIONS` (checked by the indexing).
-    Some(unsafe { read_volatile(addr_of!((*script).actions[index])) })
+    // SAFETY: as above; `index < SCRIPT_ACTION_SLOTS` (checked by the indexing).
+    let action = unsafe { read_volatile(addr_of!((*script).actions[index])) };
+    validate_action(index, &action);
+    Some(action)
 }
 
 /// The variant the host installed for this run, read straight from the script buffer (also
@@ -115,4 +162,9 @@ pub fn variant() -> Option<Variant> {
     let script = addr_of!(NMIFUZZ_SCRIPT);
     // SAFETY: a field of the script static, read with a volatile access.
     Variant::from_code(unsafe { read_volatile(addr_of!((*script).variant)) })
+}
+
+/// The whole script buffer, for the chaos `scribble` action.
+pub fn scribble_region() -> Region {
+    Region { base: addr_of_mut!(NMIFUZZ_SCRIPT).cast(), len: size_of::<Script>() }
 }

@@ -14,6 +14,7 @@ use core::mem::{offset_of, size_of};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use crate::invariant;
+use crate::scribble::Region;
 
 /// The guest's IST stacks, as the 1-based numbers a gate's IST field holds (0 in that field
 /// means "stay on the current stack").
@@ -159,4 +160,18 @@ fn smashed(name: &str, slot: *mut u64, value: u64) -> ! {
         3,
         format_args!("{name} IST stack guard at {:#x} smashed: {value:#x}", slot as u64),
     );
+}
+
+/// The whole TSS, for the chaos `scribble` action.
+pub fn scribble_region() -> Region {
+    Region { base: addr_of_mut!(TSS).cast(), len: size_of::<Tss>() }
+}
+
+/// The top 512 bytes of IST stack `index` (0: NMI, 1: double fault, 2: debug), top guards
+/// included: where every frame of an NMI or exception on it lives. For the chaos `scribble`.
+pub fn stack_top_region(index: usize) -> Region {
+    const LEN: usize = 512;
+    let (stack, _) = stacks()[index];
+    // SAFETY: `STACK_SIZE - LEN` is inside the stack, which is `STACK_SIZE` bytes long.
+    Region { base: unsafe { stack.cast::<u8>().add(STACK_SIZE - LEN) }, len: LEN }
 }

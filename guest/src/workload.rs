@@ -10,6 +10,7 @@ use core::ptr::{addr_of_mut, write_volatile};
 use nmifuzz_abi::Workload;
 
 use crate::mailbox::{self, Counter};
+use crate::panic::fail;
 use crate::{console, idt};
 
 /// `Loop` iterations when `workload_arg` is 0: four rounds of its four phases.
@@ -36,7 +37,7 @@ static mut NMIFUZZ_SCRATCH: Scratch = Scratch([[0; PAGE_QWORDS]; SCRATCH_PAGES])
 pub fn run(workload: Workload, arg: u32) {
     match workload {
         Workload::Loop => run_loop(if arg == 0 { DEFAULT_LOOP_ITERATIONS } else { arg }),
-        Workload::Panic => panic!("workload asked to panic"),
+        Workload::Panic => fail!("workload asked to panic"),
         Workload::TripleFault => triple_fault(),
         Workload::EmulationError => emulation_error(),
         Workload::Spin => spin(),
@@ -67,7 +68,7 @@ fn triple_fault() -> ! {
     unsafe { idt::load_empty() };
     // SAFETY: raises #UD; with no IDT it never returns.
     unsafe { asm!("ud2", options(nomem, nostack)) };
-    panic!("ud2 returned with an empty IDT");
+    fail!("ud2 returned with an empty IDT");
 }
 
 /// Executes `popcnt rax, rax` (as bytes: the target has no popcnt feature, on purpose), which
@@ -93,14 +94,14 @@ fn spin() -> ! {
 fn vmcall() -> ! {
     // SAFETY: a KVM hypercall (RAX = 0, not a defined one) changes only RAX.
     unsafe { asm!("vmcall", inout("rax") 0u64 => _, options(nomem, nostack)) };
-    panic!("vmcall returned");
+    fail!("vmcall returned");
 }
 
 /// Writes `page ^ SCRIBBLE_PATTERN` at the start of each of the first `pages` scratch pages.
 fn scribble(pages: u32) {
     let pages = pages as usize;
     if pages > SCRATCH_PAGES {
-        panic!("scribble: workload_arg {pages} exceeds the {SCRATCH_PAGES} scratch pages");
+        fail!("scribble: workload_arg {pages} exceeds the {SCRATCH_PAGES} scratch pages");
     }
     for page in 0..pages {
         // SAFETY: an in-bounds qword of the scratch static, which only this workload writes.

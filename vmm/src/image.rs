@@ -181,10 +181,7 @@ impl GuestImage {
     }
 }
 
-/// 64-bit FNV-1a: small, dependency-free and stable across releases, which is all an image
-/// fingerprint needs (this is not a security boundary).
+/// The image fingerprint: the shared FNV-1a of [`crate::hash`].
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    crate::hash::fnv1a(bytes)
 }

@@ -9,6 +9,7 @@ pub mod boot;
 pub mod engine;
 pub mod error;
 pub mod exit;
+pub mod hash;
 pub mod image;
 pub mod kvm;
 pub mod layout;

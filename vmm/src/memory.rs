@@ -46,6 +46,13 @@ impl GuestRam {
         self.size
     }
 
+    /// Where the mapping starts in this process: the line of `/proc/self/smaps` that shows how
+    /// much of guest memory is resident (pages the guest has touched), apart from the VMM's own.
+    pub fn host_address(&self) -> u64 {
+        self.mem.get_host_address(GuestAddress(0)).expect("the mapping starts at guest address 0")
+            as u64
+    }
+
     /// The mapping, for the ELF loader.
     pub fn mmap(&self) -> &GuestMemoryMmap<()> {
         &self.mem

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use nmifuzz_abi::{Action, Script, Variant, Workload, fault};
 use vmm::engine::decode::InsnCache;
 use vmm::engine::profile;
-use vmm::engine::schedule::{MAX_DELAY, Plan, Trigger};
+use vmm::engine::schedule::{Plan, SCHEDULE_MAX_DELAY, Trigger};
 use vmm::engine::trace::{Event, Injected};
 use vmm::engine::{Engine, Execution, RunOptions};
 use vmm::{Verdict, Vm};
@@ -52,8 +52,9 @@ fn injections(execution: &Execution) -> Vec<Injected> {
 /// A run that single-steps from start to DONE without injecting anything: its trace maps each
 /// instruction count to the boundary the engine stops at.
 fn baseline(engine: &mut Engine, vm: &mut Vm, workload: Workload, arg: u32) -> Execution {
-    let execution =
-        engine.run(vm, &plan(workload, arg, &[], &[Trigger::After(MAX_DELAY)]), &traced()).unwrap();
+    let execution = engine
+        .run(vm, &plan(workload, arg, &[], &[Trigger::After(SCHEDULE_MAX_DELAY)]), &traced())
+        .unwrap();
     assert_eq!(execution.outcome.verdict, Verdict::Done);
     assert_eq!(execution.nmi.injected, 0);
     execution
@@ -101,9 +102,13 @@ fn kvm_nmi_at_instruction_k_interrupts_the_kth_instruction() {
 fn kvm_instruction_counts_follow_the_decoder() {
     let Some(mut vm) = common::boot() else { return };
     let mut engine = engine(&mut vm);
-    let action = Action { busy: 2, faults: fault::UD };
-    let plan =
-        plan(Workload::Breakpoint, 2, &[action], &[Trigger::After(40), Trigger::After(MAX_DELAY)]);
+    let action = Action { busy: 2, faults: fault::UD, ..Action::NONE };
+    let plan = plan(
+        Workload::Breakpoint,
+        2,
+        &[action],
+        &[Trigger::After(40), Trigger::After(SCHEDULE_MAX_DELAY)],
+    );
     let execution = engine.run(&mut vm, &plan, &traced()).unwrap();
     assert_eq!(execution.outcome.verdict, Verdict::Done);
     let mut insns = InsnCache::default();
@@ -168,7 +173,7 @@ fn kvm_nmi_latched_in_the_handler_arrives_after_the_ud2_iretq() {
     let mut engine = engine(&mut vm);
     // NMI 1, then do_nmi runs `ud2`; NMI 2 arrives while NMI 1 still blocks NMIs, so it is
     // latched and must be delivered right after the #UD handler's IRETQ, inside do_nmi.
-    let action = Action { busy: 0, faults: fault::UD };
+    let action = Action { busy: 0, faults: fault::UD, ..Action::NONE };
     let plan = plan(Workload::Loop, 10, &[action], &[Trigger::After(30), Trigger::After(5)]);
     let execution = engine.run(&mut vm, &plan, &traced()).unwrap();
     assert_eq!(injections(&execution), [Injected::Delivered, Injected::Latched]);
@@ -192,7 +197,7 @@ fn kvm_nmi_latched_in_the_handler_arrives_after_the_ud2_iretq() {
 fn kvm_replays_are_bit_for_bit_identical() {
     let Some(mut vm) = common::boot() else { return };
     let mut engine = engine(&mut vm);
-    let action = Action { busy: 3, faults: fault::UD };
+    let action = Action { busy: 3, faults: fault::UD, ..Action::NONE };
     let three = plan(
         Workload::Loop,
         20,
@@ -219,7 +224,8 @@ fn kvm_probe_nmi_may_take_exceptions_too() {
     let mut engine = engine(&mut vm);
     // The probe NMI after DONE is the second do_nmi call; its action raises #UD, #PF and #BP
     // (an int3 the VMM performs on hosts that cannot), all of which must simply work.
-    let actions = [Action::default(), Action { busy: 1, faults: fault::ALL }];
+    let actions =
+        [Action::default(), Action { busy: 1, faults: fault::ENTRY_FAULTS, ..Action::NONE }];
     let plan = plan(Workload::Loop, 10, &actions, &[Trigger::After(40)]);
     let execution = engine.run(&mut vm, &plan, &RunOptions::default()).unwrap();
     assert_eq!(execution.outcome.verdict, Verdict::Done);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nmifuzz_abi::{Script, Variant, Workload};
 use vmm::engine::profile::{self, HostProfile};
-use vmm::engine::schedule::{MAX_DELAY, Plan, Trigger};
+use vmm::engine::schedule::{Plan, SCHEDULE_MAX_DELAY, Trigger};
 use vmm::engine::{Engine, ITERATION_SYMBOL, RunOptions};
 use vmm::{RunLimits, Verdict, Vm};
 
@@ -62,10 +62,10 @@ fn kvm_wall_clock_timeout() {
 fn kvm_instruction_budget_is_deterministic() {
     let Some(mut vm) = common::boot() else { return };
     // An injection that never comes keeps the engine stepping the spinning guest.
-    let verdict = run(&mut vm, Workload::Spin, 0, &[Trigger::After(MAX_DELAY)]);
+    let verdict = run(&mut vm, Workload::Spin, 0, &[Trigger::After(SCHEDULE_MAX_DELAY)]);
     let Verdict::InstructionBudget { instructions, .. } = &verdict else { panic!("{verdict}") };
     assert_eq!(*instructions, options().max_instructions);
-    assert_eq!(run(&mut vm, Workload::Spin, 0, &[Trigger::After(MAX_DELAY)]), verdict);
+    assert_eq!(run(&mut vm, Workload::Spin, 0, &[Trigger::After(SCHEDULE_MAX_DELAY)]), verdict);
     // In NMI context the budget is separate: a handler that never returns.
     let Some(mut vm) = common::boot_elf(common::patched_guest("nmi_naive", 1, &SPIN)) else {
         return;

@@ -138,7 +138,7 @@ fn kvm_linux_survives_nmis_in_every_fault_of_do_nmi() {
     let Some((mut vm, mut engine)) = setup() else { return };
     // One NMI into the workload; do_nmi takes #UD, #PF and #BP, and an NMI arrives right after
     // each of their IRETQs: each is nested, and each forces one more iteration.
-    let action = Action { busy: 3, faults: fault::UD | fault::PF | fault::BP };
+    let action = Action { busy: 3, faults: fault::UD | fault::PF | fault::BP, ..Action::NONE };
     let plan = linux_plan(
         &vm,
         0,

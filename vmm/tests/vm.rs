@@ -51,10 +51,14 @@ fn kvm_guest_panic_is_a_verdict_with_message_and_location() {
     assert_eq!(panic.message, "workload asked to panic");
     assert_eq!(panic.file, "src/workload.rs");
     assert!(panic.line > 0 && panic.column > 0, "{panic:?}");
-    // A Rust panic has no RIP of its own (the guest cannot find its caller); file:line locate it.
-    assert_eq!((panic.rip, panic.symbol.as_str()), (0, ""));
+    // The RIP is the panic site's own, in the guest's code, named by its symbol.
+    let text = vm.image().symbol("_start").unwrap();
+    assert!(panic.rip > text && panic.rip < text + (1 << 20), "{panic:?}");
+    assert_eq!(panic.symbol, vm.image().symbolize(panic.rip));
+    assert!(!panic.symbol.starts_with("0x"), "{panic:?}");
     let shown = Verdict::GuestPanic(panic).to_string();
     assert!(shown.contains("workload asked to panic (at src/workload.rs:"), "{shown}");
+    assert!(shown.contains(", rip "), "{shown}");
 }
 
 #[test]
@@ -121,7 +125,7 @@ fn kvm_nmi_calls_do_nmi_and_ud2_returns_into_it() {
     // The Loop workload raises #UD itself in some iterations: count those without the NMI.
     let workload_own = run(&mut vm, &s).counters.invalid_opcodes;
     s.action_count = 1;
-    s.actions[0] = Action { busy: 5, faults: fault::UD };
+    s.actions[0] = Action { busy: 5, faults: fault::UD, ..Action::NONE };
     vm.reset().unwrap();
     vm.apply_pending_reset().unwrap();
     vm.write_script(&s).unwrap();

@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use libafl_bolts::rands::StdRand;
-use vmm::engine::schedule::Schedule;
+use vmm::engine::schedule::{Fault, Schedule};
 
 use super::{JobResult, Method};
 use crate::campaign::Config;
 use crate::executor::Limits;
-use crate::input::{ScheduleGenerator, all_faults};
+use crate::input::ScheduleGenerator;
 use crate::launch::{self, Clients, Setup};
 use crate::options::DEFAULT_TIMEOUT_MS;
 use crate::options::{EvalJobArgs, SweepArgs};
@@ -65,7 +65,7 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
 /// the same per-execution options, without feedback, until a finding or the limit.
 fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
     let mut target = Target::new()?;
-    let generator = ScheduleGenerator::new(&args.variant, &all_faults());
+    let generator = ScheduleGenerator::new(&args.variant, Fault::ALL);
     let mut rand = StdRand::with_seed(args.seed);
     let options = target::run_options(DEFAULT_TIMEOUT_MS);
     let start = Instant::now();
@@ -115,7 +115,7 @@ fn campaign_job(args: &EvalJobArgs) -> Result<JobResult> {
         seeds: Vec::new(),
         corpus_dir: None,
         artifacts: artifacts.clone(),
-        faults: all_faults(),
+        faults: Fault::ALL.to_vec(),
         seed: args.seed,
         options: target::run_options(DEFAULT_TIMEOUT_MS),
         limits,

@@ -18,7 +18,7 @@ pub mod entry_name;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of this contract; bumped on every incompatible change to the structures below.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Symbol of the guest's [`Script`] buffer.
 pub const SCRIPT_SYMBOL: &str = "NMIFUZZ_SCRIPT";
@@ -65,8 +65,9 @@ pub const SCRIPT_MAGIC: u32 = u32::from_le_bytes(*b"NMIS");
 /// `Mailbox::magic`: "NMIM" little-endian, set by the guest at boot.
 pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"NMIM");
 
-/// Number of per-call entries in [`Script::actions`]. Calls beyond the last entry return at once.
-pub const MAX_ACTIONS: usize = 32;
+/// Number of per-call entries in [`Script::actions`], the most actions any schedule can have.
+/// Calls beyond the last entry return at once.
+pub const SCRIPT_ACTION_SLOTS: usize = 32;
 
 /// An NMI entry: one file in the repository's `entries/` directory, found by the build
 /// (`guest/abi/build.rs`; the contract is in docs/entries.md). Its code is its index in
@@ -248,9 +249,95 @@ pub mod fault {
     /// Execute `int3`; #BP is handled on the current stack while `do_nmi` runs (Linux's
     /// `debug_stack_set_zero`), on its own IST stack otherwise.
     pub const BP: u32 = 1 << 2;
+    /// Overwrite random bytes of a guest structure, as [`Action::scribble`] says, after the busy
+    /// work and before the other faults. Only `nmifuzz chaos` uses it: it tests that nothing the
+    /// guest does to itself can break the VMM, and is no bug of an NMI entry. The schedule
+    /// format cannot express it, so campaigns never generate it.
+    pub const SCRIBBLE: u32 = 1 << 3;
+    /// The exceptions whose IRETQ re-opens NMIs inside `do_nmi`: what the fuzzer uses.
+    pub const ENTRY_FAULTS: u32 = UD | PF | BP;
     /// Every bit the guest understands; any other bit is a malformed script.
-    pub const ALL: u32 = UD | PF | BP;
+    pub const ALL: u32 = ENTRY_FAULTS | SCRIBBLE;
 }
+
+/// The guest structure a [`fault::SCRIBBLE`] action overwrites. Each names a byte range the
+/// guest computes from its own statics; the ranges cover the live part of each structure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ScribbleArea {
+    /// The first 32 gates (the exceptions and the NMI) of the IDT or of the NMI IDT.
+    Idt = 0,
+    /// The GDT (null, code, data, TSS descriptor).
+    Gdt = 1,
+    /// The 64-bit TSS, IST pointers included.
+    Tss = 2,
+    /// The first eight entries of one of the page-table pages.
+    PageTables = 3,
+    /// The top 512 bytes of the NMI stack (IST1): the frames of Linux's entry, the saved
+    /// registers and the top guards.
+    NmiStack = 4,
+    /// The top 512 bytes of the double-fault (IST2) or the breakpoint/debug (IST3) stack.
+    ExceptionStacks = 5,
+    /// The whole [`Mailbox`].
+    Mailbox = 6,
+    /// The whole [`Script`], this action included.
+    Script = 7,
+}
+
+impl ScribbleArea {
+    /// Every area, in code order.
+    pub const ALL: &'static [ScribbleArea] = &[
+        ScribbleArea::Idt,
+        ScribbleArea::Gdt,
+        ScribbleArea::Tss,
+        ScribbleArea::PageTables,
+        ScribbleArea::NmiStack,
+        ScribbleArea::ExceptionStacks,
+        ScribbleArea::Mailbox,
+        ScribbleArea::Script,
+    ];
+
+    /// Decodes [`Scribble::area`].
+    pub fn from_code(code: u16) -> Option<Self> {
+        Self::ALL.iter().copied().find(|a| *a as u16 == code)
+    }
+
+    /// A kebab-case name, for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Idt => "idt",
+            Self::Gdt => "gdt",
+            Self::Tss => "tss",
+            Self::PageTables => "page-tables",
+            Self::NmiStack => "nmi-stack",
+            Self::ExceptionStacks => "exception-stacks",
+            Self::Mailbox => "mailbox",
+            Self::Script => "script",
+        }
+    }
+}
+
+/// Most bytes one scribble overwrites.
+pub const MAX_SCRIBBLE_BYTES: u16 = 64;
+
+/// What a [`fault::SCRIBBLE`] action overwrites: `bytes` bytes at offsets and with values drawn
+/// from `seed` (xorshift64), inside `area`. Ignored, and must be zero, without that bit.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct Scribble {
+    /// A [`ScribbleArea`] code.
+    pub area: u16,
+    /// How many bytes to overwrite, 1 to [`MAX_SCRIBBLE_BYTES`].
+    pub bytes: u16,
+    /// Seed of the offsets and values.
+    pub seed: u32,
+}
+
+/// Most rounds of busy work one action may ask for (two instructions each, all single-stepped
+/// by the host). The guest refuses more, also in an action it was never shown at validation.
+pub const MAX_BUSY_ITERATIONS: u32 = 2_000;
 
 /// What one `do_nmi` call does.
 #[derive(
@@ -258,10 +345,19 @@ pub mod fault {
 )]
 #[repr(C)]
 pub struct Action {
-    /// Iterations of busy work (a few instructions each) before any fault.
+    /// Rounds of busy work (two instructions each) before any fault, at most
+    /// [`MAX_BUSY_ITERATIONS`].
     pub busy: u32,
     /// [`fault`] bits; 0 returns right after the busy work.
     pub faults: u32,
+    /// What [`fault::SCRIBBLE`] overwrites; all zero without that bit.
+    pub scribble: Scribble,
+}
+
+impl Action {
+    /// An action that returns at once.
+    pub const NONE: Self =
+        Self { busy: 0, faults: 0, scribble: Scribble { area: 0, bytes: 0, seed: 0 } };
 }
 
 /// The host-written half of an input; see the crate documentation.
@@ -280,12 +376,12 @@ pub struct Script {
     pub workload: u32,
     /// The workload's parameter (iterations, pages, breakpoints).
     pub workload_arg: u32,
-    /// How many entries of `actions` are valid (at most [`MAX_ACTIONS`]).
+    /// How many entries of `actions` are valid (at most [`SCRIPT_ACTION_SLOTS`]).
     pub action_count: u32,
     /// Must be 0.
     pub reserved: u32,
     /// `actions[i]` is what the i-th `do_nmi` call of the run does.
-    pub actions: [Action; MAX_ACTIONS],
+    pub actions: [Action; SCRIPT_ACTION_SLOTS],
 }
 
 impl Script {
@@ -300,7 +396,7 @@ impl Script {
             workload_arg,
             action_count: 0,
             reserved: 0,
-            actions: [Action { busy: 0, faults: 0 }; MAX_ACTIONS],
+            actions: [Action::NONE; SCRIPT_ACTION_SLOTS],
         }
     }
 }
@@ -338,8 +434,9 @@ pub const PANIC_FILE_LEN: usize = 96;
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct PanicRecord {
-    /// The instruction the panic is about: the faulting RIP for an unexpected exception, 0
-    /// for other panics (core's panic machinery keeps no frame pointers to find the caller).
+    /// The instruction the panic is about: the faulting RIP for an unexpected exception, the
+    /// panic site for the guest's own panics, and the panic handler itself for a panic raised
+    /// inside `core` (its panic machinery keeps no frame pointers to find the caller).
     pub rip: u64,
     /// Source line of the panic.
     pub line: u32,
@@ -377,8 +474,9 @@ mod tests {
 
     #[test]
     fn layouts_are_pinned() {
-        assert_eq!(size_of::<Action>(), 8);
-        assert_eq!(size_of::<Script>(), 32 + 8 * MAX_ACTIONS);
+        assert_eq!(size_of::<Scribble>(), 8);
+        assert_eq!(size_of::<Action>(), 16);
+        assert_eq!(size_of::<Script>(), 32 + 16 * SCRIPT_ACTION_SLOTS);
         assert_eq!(size_of::<Counters>(), 64);
         assert_eq!(size_of::<PanicRecord>(), 24 + PANIC_FILE_LEN + PANIC_MESSAGE_LEN);
         assert_eq!(size_of::<Mailbox>(), 8 + 64 + 376);
@@ -397,5 +495,9 @@ mod tests {
             assert_eq!(Workload::from_code(code).map(|w| w as u32), Some(code));
         }
         assert_eq!(Workload::from_code(9), None);
+        for a in ScribbleArea::ALL {
+            assert_eq!(ScribbleArea::from_code(*a as u16), Some(*a));
+        }
+        assert_eq!(ScribbleArea::from_code(ScribbleArea::ALL.len() as u16), None);
     }
 }

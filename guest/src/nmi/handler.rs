@@ -12,7 +12,8 @@ use nmifuzz_abi::{Action, fault};
 
 use super::{NmiRegs, checks};
 use crate::mailbox::{self, Counter};
-use crate::{cpu, idt, invariant, paging, script, tss};
+use crate::panic::fail;
+use crate::{cpu, idt, invariant, paging, scribble, script, tss};
 
 /// Linux's `nmi_state`: `do_nmi` is not running.
 const NOT_RUNNING: u64 = 0;
@@ -87,13 +88,17 @@ pub extern "C" fn nmi_iteration(regs: &NmiRegs) {
 /// The reaction to an NMI from ring 3, reached from every entry's ring-3 branch.
 #[unsafe(no_mangle)]
 extern "C" fn nmi_from_user() -> ! {
-    panic!("NMI from ring 3: this guest never runs ring 3, and the entries do not handle it yet")
+    fail!("NMI from ring 3: this guest never runs ring 3, and the entries do not handle it yet")
 }
 
-/// Busy work, then the faults in their fixed order: #UD, #PF, #BP. Each fault's handler
-/// returns with IRETQ, which unblocks NMIs while this NMI is still being handled.
+/// Busy work, the chaos scribble if asked for, then the faults in their fixed order: #UD, #PF,
+/// #BP. Each fault's handler returns with IRETQ, which unblocks NMIs while this NMI is still
+/// being handled.
 fn perform(action: Action) {
     busy(action.busy);
+    if action.faults & fault::SCRIBBLE != 0 {
+        scribble::perform(action.scribble);
+    }
     if action.faults & fault::UD != 0 {
         // SAFETY: `ud2` raises #UD, whose handler counts it and resumes after it; registers,
         // stack and flags are as before.

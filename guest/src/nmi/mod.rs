@@ -19,6 +19,7 @@ use nmifuzz_abi::Variant;
 
 pub use self::checks::check_done;
 use crate::idt;
+use crate::panic::fail;
 use crate::regs::{GeneralRegs, InterruptFrame};
 
 /// Where `variant`'s entry code starts.
@@ -30,7 +31,7 @@ fn entry(variant: Variant) -> u64 {
 pub fn check_installed(variant: Variant) {
     let (gate, expected) = (idt::nmi_entry(), entry(variant));
     if gate != expected {
-        panic!(
+        fail!(
             "the NMI gate points at {gate:#x}, not at the {} entry {expected:#x}",
             variant.name()
         );

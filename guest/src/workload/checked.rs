@@ -28,7 +28,6 @@
 
 use core::arch::global_asm;
 use core::mem::offset_of;
-use core::ptr::{addr_of, read_volatile};
 
 use nmifuzz_abi::{Counters, Mailbox};
 
@@ -241,7 +240,8 @@ workload_finished:
 
     .macro workload_bad_stub reg, index
 workload_bad_\reg:
-    mov rsi, \reg              /* the value found */
+    mov rsi, \reg              /* the value compared, first: the next line may need rdx */
+    mov rdx, [rip + WORKLOAD_EXPECTED + 8 * \index] /* what it was compared with */
     mov edi, \index            /* which register: Expected::regs index */
     jmp workload_fail
     .endm
@@ -263,14 +263,18 @@ workload_bad_\reg:
     .purgem workload_bad_stub
 workload_bad_rsp:
     lea rsi, [rsp + 8]          /* the loop's RSP */
+    mov rdx, [rip + WORKLOAD_EXPECTED + 120] /* Expected::rsp */
+    add rdx, 8                  /* ... as the loop's RSP */
     mov edi, 15
     jmp workload_fail
 workload_bad_flags:
     mov rsi, [rsp]              /* the masked copy */
+    mov edx, 0xc91              /* FLAGS & FLAGS_MASK */
     mov edi, 16
     jmp workload_fail
 workload_bad_cr2:
     mov rsi, cr2
+    mov rdx, [rip + WORKLOAD_EXPECTED + 128] /* Expected::cr2 */
     mov edi, 17
 workload_fail:
     lea rsp, [rip + workload_fail_stack_top]
@@ -302,22 +306,29 @@ pub fn run(iterations: u32) -> u64 {
 }
 
 /// Called by the loop's mismatch stubs on a stack of their own: `index` says what differs
-/// (0..=14: `Expected::regs`, 15: RSP, 16: RFLAGS, 17: CR2), `value` is what was found.
+/// (0..=14: `Expected::regs`, 15: RSP, 16: RFLAGS, 17: CR2), `value` is what was found and
+/// `expected` what it was compared with, both taken by the stub right after the compare: the
+/// report never reads them again.
 #[unsafe(no_mangle)]
-extern "C" fn workload_mismatch(index: u64, value: u64) -> ! {
-    let expected = addr_of!(WORKLOAD_EXPECTED);
-    // SAFETY: plain loads of the loop's expectations, which nothing writes any more.
-    let (name, expected) = unsafe {
-        match index {
-            0..=14 => (
-                REG_NAMES[index as usize],
-                read_volatile(addr_of!((*expected).regs))[index as usize],
-            ),
-            15 => ("rsp", read_volatile(addr_of!((*expected).rsp)) + 8),
-            16 => ("rflags (CF PF AF ZF SF DF OF)", FLAGS & FLAGS_MASK),
-            _ => ("cr2", read_volatile(addr_of!((*expected).cr2))),
-        }
+extern "C" fn workload_mismatch(index: u64, value: u64, expected: u64) -> ! {
+    let name = match index {
+        0..=14 => REG_NAMES[index as usize],
+        15 => "rsp",
+        16 => "rflags (CF PF AF ZF SF DF OF)",
+        _ => "cr2",
     };
+    if value == expected {
+        // The compare saw a difference that is gone one instruction later: the context changed
+        // in between (an NMI landed right there), or the check's failure path was jumped into.
+        invariant::violated(
+            2,
+            format_args!(
+                "the workload's {name} check failed, but right after it {name} is {value:#x} as \
+                 expected: the context changed between the compare and the report, or the \
+                 failure path was entered without the compare"
+            ),
+        );
+    }
     invariant::violated(
         2,
         format_args!("the workload's {name} is {value:#x}, expected {expected:#x}"),

@@ -1,4 +1,9 @@
-//! Decoding guest instructions with iced-x86, cached by address (guest code never changes).
+//! Decoding guest instructions with iced-x86, cached by address.
+//!
+//! The guest's own code never changes, but a guest whose return frame was smashed can run off
+//! into data (stacks, zeroed pages), whose bytes differ from run to run. So every cached entry
+//! keeps the bytes it was decoded from and is used only while memory still holds them, and the
+//! cache is bounded: a run through a zeroed page would otherwise add an entry per two bytes.
 
 use std::collections::HashMap;
 
@@ -25,19 +30,50 @@ pub struct Insn {
     pub is_int3: bool,
 }
 
+/// Most instructions the cache keeps: the whole guest has about 7,000, of which a run steps
+/// through a few hundred. Past it the cache starts over (keeping its allocation, about 0.8 MiB).
+const MAX_CACHED: usize = 1 << 13;
+
 /// A cache of decoded guest instructions.
 #[derive(Default)]
 pub struct InsnCache {
-    insns: HashMap<u64, Insn>,
+    /// Each instruction with the bytes it was decoded from.
+    insns: HashMap<u64, (Insn, Bytes)>,
+}
+
+/// The bytes at an address, as many as memory has (up to [`MAX_INSN_LEN`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Bytes {
+    buf: [u8; MAX_INSN_LEN],
+    len: usize,
+}
+
+impl Bytes {
+    fn read(ram: &GuestRam, rip: u64) -> Result<Self> {
+        let mut buf = [0u8; MAX_INSN_LEN];
+        // Near the end of memory fewer bytes are readable; outside it, none.
+        let len = (ram.size().saturating_sub(rip) as usize).min(MAX_INSN_LEN);
+        if len > 0 {
+            ram.read(rip, &mut buf[..len])?;
+        }
+        Ok(Self { buf, len })
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 impl InsnCache {
     /// The instruction at `rip`.
     pub fn get(&mut self, ram: &GuestRam, rip: u64) -> Result<Insn> {
-        if let Some(insn) = self.insns.get(&rip) {
+        let bytes = Bytes::read(ram, rip)?;
+        if let Some((insn, seen)) = self.insns.get(&rip)
+            && *seen == bytes
+        {
             return Ok(*insn);
         }
-        let decoded = decode(ram, rip)?;
+        let decoded = decode(rip, &bytes);
         let insn = Insn {
             len: decoded.len() as u8,
             is_iretq: decoded.mnemonic() == Mnemonic::Iretq,
@@ -49,23 +85,27 @@ impl InsnCache {
                 Mnemonic::Out | Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd
             ),
         };
-        self.insns.insert(rip, insn);
+        if self.insns.len() >= MAX_CACHED {
+            self.insns.clear();
+        }
+        self.insns.insert(rip, (insn, bytes));
         Ok(insn)
     }
 }
 
-fn decode(ram: &GuestRam, rip: u64) -> Result<Instruction> {
-    let mut bytes = [0u8; MAX_INSN_LEN];
-    // Near the end of memory fewer bytes are readable; decode what there is.
-    let available = (ram.size().saturating_sub(rip) as usize).min(MAX_INSN_LEN);
-    ram.read(rip, &mut bytes[..available])?;
-    let mut decoder = Decoder::with_ip(64, &bytes[..available], rip, DecoderOptions::NONE);
-    Ok(decoder.decode())
+/// Decodes the instruction `bytes` hold at `rip`. A guest that jumped outside its memory (a
+/// smashed return frame) has no bytes there at all: that is an invalid instruction, which the
+/// CPU, not the engine, will fault on.
+fn decode(rip: u64, bytes: &Bytes) -> Instruction {
+    if bytes.len == 0 {
+        return Instruction::default();
+    }
+    Decoder::with_ip(64, bytes.get(), rip, DecoderOptions::NONE).decode()
 }
 
 /// The instruction at `rip` in Intel syntax, for traces.
 pub fn disassemble(ram: &GuestRam, rip: u64) -> String {
-    match decode(ram, rip) {
+    match Bytes::read(ram, rip).map(|bytes| decode(rip, &bytes)) {
         Ok(insn) if !insn.is_invalid() => {
             let mut text = String::new();
             IntelFormatter::new().format(&insn, &mut text);

@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::hash::Fnv1a;
+
 /// How an injected NMI was taken, decided at the moment of injection from the NMI state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -106,24 +108,19 @@ pub struct Step {
 
 /// Accumulates the trace hash and, optionally, the steps.
 pub struct Recorder {
-    hash: u64,
+    hash: Fnv1a,
     keep: bool,
     steps: Vec<Step>,
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x100_0000_01b3;
-
 impl Recorder {
     /// A recorder that keeps the steps if `keep`.
     pub fn new(keep: bool) -> Self {
-        Self { hash: FNV_OFFSET, keep, steps: Vec::new() }
+        Self { hash: Fnv1a::new(), keep, steps: Vec::new() }
     }
 
     fn mix(&mut self, value: u64) {
-        for byte in value.to_le_bytes() {
-            self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
-        }
+        self.hash.write(&value.to_le_bytes());
     }
 
     /// Records a stop.
@@ -158,7 +155,7 @@ impl Recorder {
 
     /// The hash so far.
     pub fn hash(&self) -> u64 {
-        self.hash
+        self.hash.finish()
     }
 
     /// The kept steps.

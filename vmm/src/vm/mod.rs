@@ -1,20 +1,22 @@
 //! The VM: one vCPU running the guest kernel, booted to READY, snapshotted there, and run
 //! again and again from that snapshot.
 
+mod debug;
+mod mailbox;
+mod ready;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, kvm_guest_debug,
-    kvm_regs, kvm_sync_regs,
-};
+use kvm_bindings::{kvm_regs, kvm_sync_regs};
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use nmifuzz_abi::{
-    ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, Mailbox, Report, SCRIPT_SYMBOL, Script, Variant,
-    port,
+    ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, SCRIPT_SYMBOL, Script, Variant, port,
 };
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
+pub use self::debug::GuestDebug;
+use self::ready::{boot_to_ready, flush_pending_io};
 use crate::boot;
 use crate::error::{Error, Result};
 use crate::exit::{self, Exit};
@@ -22,7 +24,7 @@ use crate::image::GuestImage;
 use crate::kvm::{self, KVM_DEVICE};
 use crate::layout::{DEFAULT_MEMORY, LARGE_PAGE, MAX_MEMORY};
 use crate::memory::GuestRam;
-use crate::outcome::{GuestPanic, Outcome, Verdict};
+use crate::outcome::{Outcome, Verdict};
 use crate::snapshot::Snapshot;
 use crate::watchdog::Watchdog;
 
@@ -39,38 +41,6 @@ const GATE_SIZE: u64 = 16;
 const NMI_VECTOR: u64 = 2;
 /// RFLAGS.RF, the resume flag.
 const RFLAGS_RF: u64 = 1 << 16;
-
-/// DR7 local-enable bit of breakpoint `i` (Intel SDM vol. 3, 18.2.4); R/W and LEN stay 0,
-/// which means "break on instruction execution".
-const fn dr7_local_enable(i: usize) -> u64 {
-    1 << (2 * i)
-}
-
-/// Single-stepping and hardware execute breakpoints, as set with KVM_SET_GUEST_DEBUG.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GuestDebug {
-    /// Stop after every instruction.
-    pub single_step: bool,
-    /// Stop before executing these addresses (DR0-DR3).
-    pub breakpoints: [Option<u64>; 4],
-}
-
-impl GuestDebug {
-    fn to_kvm(self) -> kvm_guest_debug {
-        let mut debug = kvm_guest_debug::default();
-        if self.single_step {
-            debug.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
-        }
-        for (i, address) in self.breakpoints.iter().enumerate() {
-            if let Some(address) = address {
-                debug.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-                debug.arch.debugreg[i] = *address;
-                debug.arch.debugreg[7] |= dr7_local_enable(i);
-            }
-        }
-        debug
-    }
-}
 
 /// The five qwords IRETQ pops, in stack order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,17 +235,6 @@ impl Vm {
         &self.watchdog
     }
 
-    /// Sets single-stepping and hardware breakpoints; no ioctl when nothing changes.
-    pub fn set_debug(&mut self, debug: GuestDebug) -> Result<()> {
-        if debug != self.debug {
-            self.vcpu
-                .set_guest_debug(&debug.to_kvm())
-                .map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))?;
-            self.debug = debug;
-        }
-        Ok(())
-    }
-
     /// Makes an NMI pending (KVM_NMI).
     ///
     /// Right after a reset the sync-regs area carries the snapshot's events with
@@ -328,13 +287,6 @@ impl Vm {
         let low = (low & 0x0000_ffff_ffff_0000) | (entry & 0xffff) | ((entry & 0xffff_0000) << 32);
         self.ram.write_u64(gate, low)?;
         self.ram.write_u64(gate + 8, entry >> 32)
-    }
-
-    /// Reads the guest's mailbox.
-    pub fn mailbox(&self) -> Result<Mailbox> {
-        let mut bytes = [0u8; size_of::<Mailbox>()];
-        self.ram.read(self.mailbox_address, &mut bytes)?;
-        Ok(Mailbox::read_from_bytes(&bytes).expect("the buffer has the mailbox's exact size"))
     }
 
     /// Console output of the current run so far.
@@ -428,99 +380,5 @@ impl Vm {
                 Some(Verdict::UnexpectedExit { description: format!("{other:?} at {}", symbol()) })
             }
         }
-    }
-
-    /// Turns a report code into a verdict.
-    fn report(&self, code: u32) -> Verdict {
-        match Report::from_code(code) {
-            Some(Report::Done) => Verdict::Done,
-            Some(Report::Panic) => match self.mailbox() {
-                Ok(mailbox) => Verdict::GuestPanic(self.guest_panic(&mailbox)),
-                Err(e) => Verdict::UnexpectedExit { description: format!("PANIC report: {e}") },
-            },
-            Some(Report::Ready) => {
-                Verdict::UnexpectedExit { description: "READY reported a second time".into() }
-            }
-            None => {
-                Verdict::UnexpectedExit { description: format!("unknown report code {code:#x}") }
-            }
-        }
-    }
-
-    fn guest_panic(&self, mailbox: &Mailbox) -> GuestPanic {
-        let record = &mailbox.panic;
-        let text = |bytes: &[u8], len: u32| {
-            String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()
-        };
-        GuestPanic {
-            message: text(&record.message, record.message_len),
-            file: text(&record.file, record.file_len),
-            line: record.line,
-            column: record.column,
-            rip: record.rip,
-            // 0: a Rust panic, whose caller the guest cannot find; file and line say where.
-            symbol: if record.rip == 0 { String::new() } else { self.image.symbolize(record.rip) },
-        }
-    }
-}
-
-/// Runs a freshly created vCPU until the guest reports READY.
-fn boot_to_ready(
-    vcpu: &mut VcpuFd,
-    watchdog: &Watchdog,
-    image: &GuestImage,
-    console: &mut Vec<u8>,
-    timeout: Duration,
-) -> Result<()> {
-    let deadline = watchdog.arm(timeout);
-    let failed = |verdict: Verdict, console: &[u8]| Error::Boot {
-        verdict: Box::new(verdict),
-        console: if console.is_empty() {
-            String::new()
-        } else {
-            format!("\nguest console:\n{}", String::from_utf8_lossy(console))
-        },
-    };
-    let result = loop {
-        let exit = match exit::run(vcpu) {
-            Ok(exit) => exit,
-            Err(e) => break Err(e),
-        };
-        let rip = vcpu.sync_regs().regs.rip;
-        let verdict = match exit {
-            Exit::IoOut { port: port::CONSOLE, value, .. } => {
-                console.push(value as u8);
-                continue;
-            }
-            Exit::IoOut { port: port::REPORT, value, .. }
-                if Report::from_code(value) == Some(Report::Ready) =>
-            {
-                break Ok(());
-            }
-            Exit::Interrupted if Instant::now() < deadline => continue,
-            Exit::Interrupted => {
-                Verdict::Timeout { limit: timeout, rip, symbol: image.symbolize(rip) }
-            }
-            Exit::Shutdown => Verdict::TripleFault { rip, symbol: image.symbolize(rip) },
-            other => Verdict::UnexpectedExit {
-                description: format!("{other:?} at {}", image.symbolize(rip)),
-            },
-        };
-        break Err(failed(verdict, console));
-    };
-    watchdog.disarm();
-    result
-}
-
-/// Enters KVM_RUN with `immediate_exit` set: KVM applies pending sync registers and completes
-/// a pending I/O instruction (stock KVM finishes an `out` only on the next entry) and returns
-/// at once without running guest code.
-fn flush_pending_io(vcpu: &mut VcpuFd) -> Result<()> {
-    vcpu.set_kvm_immediate_exit(1);
-    let result = exit::run(vcpu);
-    vcpu.set_kvm_immediate_exit(0);
-    match result? {
-        Exit::Interrupted => Ok(()),
-        other => Err(Error::Flush(format!("{other:?}"))),
     }
 }

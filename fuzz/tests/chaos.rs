@@ -1,0 +1,92 @@
+//! `nmifuzz chaos` through the real binary and the real /dev/kvm (skipped with
+//! NMIFUZZ_SKIP_KVM_TESTS=1): ten thousand hostile executions end in verdicts, with no VMM error
+//! and no hang, and the plain reproducer keeps its verdict throughout.
+
+use std::process::Command;
+use std::time::Instant;
+
+fn kvm_tests_skipped() -> bool {
+    std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1")
+}
+
+/// Runs `nmifuzz chaos --json` with `args`; returns the exit code and the summary.
+fn chaos(args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nmifuzz"))
+        .arg("chaos")
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("not one JSON object ({e}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.code(), summary)
+}
+
+/// About 9 minutes on the 2-vCPU kvm_pvm development host (~19 executions per second).
+#[test]
+fn kvm_ten_thousand_chaos_executions_end_in_verdicts_without_vmm_errors_or_hangs() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    let started = Instant::now();
+    let (code, summary) = chaos(&["--runs", "10000", "--seed", "5"]);
+    eprintln!("chaos: {summary:#}\ntook {:?}", started.elapsed());
+    assert_eq!(summary["runs"], 10_000);
+    assert_eq!(summary["vmm_errors"], 0, "{summary:#}");
+    assert_eq!(summary["hangs"], 0, "{summary:#}");
+    assert_eq!(code, Some(0), "no VMM error and no hang exits 0");
+    assert_eq!(summary["sanity_replays"], 10, "the plain reproducer every 1,000 runs");
+    let verdicts = summary["verdicts"].as_object().unwrap();
+    for kind in ["pass", "guest-panic", "triple-fault", "nmi-count-mismatch"] {
+        assert!(
+            verdicts.get(kind).is_some_and(|n| n.as_u64() > Some(0)),
+            "no {kind}: {verdicts:?}"
+        );
+    }
+    let counted: u64 = verdicts.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(counted, 10_000, "every execution has exactly one verdict");
+    for kind in ["raw-script", "limits", "scribble"] {
+        assert!(summary["inputs"][kind].as_u64() > Some(1_000), "few {kind} inputs: {summary:#}");
+    }
+    assert!(
+        summary["rss_start_kib"].as_u64() > Some(0) && summary["rss_end_kib"].as_u64() > Some(0)
+    );
+}
+
+/// The same seed gives the same inputs and so the same verdicts, on any VM.
+#[test]
+fn kvm_chaos_is_deterministic_for_a_seed() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    // A generous limit, so that no run that ends by itself comes near the watchdog.
+    let args = ["--runs", "60", "--seed", "9", "--variant", "naive", "--timeout-ms", "3000"];
+    let (code, first) = chaos(&args);
+    let (_, second) = chaos(&args);
+    assert_eq!(code, Some(0), "{first:#}");
+    assert_eq!(first["inputs"], second["inputs"]);
+    assert_eq!(first["verdicts"], second["verdicts"]);
+    // Guest memory is part of the resident set, at most all of its 16 MiB.
+    let guest = first["guest_ram_rss_end_kib"].as_u64().unwrap();
+    assert!(guest > 0 && guest <= 16 << 10, "{first:#}");
+    assert!(first["rss_end_kib"].as_u64().unwrap() > guest, "{first:#}");
+}
+
+#[test]
+fn kvm_chaos_without_json_prints_progress_and_a_summary() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_nmifuzz"))
+        .args(["chaos", "--runs", "5", "--seed", "2", "--variant", "naive"])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("chaos: 5 runs on `naive`, seed 2\n"), "{stdout}");
+    for line in ["  VMM errors: 0\n", "  hangs:      0 ", "  RSS:        "] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+}

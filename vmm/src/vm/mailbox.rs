@@ -1,0 +1,100 @@
+//! The guest's mailbox, read at its reports: DONE's counters and PANIC's record.
+
+use nmifuzz_abi::{ABI_VERSION, MAILBOX_MAGIC, Mailbox, PANIC_FILE_LEN, PANIC_MESSAGE_LEN, Report};
+use zerocopy::FromBytes;
+
+use super::Vm;
+use crate::error::Result;
+use crate::outcome::{GuestPanic, Verdict};
+
+impl Vm {
+    /// Reads the guest's mailbox.
+    pub fn mailbox(&self) -> Result<Mailbox> {
+        let mut bytes = [0u8; size_of::<Mailbox>()];
+        self.ram.read(self.mailbox_address, &mut bytes)?;
+        Ok(Mailbox::read_from_bytes(&bytes).expect("the buffer has the mailbox's exact size"))
+    }
+
+    /// Turns a report code into a verdict.
+    pub(super) fn report(&self, code: u32) -> Verdict {
+        match Report::from_code(code) {
+            Some(Report::Done) => Verdict::Done,
+            Some(Report::Panic) => match self.mailbox() {
+                Ok(mailbox) => Verdict::GuestPanic(self.guest_panic(&mailbox)),
+                Err(e) => Verdict::UnexpectedExit { description: format!("PANIC report: {e}") },
+            },
+            Some(Report::Ready) => {
+                Verdict::UnexpectedExit { description: "READY reported a second time".into() }
+            }
+            None => {
+                Verdict::UnexpectedExit { description: format!("unknown report code {code:#x}") }
+            }
+        }
+    }
+
+    /// The guest's panic record as a [`GuestPanic`]. A record the guest cannot have written
+    /// whole (the mailbox overwritten, a panic while panicking, a PANIC report from code that
+    /// never filled it in) is reported as unreadable, saying why and where the mailbox is,
+    /// never as an empty message at an empty location.
+    fn guest_panic(&self, mailbox: &Mailbox) -> GuestPanic {
+        let record = &mailbox.panic;
+        let text = |bytes: &[u8], len: u32| {
+            String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()
+        };
+        let symbol = if record.rip == 0 { String::new() } else { self.image.symbolize(record.rip) };
+        if let Some(problem) = self.unreadable(mailbox) {
+            return GuestPanic {
+                message: format!(
+                    "unreadable panic report: {problem} (mailbox at {:#x})",
+                    self.mailbox_address
+                ),
+                file: NO_LOCATION.into(),
+                line: 0,
+                column: 0,
+                rip: record.rip,
+                symbol,
+            };
+        }
+        GuestPanic {
+            message: text(&record.message, record.message_len),
+            file: text(&record.file, record.file_len),
+            line: record.line,
+            column: record.column,
+            rip: record.rip,
+            symbol,
+        }
+    }
+
+    /// Why `mailbox` cannot hold a panic record the guest wrote, if it cannot.
+    fn unreadable(&self, mailbox: &Mailbox) -> Option<String> {
+        let record = &mailbox.panic;
+        if mailbox.magic != MAILBOX_MAGIC {
+            return Some(format!(
+                "bad magic {:#010x}, expected {MAILBOX_MAGIC:#010x}",
+                mailbox.magic
+            ));
+        }
+        if mailbox.version != ABI_VERSION {
+            return Some(format!("version {}, expected {ABI_VERSION}", mailbox.version));
+        }
+        if record.message_len as usize > PANIC_MESSAGE_LEN
+            || record.file_len as usize > PANIC_FILE_LEN
+        {
+            return Some(format!(
+                "message length {} (at most {PANIC_MESSAGE_LEN}), file name length {} (at most \
+                 {PANIC_FILE_LEN})",
+                record.message_len, record.file_len
+            ));
+        }
+        if record.message_len == 0 {
+            return Some(format!(
+                "the message is empty (file length {}, line {}, rip {:#x})",
+                record.file_len, record.line, record.rip
+            ));
+        }
+        None
+    }
+}
+
+/// The file name of a panic whose record says nothing about where it was.
+const NO_LOCATION: &str = "<no location>";
