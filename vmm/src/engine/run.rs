@@ -1,0 +1,139 @@
+//! The state of one execution: its plan and mode, where it stands, the books, the trace.
+
+use nmifuzz_abi::Counters;
+
+use super::books::Books;
+use super::cursor::Cursor;
+use super::decode;
+use super::mode::Mode;
+use super::schedule::Plan;
+use super::trace::{Event, Recorder};
+
+/// The state of one execution.
+pub(super) struct Run<'p> {
+    pub plan: &'p Plan,
+    pub mode: Mode,
+    /// The next injection.
+    pub cursor: Cursor<'p>,
+    /// The NMI books and their oracles.
+    pub books: Books,
+    /// The coverage map the stops are recorded in (may be empty).
+    coverage: &'p mut [u8],
+    /// The previous stop's coverage location, for edges.
+    previous_location: u64,
+    /// Retired instructions counted so far (stepped instructions only).
+    pub insn: u64,
+    /// Of those, retired in NMI context.
+    pub nmi_insn: u64,
+    pub exits: u64,
+    /// Whether the guest is single-stepped; otherwise it runs freely.
+    pub stepping: bool,
+    /// The last exit of a free run is a boundary to stop at (a breakpoint the mode set).
+    pub free_run_stop: bool,
+    /// The stop before the last KVM_RUN and the instruction there.
+    pub last_stop: Option<(u64, decode::Insn)>,
+    /// A hardware breakpoint to leave out for one KVM_RUN, so execution can move past it.
+    pub resume_breakpoint: Option<usize>,
+    /// Address of the variant's "NMI executing" variable, if it has one.
+    pub executing_address: Option<u64>,
+    /// The guest state after the last exit is not an instruction boundary: run on.
+    pub skip_stop: bool,
+    /// Events seen since the last stop, recorded at the stop they led to.
+    pub pending_events: Vec<Event>,
+    /// The guest's counters when it reported DONE, before the probe NMI.
+    pub done_counters: Option<Counters>,
+    pub recorder: Recorder,
+}
+
+impl<'p> Run<'p> {
+    pub fn new(
+        plan: &'p Plan,
+        mode: Mode,
+        coverage: &'p mut [u8],
+        keep_trace: bool,
+        executing_address: Option<u64>,
+    ) -> Self {
+        let cursor = Cursor::new(&plan.injections);
+        let books = Books::default();
+        let stepping = mode.wants_stepping(&cursor, &books);
+        Self {
+            plan,
+            mode,
+            cursor,
+            books,
+            coverage,
+            previous_location: 0,
+            insn: 0,
+            nmi_insn: 0,
+            exits: 0,
+            stepping,
+            free_run_stop: false,
+            last_stop: None,
+            resume_breakpoint: None,
+            executing_address,
+            skip_stop: false,
+            pending_events: Vec::new(),
+            done_counters: None,
+            recorder: Recorder::new(keep_trace),
+        }
+    }
+
+    /// Whether the mode wants the guest single-stepped from here on.
+    pub fn wants_stepping(&self) -> bool {
+        self.mode.wants_stepping(&self.cursor, &self.books)
+    }
+
+    /// Notes an event that belongs to the next stop.
+    pub fn note(&mut self, event: Event) {
+        self.pending_events.push(event);
+    }
+
+    /// Records the stop at `rip`, where the variant's "NMI executing" variable (if it has one)
+    /// holds `executing`, and the events that led to it.
+    pub fn record_stop(&mut self, rip: u64, executing: Option<u64>) {
+        self.recorder.stop(self.insn, rip, self.books.depth(), executing);
+        self.cover(rip, executing.unwrap_or(0));
+        for event in std::mem::take(&mut self.pending_events) {
+            self.recorder.event(event);
+        }
+    }
+
+    /// Counts the edge from the previous stop to this one in the coverage map, while NMI
+    /// handling is in progress or an NMI is pending: a location is the RIP together with the
+    /// nesting depth, the "NMI executing" value and whether an NMI waits in the latch, so that
+    /// the same code reached in a new NMI state is new coverage. Stops of the plain workload are
+    /// not coverage: reaching them only means injecting later.
+    fn cover(&mut self, rip: u64, executing: u64) {
+        if self.coverage.is_empty() || !self.books.in_nmi_context() {
+            return;
+        }
+        let location = rip
+            ^ (u64::from(self.books.depth()) << 56)
+            ^ ((executing & 0xf) << 58)
+            ^ (u64::from(self.books.undelivered() > 0) << 62);
+        // Mix (a splitmix64 finalizer) so nearby RIPs spread over the map.
+        let mut edge = location ^ self.previous_location.rotate_left(1);
+        edge = (edge ^ (edge >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        edge = (edge ^ (edge >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        edge ^= edge >> 31;
+        let slot = &mut self.coverage[(edge % self.coverage.len() as u64) as usize];
+        *slot = slot.saturating_add(1);
+        self.previous_location = location;
+    }
+
+    /// Counts `n` retired instructions.
+    pub fn retire(&mut self, n: u64) {
+        self.insn += n;
+        if self.books.in_nmi_context() {
+            self.nmi_insn += n;
+        }
+    }
+
+    /// The NMI-context budget of this plan: the base plus two instructions per busy-work
+    /// iteration the script asks for (the busy loop is `dec; jnz`).
+    pub fn nmi_budget(&self, base: u64) -> u64 {
+        let script = &self.plan.script;
+        let actions = &script.actions[..(script.action_count as usize).min(script.actions.len())];
+        base + 2 * actions.iter().map(|a| u64::from(a.busy)).sum::<u64>()
+    }
+}
