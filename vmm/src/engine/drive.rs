@@ -16,6 +16,11 @@ use crate::exit::Exit;
 use crate::outcome::Verdict;
 use crate::vm::{GuestDebug, IretFrame, Vm};
 
+/// RFLAGS.TF, the trap flag single-stepping sets.
+const RFLAGS_TF: u64 = 1 << 8;
+/// The page-fault vector, whose frame carries an error code.
+const PAGE_FAULT_VECTOR: u8 = 14;
+
 impl Engine {
     /// Runs until a verdict.
     pub(super) fn drive(
@@ -82,6 +87,7 @@ impl Engine {
                     let index = (dr6 & DR6_BREAKPOINTS).trailing_zeros() as usize;
                     run.resume_breakpoint = Some(index);
                     run.note(Event::Exception { vector: WATCHED_VECTORS[index] });
+                    clear_step_flag(vm, WATCHED_VECTORS[index]);
                     0
                 } else {
                     return Ok(Some(unexpected(vm, exit)));
@@ -250,4 +256,21 @@ fn iret_frame(vm: &mut Vm) -> Option<IretFrame> {
 fn same_privilege(vm: &mut Vm, frame: &IretFrame) -> bool {
     let sregs = &vm.sync_state().sregs;
     frame.cs == u64::from(sregs.cs.selector) && frame.ss == u64::from(sregs.ss.selector)
+}
+
+/// An exception delivered during a single-step pushes the VMM's TF in its frame's RFLAGS, where
+/// hardware without a debugger would not. An IRETQ through that frame after the engine stopped
+/// stepping (the fast mode free-runs between injections) would make TF the guest's own, and
+/// the guest would take a #DB it never asked for. At the handler-entry stop, before the
+/// handler's first instruction, the frame is made the hardware's.
+fn clear_step_flag(vm: &mut Vm, vector: u8) {
+    // #PF pushes an error code below the frame; #BP and #UD do not.
+    let error_code = u64::from(vector == PAGE_FAULT_VECTOR);
+    let slot = vm.sync_state().regs.rsp.wrapping_add(8 * (2 + error_code));
+    // A frame outside memory cannot be returned through: nothing to clear.
+    if let Ok(rflags) = vm.ram().read_u64(slot)
+        && rflags & RFLAGS_TF != 0
+    {
+        let _ = vm.ram_mut().write_u64(slot, rflags & !RFLAGS_TF);
+    }
 }

@@ -34,6 +34,7 @@ pub mod profile;
 pub mod returns;
 mod run;
 pub mod schedule;
+pub mod table;
 pub mod trace;
 
 use std::time::Instant;
