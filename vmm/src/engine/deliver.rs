@@ -66,7 +66,7 @@ impl Engine {
 
     /// Compares KVM's undelivered NMIs with the books after a KVM_RUN: each one fewer was
     /// delivered during that run, and its interrupted context is opened.
-    fn account_deliveries(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Option<Verdict> {
+    pub(super) fn account_deliveries(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Option<Verdict> {
         let events = vm.sync_state().events;
         let undelivered = u64::from(events.nmi.pending) + u64::from(events.nmi.injected);
         if let Some(verdict) = run.books.compare_undelivered(undelivered, run.insn) {
@@ -108,6 +108,7 @@ impl Engine {
     /// stepping or breakpoints: a guest whose NMIs are not blocked calls `do_nmi` once more.
     fn probe(&mut self, vm: &mut Vm, run: &mut Run<'_>, calls_at_done: u64) -> Result<Verdict> {
         run.stepping = false;
+        self.traps.set(vm, false)?;
         vm.set_debug(GuestDebug::default())?;
         vm.inject_nmi()?;
         run.note(Event::ProbeNmiInjected);

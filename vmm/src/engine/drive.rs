@@ -34,6 +34,8 @@ impl Engine {
         loop {
             let at_boundary = run.stepping || std::mem::take(&mut run.free_run_stop);
             if at_boundary && !std::mem::take(&mut run.skip_stop) {
+                // Every stop sees the guest's own code.
+                self.traps.set(vm, false)?;
                 if let Some(verdict) = self.at_stop(vm, run, options)? {
                     return Ok(verdict);
                 }
@@ -54,7 +56,9 @@ impl Engine {
             if let Some(verdict) = self.on_exit(vm, run, &exit, options, deadline)? {
                 return Ok(verdict);
             }
-            if run.stepping && !run.wants_stepping() {
+            // A free run must not start on one of its own stops: that boundary's bookkeeping
+            // is done, and the breakpoint would stop there again at once.
+            if run.stepping && !run.wants_stepping() && !self.on_free_run_stop(vm, run) {
                 run.stepping = false;
                 run.note(Event::FreeRun);
                 self.apply_debug(vm, run, None)?;
@@ -93,8 +97,15 @@ impl Engine {
                     return Ok(Some(unexpected(vm, exit)));
                 }
             }
-            // A free run stops at the breakpoints its mode set.
+            // A free run stops at the breakpoints its mode set, and before the IRETQs it
+            // trapped (an emulation failure at the site, RIP unchanged).
             Exit::Debug { dr6, .. } if dr6 & FREE_RUN_BREAKPOINTS != 0 => {
+                run.free_run_stop = true;
+                0
+            }
+            Exit::EmulationFailure { .. }
+                if self.traps.is_set() && self.traps.is_site(vm.sync_state().regs.rip) =>
+            {
                 run.free_run_stop = true;
                 0
             }
@@ -108,6 +119,9 @@ impl Engine {
             Exit::IoOut { port: port::REPORT, value, .. } => {
                 let retired = self.out_retired(vm, run)?;
                 run.retire(retired);
+                if let Some(verdict) = self.settle_free_run(vm, run) {
+                    return Ok(Some(verdict));
+                }
                 run.note(Event::Report { code: value });
                 if Report::from_code(value) == Some(Report::Done) {
                     return self.finish_done(vm, run).map(Some);
@@ -123,6 +137,9 @@ impl Engine {
             }
             Exit::Interrupted if Instant::now() < deadline => 0,
             _ => {
+                if let Some(verdict) = self.settle_free_run(vm, run) {
+                    return Ok(Some(verdict));
+                }
                 return Ok(vm
                     .classify(exit, deadline, options.limits.wall)
                     .or_else(|| Some(unexpected(vm, exit))));
@@ -135,24 +152,38 @@ impl Engine {
         Ok(None)
     }
 
+    /// A free run ends with this exit: the deliveries it made since its last stop are booked,
+    /// as the stepped engine booked them at its steps. (Stepping, they are booked already.)
+    fn settle_free_run(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Option<Verdict> {
+        if run.stepping { None } else { self.account_deliveries(vm, run) }
+    }
+
     /// A free run that reached a stop single-steps on from it if the mode wants stepping now,
-    /// and for one step if the stop is a breakpoint's own address (a free run from there would
-    /// stop again at once). The stepped engine is always stepping at a stop.
+    /// and for one step if the stop is a breakpoint's own address or an IRETQ the engine did
+    /// not perform (a free run from there would stop again at once); otherwise it free-runs on
+    /// with the breakpoints and traps of what comes next. The stepped engine is always stepping
+    /// at a stop.
     fn step_from_stop(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Result<()> {
         if run.stepping {
             return Ok(());
         }
         let pc = vm.sync_state().regs.rip;
-        let on_breakpoint =
-            run.mode.free_run_breakpoints(&run.cursor, self.facts.iteration).contains(&Some(pc));
-        if run.wants_stepping() || on_breakpoint {
+        let on_breakpoint = run.free_run_breakpoints(self.facts.iteration).contains(&Some(pc));
+        let on_trap = run.traps_in_free_run() && self.traps.is_site(pc);
+        if run.wants_stepping() || on_breakpoint || on_trap {
             run.stepping = true;
             // Stepping watches the exception entries; one the free run stopped at must be
             // left out for the first step, as after any stop at a breakpoint.
             run.resume_breakpoint = self.facts.exception_entries.iter().position(|&e| e == pc);
-            self.apply_debug(vm, run, None)?;
         }
-        Ok(())
+        self.apply_debug(vm, run, None)
+    }
+
+    /// Whether the guest is at a breakpoint or an IRETQ trap a free run from here would set.
+    fn on_free_run_stop(&self, vm: &mut Vm, run: &Run<'_>) -> bool {
+        let pc = vm.sync_state().regs.rip;
+        run.free_run_breakpoints(self.facts.iteration).contains(&Some(pc))
+            || (run.traps_in_free_run() && self.traps.is_site(pc))
     }
 
     /// Instructions retired at an `out` exit: 1 where the host already moved RIP past the
@@ -207,7 +238,10 @@ impl Engine {
             if self.profile.iretq_single_step || !same_privilege(vm, &frame) {
                 return Ok(None);
             }
-            vm.emulate_iretq(&frame);
+            // A frame pushed while the engine stepped holds its TF; returning through it in a
+            // free run would hand TF to the guest (see `clear_step_flag`).
+            let rflags = if run.stepping { frame.rflags } else { frame.rflags & !RFLAGS_TF };
+            vm.emulate_iretq(&IretFrame { rflags, ..frame });
             run.retire(1);
             run.recorder.event(Event::Iretq { target: frame.rip, emulated: true });
             if let Some(verdict) = self.after_step(vm, run, Step::EmulatedIretq) {
@@ -219,11 +253,13 @@ impl Engine {
     /// Single-stepping while `run.stepping`, with breakpoints on the watched handler entries
     /// where the host does not stop there by itself (`without` leaves one out); otherwise the
     /// free run's breakpoints of the mode.
-    fn apply_debug(&self, vm: &mut Vm, run: &Run<'_>, without: Option<usize>) -> Result<()> {
+    fn apply_debug(&mut self, vm: &mut Vm, run: &Run<'_>, without: Option<usize>) -> Result<()> {
         if !run.stepping {
-            let breakpoints = run.mode.free_run_breakpoints(&run.cursor, self.facts.iteration);
+            self.traps.set(vm, run.traps_in_free_run())?;
+            let breakpoints = run.free_run_breakpoints(self.facts.iteration);
             return vm.set_debug(GuestDebug { single_step: false, breakpoints });
         }
+        self.traps.set(vm, false)?;
         let mut debug = GuestDebug { single_step: true, ..GuestDebug::default() };
         if !self.profile.event_entry_stop {
             for (i, entry) in self.facts.exception_entries.iter().enumerate() {

@@ -36,6 +36,7 @@ mod run;
 pub mod schedule;
 pub mod table;
 pub mod trace;
+mod traps;
 
 use std::time::Instant;
 
@@ -49,6 +50,7 @@ use self::returns::Bounds;
 use self::run::Run;
 use self::schedule::Plan;
 use self::trace::Step;
+use self::traps::IretqTraps;
 use crate::error::{Error, Result};
 use crate::outcome::{Outcome, Verdict};
 use crate::vm::{RunLimits, Vm};
@@ -185,12 +187,14 @@ pub struct Engine {
     profile: HostProfile,
     facts: GuestFacts,
     insns: InsnCache,
+    traps: IretqTraps,
 }
 
 impl Engine {
     /// An engine for `vm` on a host with `profile` (see [`profile::calibrate`]).
     pub fn new(vm: &Vm, profile: HostProfile) -> Result<Self> {
-        Ok(Self { profile, facts: GuestFacts::read(vm)?, insns: InsnCache::default() })
+        let traps = IretqTraps::new(table::iretq_sites(vm.image(), vm.ram())?);
+        Ok(Self { profile, facts: GuestFacts::read(vm)?, insns: InsnCache::default(), traps })
     }
 
     /// The top of the guest's NMI stack (IST1), where the hardware frame and the entry's
@@ -220,11 +224,15 @@ impl Engine {
     ) -> Result<Execution> {
         let start = Instant::now();
         vm.reset()?;
+        self.traps.reset();
         vm.write_script(&plan.script)?;
         let executing = Variant::from_code(plan.script.variant)
             .and_then(Variant::stack_layout)
             .map(|layout| self.facts.nmi_stack_top - layout.executing);
-        let mut run = Run::new(plan, options.mode, coverage, options.keep_trace, executing);
+        // IRETQ traps stop the guest only where ring-0 code is emulated (see `traps`).
+        let iretq_traps = !self.profile.int3_native;
+        let mut run =
+            Run::new(plan, options.mode, iretq_traps, coverage, options.keep_trace, executing);
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();

@@ -44,25 +44,41 @@ pub enum Mode {
 pub(super) const FREE_RUN_BREAKPOINTS: u64 = 0b11;
 
 impl Mode {
-    /// Whether the guest must be single-stepped from the current boundary on.
-    pub(super) fn wants_stepping(self, cursor: &Cursor<'_>, books: &Books) -> bool {
-        books.busy()
-            || match self {
-                Self::Stepped => cursor.pending(),
-                Self::Fast => cursor.counting(),
-            }
+    /// Whether the guest must be single-stepped from the current boundary on; `iretq_traps`
+    /// says whether the host lets IRETQ traps stop a free run ([`super::traps`]).
+    pub(super) fn wants_stepping(
+        self,
+        cursor: &Cursor<'_>,
+        books: &Books,
+        iretq_traps: bool,
+    ) -> bool {
+        match self {
+            Self::Stepped => books.busy() || cursor.pending(),
+            Self::Fast => cursor.counting() || (books.busy() && !iretq_traps),
+        }
     }
 
-    /// The hardware breakpoints while free-running: for the fast mode with an injection left,
-    /// the awaited point and `iteration`; none otherwise.
+    /// The hardware breakpoints while free-running: for the fast mode, the awaited point, and
+    /// `iteration` while an injection is left or NMIs are under way (the stepped engine sees
+    /// every iteration start then); none for the stepped engine.
     pub(super) fn free_run_breakpoints(
         self,
         cursor: &Cursor<'_>,
+        books: &Books,
         iteration: u64,
     ) -> [Option<u64>; 4] {
-        match (self, cursor.awaited_point()) {
-            (Self::Fast, Some(point)) => [Some(point), Some(iteration), None, None],
-            _ => [None; 4],
+        match self {
+            Self::Fast => {
+                let watch_iterations = cursor.pending() || books.busy();
+                [cursor.awaited_point(), watch_iterations.then_some(iteration), None, None]
+            }
+            Self::Stepped => [None; 4],
         }
+    }
+
+    /// Whether a free run sets the IRETQ traps ([`super::traps`]): the fast mode does while
+    /// NMIs are under way, where the host lets traps stop it.
+    pub(super) fn free_run_traps(self, books: &Books, iretq_traps: bool) -> bool {
+        self == Self::Fast && iretq_traps && books.busy()
     }
 }

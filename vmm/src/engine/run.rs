@@ -13,6 +13,8 @@ use super::trace::{Event, Recorder};
 pub(super) struct Run<'p> {
     pub plan: &'p Plan,
     pub mode: Mode,
+    /// Whether the host lets IRETQ traps stop a free run (see `traps`).
+    pub iretq_traps: bool,
     /// The next injection.
     pub cursor: Cursor<'p>,
     /// The NMI books and their oracles.
@@ -49,16 +51,18 @@ impl<'p> Run<'p> {
     pub fn new(
         plan: &'p Plan,
         mode: Mode,
+        iretq_traps: bool,
         coverage: &'p mut [u8],
         keep_trace: bool,
         executing_address: Option<u64>,
     ) -> Self {
         let cursor = Cursor::new(&plan.injections);
         let books = Books::default();
-        let stepping = mode.wants_stepping(&cursor, &books);
+        let stepping = mode.wants_stepping(&cursor, &books, iretq_traps);
         Self {
             plan,
             mode,
+            iretq_traps,
             cursor,
             books,
             coverage,
@@ -78,9 +82,19 @@ impl<'p> Run<'p> {
         }
     }
 
+    /// Whether a free run from here sets the IRETQ traps.
+    pub fn traps_in_free_run(&self) -> bool {
+        self.mode.free_run_traps(&self.books, self.iretq_traps)
+    }
+
+    /// The hardware breakpoints of a free run from here.
+    pub fn free_run_breakpoints(&self, iteration: u64) -> [Option<u64>; 4] {
+        self.mode.free_run_breakpoints(&self.cursor, &self.books, iteration)
+    }
+
     /// Whether the mode wants the guest single-stepped from here on.
     pub fn wants_stepping(&self) -> bool {
-        self.mode.wants_stepping(&self.cursor, &self.books)
+        self.mode.wants_stepping(&self.cursor, &self.books, self.iretq_traps)
     }
 
     /// Notes an event that belongs to the next stop.

@@ -3,10 +3,10 @@
 //! iced-x86 and named as `symbol+offset`. Symbolic points are drawn from it, so a point is
 //! always an instruction boundary.
 
-use iced_x86::{Decoder, DecoderOptions};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 
 use crate::error::Result;
-use crate::image::GuestImage;
+use crate::image::{GuestImage, Symbol};
 use crate::memory::GuestRam;
 
 /// Code outside the NMI-handling range that schedules place NMIs in: the exception paths
@@ -39,34 +39,22 @@ impl InstructionTable {
     /// times at the same RIP, so "the n-th time it is reached" would mean something else to a
     /// breakpoint.
     pub fn build(image: &GuestImage, ram: &GuestRam, entry_symbol: &str) -> Result<Self> {
-        let nmi_code =
-            image.marker(nmifuzz_abi::NMI_CODE_START)?..image.marker(nmifuzz_abi::NMI_CODE_END)?;
         let entries: Vec<&str> =
             nmifuzz_abi::Variant::ALL.iter().map(|v| v.entry_symbol()).collect();
         let mut insns = Vec::new();
-        for symbol in image.symbols().iter().filter(|s| s.size > 0) {
-            let in_nmi_code = nmi_code.contains(&symbol.address);
+        for_each_path_insn(image, ram, |symbol, insn| {
             let another_entry =
                 entries.contains(&symbol.name.as_str()) && symbol.name != entry_symbol;
-            if !(in_nmi_code && !another_entry || OTHER_PATHS.contains(&symbol.name.as_str())) {
-                continue;
-            }
-            let mut bytes = vec![0; symbol.size as usize];
-            ram.read(symbol.address, &mut bytes)?;
-            let mut decoder = Decoder::with_ip(64, &bytes, symbol.address, DecoderOptions::NONE);
-            for insn in &mut decoder {
-                let rep = insn.is_string_instruction()
-                    && (insn.has_rep_prefix() || insn.has_repne_prefix());
-                if insn.is_invalid() || rep {
-                    continue;
-                }
+            let rep =
+                insn.is_string_instruction() && (insn.has_rep_prefix() || insn.has_repne_prefix());
+            if !another_entry && !rep {
                 insns.push(TableInsn {
                     symbol: symbol.name.clone(),
                     offset: insn.ip() - symbol.address,
                     address: insn.ip(),
                 });
             }
-        }
+        })?;
         insns.sort_by_key(|i| i.address);
         insns.dedup_by_key(|i| i.address);
         Ok(Self { insns })
@@ -81,4 +69,42 @@ impl InstructionTable {
     pub fn position(&self, symbol: &str, offset: u64) -> Option<usize> {
         self.insns.iter().position(|i| i.symbol == symbol && i.offset == offset)
     }
+}
+
+/// The addresses of every IRETQ on the paths (of every entry), where NMI handling returns.
+pub fn iretq_sites(image: &GuestImage, ram: &GuestRam) -> Result<Vec<u64>> {
+    let mut sites = Vec::new();
+    for_each_path_insn(image, ram, |_, insn| {
+        if insn.mnemonic() == Mnemonic::Iretq {
+            sites.push(insn.ip());
+        }
+    })?;
+    sites.sort_unstable();
+    sites.dedup();
+    Ok(sites)
+}
+
+/// Calls `f` with every valid instruction of the paths: the sized symbols in the NMI-handling
+/// range and those of [`OTHER_PATHS`], each decoded from its start.
+fn for_each_path_insn(
+    image: &GuestImage,
+    ram: &GuestRam,
+    mut f: impl FnMut(&Symbol, &Instruction),
+) -> Result<()> {
+    let nmi_code =
+        image.marker(nmifuzz_abi::NMI_CODE_START)?..image.marker(nmifuzz_abi::NMI_CODE_END)?;
+    for symbol in image.symbols().iter().filter(|s| s.size > 0) {
+        if !nmi_code.contains(&symbol.address) && !OTHER_PATHS.contains(&symbol.name.as_str()) {
+            continue;
+        }
+        let mut bytes = vec![0; symbol.size as usize];
+        ram.read(symbol.address, &mut bytes)?;
+        let mut decoder = Decoder::with_ip(64, &bytes, symbol.address, DecoderOptions::NONE);
+        for insn in &mut decoder {
+            if !insn.is_invalid() {
+                f(symbol, &insn);
+            }
+        }
+    }
+    Ok(())
 }
