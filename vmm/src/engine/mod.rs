@@ -34,6 +34,7 @@ pub mod profile;
 pub mod returns;
 mod run;
 pub mod schedule;
+pub mod symbolic;
 pub mod table;
 pub mod trace;
 mod traps;
@@ -201,6 +202,13 @@ impl Engine {
     /// nested-NMI state live.
     pub fn nmi_stack_top(&self) -> u64 {
         self.facts.nmi_stack_top
+    }
+
+    /// Whether a symbolic point at `address` is reached the same way by both modes: any
+    /// instruction but a `rep` string instruction, which the stepped engine stops inside of
+    /// several times (see [`symbolic::symbolic_triggers`]).
+    pub fn anchorable(&mut self, vm: &Vm, address: u64) -> bool {
+        self.insns.get(vm.ram(), address).is_ok_and(|insn| !insn.is_rep_string)
     }
 
     /// The host profile the engine works with.
