@@ -132,6 +132,7 @@ pub fn sweep(
                 description: format!("sweep: first NMI after {first}, do_nmi {action:?}"),
                 variant: args.variant.clone(),
                 workload_iterations: args.workload_iterations,
+                stress_unmask: false,
                 actions: vec![action.clone()],
                 injections,
                 origin: Some(origin.clone()),

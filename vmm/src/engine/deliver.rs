@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use nmifuzz_abi::{Report, port};
 
+use super::observe::Moment;
 use super::run::Run;
 use super::trace::{Event, Injected};
 use super::{Engine, unexpected};
@@ -82,6 +83,8 @@ impl Engine {
             let frame = self.nmi_frame(vm);
             run.books.delivered(frame, run.insn, open);
             run.note(Event::NmiDelivered { frame_rip: frame.rip });
+            let executing = run.nmi_executing(vm.ram());
+            run.observe(Moment::Delivered, frame.rip, executing);
         }
         None
     }

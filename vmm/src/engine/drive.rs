@@ -8,6 +8,7 @@ use nmifuzz_abi::{Report, port};
 
 use super::deliver::Step;
 use super::mode::FREE_RUN_BREAKPOINTS;
+use super::observe::Moment;
 use super::run::Run;
 use super::trace::Event;
 use super::{DR6_BREAKPOINTS, DR6_BS, Engine, RunOptions, WATCHED_VECTORS, unexpected};
@@ -92,6 +93,12 @@ impl Engine {
                     run.resume_breakpoint = Some(index);
                     run.note(Event::Exception { vector: WATCHED_VECTORS[index] });
                     clear_step_flag(vm, WATCHED_VECTORS[index]);
+                    let executing = run.nmi_executing(vm.ram());
+                    run.observe(
+                        Moment::HandlerEntry { vector: WATCHED_VECTORS[index] },
+                        pc,
+                        executing,
+                    );
                     0
                 } else {
                     return Ok(Some(unexpected(vm, exit)));
@@ -206,7 +213,7 @@ impl Engine {
     ) -> Result<Option<Verdict>> {
         loop {
             let pc = vm.sync_state().regs.rip;
-            let executing = run.executing_address.and_then(|a| vm.ram().read_u64(a).ok());
+            let executing = run.nmi_executing(vm.ram());
             run.record_stop(pc, executing);
             if run.insn >= options.max_instructions
                 || run.nmi_insn >= run.nmi_budget(options.max_nmi_instructions)
@@ -220,6 +227,7 @@ impl Engine {
             while let Some(index) = run.cursor.take_due(run.insn) {
                 let how = self.inject(vm, run)?;
                 run.recorder.event(Event::NmiInjected { index, how });
+                run.observe(Moment::Injected { how }, pc, executing);
             }
             let insn = self.insns.get(vm.ram(), pc)?;
             run.last_stop = Some((pc, insn));
@@ -235,6 +243,7 @@ impl Engine {
                 run.recorder.event(Event::WrongReturn { target: frame.rip });
                 return Ok(Some(verdict));
             }
+            run.observe(Moment::Iretq { target: frame.rip }, pc, executing);
             if self.profile.iretq_single_step || !same_privilege(vm, &frame) {
                 return Ok(None);
             }

@@ -30,6 +30,7 @@ pub mod decode;
 mod deliver;
 mod drive;
 pub mod mode;
+pub mod observe;
 pub mod profile;
 pub mod returns;
 mod run;
@@ -218,17 +219,17 @@ impl Engine {
 
     /// Resets the VM and executes `plan`.
     pub fn run(&mut self, vm: &mut Vm, plan: &Plan, options: &RunOptions) -> Result<Execution> {
-        self.run_with_coverage(vm, plan, options, &mut [])
+        self.run_observed(vm, plan, options, &mut ())
     }
 
-    /// Resets the VM and executes `plan`, counting NMI-path edges in `coverage` (which the
-    /// caller clears; see `Run::cover`).
-    pub fn run_with_coverage(
+    /// Resets the VM and executes `plan`, reporting every NMI state it sees to `observer`
+    /// ([`observe`]).
+    pub fn run_observed(
         &mut self,
         vm: &mut Vm,
         plan: &Plan,
         options: &RunOptions,
-        coverage: &mut [u8],
+        observer: &mut dyn observe::NmiObserver,
     ) -> Result<Execution> {
         let start = Instant::now();
         vm.reset()?;
@@ -240,7 +241,7 @@ impl Engine {
         // IRETQ traps stop the guest only where ring-0 code is emulated (see `traps`).
         let iretq_traps = !self.profile.int3_native;
         let mut run =
-            Run::new(plan, options.mode, iretq_traps, coverage, options.keep_trace, executing);
+            Run::new(plan, options.mode, iretq_traps, observer, options.keep_trace, executing);
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();

@@ -6,8 +6,10 @@ use super::books::Books;
 use super::cursor::Cursor;
 use super::decode;
 use super::mode::Mode;
+use super::observe::{Moment, NmiObserver, NmiState};
 use super::schedule::Plan;
 use super::trace::{Event, Recorder};
+use crate::memory::GuestRam;
 
 /// The state of one execution.
 pub(super) struct Run<'p> {
@@ -19,10 +21,8 @@ pub(super) struct Run<'p> {
     pub cursor: Cursor<'p>,
     /// The NMI books and their oracles.
     pub books: Books,
-    /// The coverage map the stops are recorded in (may be empty).
-    coverage: &'p mut [u8],
-    /// The previous stop's coverage location, for edges.
-    previous_location: u64,
+    /// Receives the NMI states of the run.
+    observer: &'p mut dyn NmiObserver,
     /// Retired instructions counted so far (stepped instructions only).
     pub insn: u64,
     /// Of those, retired in NMI context.
@@ -37,7 +37,7 @@ pub(super) struct Run<'p> {
     /// A hardware breakpoint to leave out for one KVM_RUN, so execution can move past it.
     pub resume_breakpoint: Option<usize>,
     /// Address of the variant's "NMI executing" variable, if it has one.
-    pub executing_address: Option<u64>,
+    executing_address: Option<u64>,
     /// The guest state after the last exit is not an instruction boundary: run on.
     pub skip_stop: bool,
     /// Events seen since the last stop, recorded at the stop they led to.
@@ -52,7 +52,7 @@ impl<'p> Run<'p> {
         plan: &'p Plan,
         mode: Mode,
         iretq_traps: bool,
-        coverage: &'p mut [u8],
+        observer: &'p mut dyn NmiObserver,
         keep_trace: bool,
         executing_address: Option<u64>,
     ) -> Self {
@@ -65,8 +65,7 @@ impl<'p> Run<'p> {
             iretq_traps,
             cursor,
             books,
-            coverage,
-            previous_location: 0,
+            observer,
             insn: 0,
             nmi_insn: 0,
             exits: 0,
@@ -106,33 +105,27 @@ impl<'p> Run<'p> {
     /// holds `executing`, and the events that led to it.
     pub fn record_stop(&mut self, rip: u64, executing: Option<u64>) {
         self.recorder.stop(self.insn, rip, self.books.depth(), executing);
-        self.cover(rip, executing.unwrap_or(0));
         for event in std::mem::take(&mut self.pending_events) {
             self.recorder.event(event);
         }
     }
 
-    /// Counts the edge from the previous stop to this one in the coverage map, while NMI
-    /// handling is in progress or an NMI is pending: a location is the RIP together with the
-    /// nesting depth, the "NMI executing" value and whether an NMI waits in the latch, so that
-    /// the same code reached in a new NMI state is new coverage. Stops of the plain workload are
-    /// not coverage: reaching them only means injecting later.
-    fn cover(&mut self, rip: u64, executing: u64) {
-        if self.coverage.is_empty() || !self.books.in_nmi_context() {
-            return;
-        }
-        let location = rip
-            ^ (u64::from(self.books.depth()) << 56)
-            ^ ((executing & 0xf) << 58)
-            ^ (u64::from(self.books.undelivered() > 0) << 62);
-        // Mix (a splitmix64 finalizer) so nearby RIPs spread over the map.
-        let mut edge = location ^ self.previous_location.rotate_left(1);
-        edge = (edge ^ (edge >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        edge = (edge ^ (edge >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        edge ^= edge >> 31;
-        let slot = &mut self.coverage[(edge % self.coverage.len() as u64) as usize];
-        *slot = slot.saturating_add(1);
-        self.previous_location = location;
+    /// The variant's "NMI executing" variable now, if it has one.
+    pub fn nmi_executing(&self, ram: &GuestRam) -> Option<u64> {
+        self.executing_address.and_then(|address| ram.read_u64(address).ok())
+    }
+
+    /// Reports `moment` at `rip` to the observer, with the NMI state now; `executing` is the
+    /// variant's "NMI executing" variable.
+    pub fn observe(&mut self, moment: Moment, rip: u64, executing: Option<u64>) {
+        let state = NmiState {
+            moment,
+            rip,
+            depth: self.books.depth(),
+            nmi_executing: executing,
+            undelivered: self.books.undelivered(),
+        };
+        self.observer.observe(&state);
     }
 
     /// Counts `n` retired instructions.

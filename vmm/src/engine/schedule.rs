@@ -54,6 +54,10 @@ pub struct Schedule {
     /// Iterations of the workload loop the NMIs interrupt (0: the guest's default).
     #[serde(default)]
     pub workload_iterations: u32,
+    /// The `linux`-derived entries' stress mode (`nmifuzz_abi::option::STRESS_UNMASK`): NMIs
+    /// unmasked right after `first_nmi`, as Linux's CONFIG_DEBUG_ENTRY does.
+    #[serde(default)]
+    pub stress_unmask: bool,
     /// `actions[i]` is what the i-th `do_nmi` call does; later calls return at once.
     #[serde(default)]
     pub actions: Vec<HandlerAction>,
@@ -331,6 +335,9 @@ impl Schedule {
     /// The guest script of this schedule.
     pub fn script(&self) -> Result<Script, Problem> {
         let mut script = Script::new(self.variant()?, Workload::Loop, self.workload_iterations);
+        if self.stress_unmask {
+            script.options |= nmifuzz_abi::option::STRESS_UNMASK;
+        }
         script.action_count = self.actions.len() as u32;
         for (slot, action) in script.actions.iter_mut().zip(&self.actions) {
             *slot = Action {

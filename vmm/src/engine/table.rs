@@ -60,6 +60,12 @@ impl InstructionTable {
         Ok(Self { insns })
     }
 
+    /// A table of `insns` (sorted by address here), for callers that make their own.
+    pub fn from_insns(mut insns: Vec<TableInsn>) -> Self {
+        insns.sort_by_key(|i| i.address);
+        Self { insns }
+    }
+
     /// The instructions, in address order.
     pub fn insns(&self) -> &[TableInsn] {
         &self.insns
