@@ -57,6 +57,12 @@ impl Target {
         Ok(InstructionTable::build(self.vm.image(), self.vm.ram(), variant.entry_symbol())?)
     }
 
+    /// Whether a symbolic point at `address` is reached alike by both modes
+    /// ([`Engine::anchorable`]).
+    pub fn anchorable(&mut self, address: u64) -> bool {
+        self.engine.anchorable(&self.vm, address)
+    }
+
     /// What artifacts found here record about their origin.
     pub fn origin(&self) -> Origin {
         Origin {

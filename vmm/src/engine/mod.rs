@@ -3,9 +3,11 @@
 //! invariants on the way.
 //!
 //! # Counting rule
-//! Instructions are *retired* guest instructions, counted from the snapshot. The engine
-//! single-steps while an injection is due, while an NMI is pending, and while any NMI handling
-//! is in progress, and runs freely otherwise; only stepped instructions are counted. Each stop
+//! Instructions are *retired* guest instructions, counted from the snapshot. The stepped
+//! engine single-steps while an injection is due, while an NMI is pending, and while any NMI
+//! handling is in progress, and runs freely otherwise; only stepped instructions are counted.
+//! The fast mode ([`mode`]) stops at the same boundaries wherever its books and oracles need
+//! them and steps far less. Each stop
 //! is a boundary "before the instruction at RIP", and each step retires one instruction, with
 //! these host quirks handled so the count stays exact:
 //! - an event (NMI, exception) delivered during a step retires nothing itself, but the host

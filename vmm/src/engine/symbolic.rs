@@ -4,15 +4,12 @@
 
 use super::Execution;
 use super::schedule::{Injection, Point, Trigger};
-use super::trace::Event;
+use super::trace::{Event, Step};
 use crate::image::GuestImage;
 
 /// The injections of `execution` (a run with `keep_trace`) as symbolic triggers, in schedule
-/// order. Each is anchored at the latest stop up to its own, after the previous injection's
-/// stop, whose address `anchorable` accepts (a breakpoint counts its hits the way the stepped
-/// engine counts its stops), plus the instructions from the anchor to the injection as
-/// `extra`. An injection at the previous one's stop stays `after: 0`. Returns `None` if an
-/// injection has no such anchor or the trace does not show every injection.
+/// order (see [`point_between`]). An injection at the previous one's stop stays `after: 0`.
+/// Returns `None` if an injection has no anchor or the trace does not show every injection.
 pub fn symbolic_triggers(
     execution: &Execution,
     injections: usize,
@@ -22,27 +19,42 @@ pub fn symbolic_triggers(
     let mut triggers = Vec::with_capacity(injections);
     let mut previous: Option<usize> = None;
     for index in 0..injections {
-        let at = trace.iter().position(|step| {
-            step.events
-                .iter()
-                .any(|e| matches!(e, Event::NmiInjected { index: i, .. } if *i == index))
-        })?;
-        if previous == Some(at) {
-            triggers.push(Trigger::After(0));
-            continue;
-        }
-        let since = previous.map_or(0, |p| p + 1);
-        let anchor = (since..=at).rev().find(|&i| anchorable(trace[i].rip))?;
-        let address = trace[anchor].rip;
-        let occurrence = trace[since..=anchor].iter().filter(|s| s.rip == address).count();
-        triggers.push(Trigger::At {
-            address,
-            occurrence: occurrence as u32,
-            extra: trace[at].index - trace[anchor].index,
+        let at = injection_stop(trace, index)?;
+        triggers.push(if previous == Some(at) {
+            Trigger::After(0)
+        } else {
+            point_between(trace, previous.map_or(0, |p| p + 1), at, &mut anchorable)?
         });
         previous = Some(at);
     }
     Some(triggers)
+}
+
+/// The position in `trace` of the stop where injection `index` of the schedule was made.
+pub fn injection_stop(trace: &[Step], index: usize) -> Option<usize> {
+    trace.iter().position(|step| {
+        step.events.iter().any(|e| matches!(e, Event::NmiInjected { index: i, .. } if *i == index))
+    })
+}
+
+/// The injection at stop `at` of `trace` as a symbolic point counted from stop `since`: it is
+/// anchored at the latest stop in `since..=at` whose address `anchorable` accepts (a
+/// breakpoint counts its hits the way the stepped engine counts its stops), the n-th stop at
+/// that address since `since`, plus the instructions from the anchor to `at` as `extra`.
+pub fn point_between(
+    trace: &[Step],
+    since: usize,
+    at: usize,
+    mut anchorable: impl FnMut(u64) -> bool,
+) -> Option<Trigger> {
+    let anchor = (since..=at).rev().find(|&i| anchorable(trace[i].rip))?;
+    let address = trace[anchor].rip;
+    let occurrence = trace[since..=anchor].iter().filter(|s| s.rip == address).count();
+    Some(Trigger::At {
+        address,
+        occurrence: occurrence as u32,
+        extra: trace[at].index - trace[anchor].index,
+    })
 }
 
 /// `triggers` as schedule injections, each address named by its symbol and offset; `None` if
