@@ -247,6 +247,8 @@ impl Engine {
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();
+        // Whoever reads guest memory after the run sees the guest's own code.
+        self.traps.set(vm, false)?;
         let verdict = verdict?;
         // Events of the exit that ended the run belong to its last stop.
         for event in std::mem::take(&mut run.pending_events) {
