@@ -18,7 +18,7 @@ use vmm::engine::decode::InsnCache;
 use vmm::engine::schedule::{
     Fault, HandlerAction, Injection, MAX_DELAY, SCHEDULE_FORMAT, Schedule, Trigger,
 };
-use vmm::engine::symbolic::{injection_stop, point_between, symbolic_injections};
+use vmm::engine::symbolic::{injection_stop, point_at_count, point_between, symbolic_injections};
 use vmm::engine::trace::Event;
 use vmm::engine::{Execution, Mode, RunOptions};
 
@@ -157,11 +157,11 @@ pub fn sweep(
                 let execution = target.execute(&pair, &traced, &mut [])?;
                 if !execution.outcome.verdict.is_finding() {
                     let offsets = third_offsets(target, &execution, args.third_window);
+                    // A triple with no symbolic form runs in the after form, which the fast
+                    // mode steps: exact, only slower.
                     let triples: Vec<_> = offsets
                         .into_iter()
-                        .filter_map(|third| {
-                            Some((second, third, symbolic_triple(target, &execution, third)?))
-                        })
+                        .map(|third| (second, third, symbolic_triple(target, &execution, third)))
                         .collect();
                     progress.inc_length(triples.len() as u64);
                     thirds.extend(triples);
@@ -178,14 +178,17 @@ pub fn sweep(
                     summary.complete = false;
                     break 'sweep;
                 }
-                let mut triple = schedule(injections);
-                let mut execution = target.execute(&triple, &fast, &mut [])?;
-                if execution.outcome.verdict.is_finding() {
-                    triple = schedule(vec![
+                let after_form = || {
+                    schedule(vec![
                         Injection::After(first),
                         Injection::After(second),
                         Injection::After(third),
-                    ]);
+                    ])
+                };
+                let mut triple = injections.map_or_else(after_form, schedule);
+                let mut execution = target.execute(&triple, &fast, &mut [])?;
+                if execution.outcome.verdict.is_finding() {
+                    triple = after_form();
                     execution = target.execute(&triple, &RunOptions::default(), &mut [])?;
                 }
                 if summary.record(&execution, triple, start, progress) && args.stop_on_first {
@@ -233,8 +236,10 @@ fn third_offsets(target: &Target, execution: &Execution, window: u64) -> Vec<u64
 
 /// The triple "the pair of `pair` (a traced stepped run), then a third NMI `third`
 /// instructions after the second" as symbolic points: the pair's trace is the triple's path
-/// up to the third injection. `None` where the stepped engine would never make the third
-/// injection (no stop has that count) or an injection has no symbolic form.
+/// up to the third injection (a third due after the trace's end, where the pair run stopped
+/// stepping, is its last stop plus `extra`). `None` where the stepped engine would never make
+/// the third injection (its count falls between two stops) or an injection has no symbolic
+/// form.
 fn symbolic_triple(target: &mut Target, pair: &Execution, third: u64) -> Option<Vec<Injection>> {
     let trace = &pair.trace;
     let (p1, p2) = (injection_stop(trace, 0)?, injection_stop(trace, 1)?);
@@ -248,9 +253,7 @@ fn symbolic_triple(target: &mut Target, pair: &Execution, third: u64) -> Option<
     triggers.push(if third == 0 {
         Trigger::After(0)
     } else {
-        let due = trace[p2].index + third;
-        let p3 = (p2 + 1..trace.len()).find(|&i| trace[i].index == due)?;
-        point_between(trace, p2 + 1, p3, &mut anchorable)?
+        point_at_count(trace, p2 + 1, trace[p2].index + third, &mut anchorable)?
     });
     symbolic_injections(&triggers, target.vm().image())
 }

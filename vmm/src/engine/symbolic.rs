@@ -45,16 +45,43 @@ pub fn point_between(
     trace: &[Step],
     since: usize,
     at: usize,
+    anchorable: impl FnMut(u64) -> bool,
+) -> Option<Trigger> {
+    anchored(trace, since, at, trace[at].index, anchorable)
+}
+
+/// An `after` injection due at instruction count `count` (absolute) as a symbolic point
+/// counted from stop `since`, where the stepped engine would make it: the first stop at
+/// `count`, or, past the end of `trace` (where that run stopped stepping), `count -` the last
+/// stop's count instructions after it. `None` if the count falls between two stops (the
+/// stepped engine never makes such an injection) or nothing is anchorable.
+pub fn point_at_count(
+    trace: &[Step],
+    since: usize,
+    count: u64,
+    anchorable: impl FnMut(u64) -> bool,
+) -> Option<Trigger> {
+    let end = match trace[since..].iter().position(|s| s.index >= count) {
+        Some(i) if trace[since + i].index == count => since + i,
+        Some(_) => return None,
+        None => trace.len().checked_sub(1).filter(|&last| last >= since)?,
+    };
+    anchored(trace, since, end, count, anchorable)
+}
+
+/// The point `count - anchor's count` instructions after the latest anchorable stop of
+/// `since..=end`, counted in stops at its address since `since`.
+fn anchored(
+    trace: &[Step],
+    since: usize,
+    end: usize,
+    count: u64,
     mut anchorable: impl FnMut(u64) -> bool,
 ) -> Option<Trigger> {
-    let anchor = (since..=at).rev().find(|&i| anchorable(trace[i].rip))?;
+    let anchor = (since..=end).rev().find(|&i| anchorable(trace[i].rip))?;
     let address = trace[anchor].rip;
     let occurrence = trace[since..=anchor].iter().filter(|s| s.rip == address).count();
-    Some(Trigger::At {
-        address,
-        occurrence: occurrence as u32,
-        extra: trace[at].index - trace[anchor].index,
-    })
+    Some(Trigger::At { address, occurrence: occurrence as u32, extra: count - trace[anchor].index })
 }
 
 /// `triggers` as schedule injections, each address named by its symbol and offset; `None` if
