@@ -8,8 +8,10 @@ use nmifuzz_abi::{Action, Script, Variant, Workload, fault, port};
 use serde::Serialize;
 use vmm::engine::profile;
 use vmm::engine::schedule::{Plan, SCHEDULE_MAX_DELAY, Trigger};
-use vmm::engine::{Engine, RunOptions};
+use vmm::engine::symbolic::symbolic_triggers;
+use vmm::engine::{Engine, Mode, RunOptions};
 use vmm::exit::Exit;
+use vmm::vm::GuestDebug;
 use vmm::{RunLimits, Verdict, Vm, VmConfig};
 
 use crate::options::BenchArgs;
@@ -43,6 +45,21 @@ struct Report {
     exec_3nmi_ratio: f64,
     /// Share of the 3-NMI execution spent outside KVM_RUN: the VMM's and engine's own work.
     engine_overhead: f64,
+    /// Median execution of the same 3-NMI schedule as symbolic points (measured by one stepped
+    /// run), on the fast mode, in µs.
+    exec_3nmi_fast_us: f64,
+    /// `exec_3nmi_fast_us / exit_roundtrip_us`.
+    exec_3nmi_fast_ratio: f64,
+    /// `exec_3nmi_us / exec_3nmi_fast_us`: how many times faster the fast mode is.
+    fast_speedup: f64,
+    /// Median reset plus the same execution with no stops but the injections: free runs to
+    /// a breakpoint at each point (one exit per hit), the NMI injected there, and nothing
+    /// stepped or trapped, in µs. The least any breakpoint-driven mode can cost.
+    free_run_floor_us: f64,
+    /// `free_run_floor_us / exit_roundtrip_us`.
+    free_run_floor_ratio: f64,
+    /// `exec_3nmi_fast_us / free_run_floor_us`: the fast mode's cost over the floor.
+    fast_over_floor: f64,
     /// Samples per measurement.
     samples: u32,
 }
@@ -56,7 +73,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let profile = profile::calibrate(&mut vm).context("cannot calibrate the engine")?;
     let mut engine = Engine::new(&vm, profile)?;
     let step = step_cost(&mut engine, &mut vm, args.samples)?;
-    let (exec_3nmi, engine_overhead) = three_nmi_cost(&mut engine, &mut vm, args.samples)?;
+    let plan = three_nmi_plan();
+    let (exec_3nmi, engine_overhead) = three_nmi_cost(&mut engine, &mut vm, &plan, args.samples)?;
+    let fast_plan = symbolic_plan(&mut engine, &mut vm, &plan)?;
+    let fast = RunOptions { mode: Mode::Fast, ..RunOptions::default() };
+    let (exec_3nmi_fast, _) =
+        three_nmi_cost_with(&mut engine, &mut vm, &fast_plan, &fast, args.samples)?;
+    let floor = free_run_floor(&mut vm, &fast_plan, args.samples)?;
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let report = Report {
         exit_roundtrip_us: us(exit_roundtrip),
@@ -70,6 +93,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         exec_3nmi_us: us(exec_3nmi),
         exec_3nmi_ratio: us(exec_3nmi) / us(exit_roundtrip),
         engine_overhead,
+        exec_3nmi_fast_us: us(exec_3nmi_fast),
+        exec_3nmi_fast_ratio: us(exec_3nmi_fast) / us(exit_roundtrip),
+        fast_speedup: us(exec_3nmi) / us(exec_3nmi_fast),
+        free_run_floor_us: us(floor),
+        free_run_floor_ratio: us(floor) / us(exit_roundtrip),
+        fast_over_floor: us(exec_3nmi_fast) / us(floor),
         samples: args.samples,
     };
     if args.json {
@@ -90,6 +119,16 @@ fn print_table(r: &Report) {
     row("reset() + run to DONE, idle guest", r.reset_run_idle_us, r.reset_run_idle_ratio);
     row("one single-stepped instruction", r.step_us, r.step_ratio);
     row("execution of a 3-NMI schedule", r.exec_3nmi_us, r.exec_3nmi_ratio);
+    row("the same, symbolic, on the fast mode", r.exec_3nmi_fast_us, r.exec_3nmi_fast_ratio);
+    row(
+        "free-run floor of the same (injections only)",
+        r.free_run_floor_us,
+        r.free_run_floor_ratio,
+    );
+    println!(
+        "fast mode: {:.1}x faster than the stepped engine, {:.2}x the free-run floor",
+        r.fast_speedup, r.fast_over_floor
+    );
     println!(
         "engine overhead (time outside KVM_RUN) in a 3-NMI execution: {:.1}%",
         r.engine_overhead * 100.0
@@ -178,21 +217,38 @@ fn step_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<f64> {
 }
 
 /// A typical schedule: three NMIs during the workload against the default `linux` entry,
-/// each `do_nmi` doing a little work and taking a #UD. Returns the median execution time and
-/// the share spent outside KVM_RUN.
-fn three_nmi_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<(Duration, f64)> {
+/// each `do_nmi` doing a little work and taking a #UD.
+fn three_nmi_plan() -> Plan {
     let mut script = Script::new(Variant::LINUX, Workload::Loop, 40);
     script.action_count = 3;
     script.actions[..3].fill(Action { busy: 3, faults: fault::UD, ..Action::NONE });
-    let plan = Plan {
-        script,
-        injections: vec![Trigger::After(60), Trigger::After(150), Trigger::After(150)],
-    };
+    Plan { script, injections: vec![Trigger::After(60), Trigger::After(150), Trigger::After(150)] }
+}
+
+/// The median execution time of `plan` on the stepped engine and the share spent outside
+/// KVM_RUN.
+fn three_nmi_cost(
+    engine: &mut Engine,
+    vm: &mut Vm,
+    plan: &Plan,
+    samples: u32,
+) -> Result<(Duration, f64)> {
+    three_nmi_cost_with(engine, vm, plan, &RunOptions::default(), samples)
+}
+
+/// The median execution time of `plan` with `options` and the share spent outside KVM_RUN.
+fn three_nmi_cost_with(
+    engine: &mut Engine,
+    vm: &mut Vm,
+    plan: &Plan,
+    options: &RunOptions,
+    samples: u32,
+) -> Result<(Duration, f64)> {
     let mut times = Vec::with_capacity(samples as usize);
     let (mut total, mut inside) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..samples.div_ceil(4) {
         let before = vm.kvm_run_time();
-        let execution = engine.run(vm, &plan, &RunOptions::default())?;
+        let execution = engine.run(vm, plan, options)?;
         ensure!(
             execution.outcome.verdict == Verdict::Done,
             "3-NMI run: {}",
@@ -204,4 +260,77 @@ fn three_nmi_cost(engine: &mut Engine, vm: &mut Vm, samples: u32) -> Result<(Dur
         times.push(execution.outcome.elapsed);
     }
     Ok((median(times), 1.0 - inside.as_secs_f64() / total.as_secs_f64()))
+}
+
+/// `plan` with its injections as symbolic points, measured by one traced stepped run; the
+/// fast mode must give the same NMI books.
+fn symbolic_plan(engine: &mut Engine, vm: &mut Vm, plan: &Plan) -> Result<Plan> {
+    let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
+    let stepped = engine.run(vm, plan, &traced)?;
+    let injections =
+        symbolic_triggers(&stepped, plan.injections.len(), |a| engine.anchorable(vm, a))
+            .context("the 3-NMI schedule has no symbolic form")?;
+    let symbolic = Plan { script: plan.script, injections };
+    let fast =
+        engine.run(vm, &symbolic, &RunOptions { mode: Mode::Fast, ..RunOptions::default() })?;
+    ensure!(
+        fast.nmi == stepped.nmi && fast.outcome.verdict == stepped.outcome.verdict,
+        "the fast mode disagrees on the 3-NMI schedule: {:?} {} vs {:?} {}",
+        fast.nmi,
+        fast.outcome.verdict,
+        stepped.nmi,
+        stepped.outcome.verdict
+    );
+    Ok(symbolic)
+}
+
+/// Times reset + script write + a free run that stops only at `plan`'s points: one exit per
+/// breakpoint hit, the NMI injected at the wanted occurrence, on to the next point at once
+/// (the NMI arrives before the instruction there); a hit before the wanted occurrence is
+/// passed with one step. The run must reach DONE.
+fn free_run_floor(vm: &mut Vm, plan: &Plan, samples: u32) -> Result<Duration> {
+    let free_run = |address: Option<u64>| GuestDebug {
+        single_step: false,
+        breakpoints: [address, None, None, None],
+    };
+    let one_step = GuestDebug { single_step: true, ..GuestDebug::default() };
+    let mut times = Vec::with_capacity(samples as usize);
+    for _ in 0..samples.div_ceil(4) {
+        let start = Instant::now();
+        vm.reset()?;
+        vm.write_script(&plan.script)?;
+        let mut points = plan.injections.iter().filter_map(|trigger| match *trigger {
+            Trigger::At { address, occurrence, .. } => Some((address, occurrence)),
+            Trigger::After(_) => None,
+        });
+        let mut next = points.next();
+        let mut hits = 0;
+        vm.set_debug(free_run(next.map(|(address, _)| address)))?;
+        let report = loop {
+            match vm.run_once()? {
+                Exit::Debug { .. } if next.is_some() => {
+                    hits += 1;
+                    if next.is_some_and(|(_, occurrence)| hits == occurrence) {
+                        vm.inject_nmi()?;
+                        (next, hits) = (points.next(), 0);
+                    } else {
+                        vm.set_debug(one_step)?;
+                        vm.run_once()?;
+                    }
+                    vm.set_debug(free_run(next.map(|(address, _)| address)))?;
+                }
+                Exit::IoOut { port: port::REPORT, value, .. } => break value,
+                Exit::IoOut { .. } | Exit::Int3Performed => {}
+                other => bail!("the free-run floor's run ended with {other:?}"),
+            }
+        };
+        times.push(start.elapsed());
+        ensure!(
+            nmifuzz_abi::Report::from_code(report) == Some(nmifuzz_abi::Report::Done),
+            "the free-run floor's run reported {report} instead of DONE: {}",
+            vm.console()
+        );
+    }
+    vm.set_debug(GuestDebug::default())?;
+    Ok(median(times))
 }

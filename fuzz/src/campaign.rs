@@ -4,6 +4,7 @@
 //! Launcher forks for `--cores`; only the event manager differs.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -34,10 +35,9 @@ use crate::stats::Shared;
 use crate::store;
 use crate::target::Target;
 
-/// Bytes of the coverage map: edges of the NMI paths hashed into it (see `vmm::engine`).
-pub const MAP_SIZE: usize = 16 * 1024;
-/// The name of the edges observer and its feedback's state metadata.
-const EDGES: &str = "nmi-edges";
+pub use crate::states::MAP_SIZE;
+/// The name of the NMI-state map observer and its feedback's state metadata.
+const EDGES: &str = "nmi-states";
 /// Inputs generated when the seeds leave the corpus empty.
 const GENERATED_SEEDS: usize = 8;
 /// How often a client reports progress (a `pulse` line).
@@ -110,9 +110,13 @@ where
     // to the process that made them.
     let target = Target::new().map_err(|e| Error::unknown(format!("{e:#}")))?;
     let origin = target.origin();
+    // The instruction table the generator and the mutators draw symbolic points from.
+    let table = Arc::new(
+        target.instruction_table(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?,
+    );
     let parts = Parts::new(target, MAP_SIZE);
 
-    // Observers: NMI-path edges (hit counts bucketed), and the verdict.
+    // Observers: the NMI states reached (`states`), and the verdict.
     let (map, len) = parts.coverage_ptr();
     // SAFETY: the map is owned by the executor made from `parts` below, which also owns this
     // observer; it outlives every use.
@@ -121,7 +125,7 @@ where
     let verdict = VerdictObserver::new();
     let verdict_handle = verdict.handle();
 
-    // Feedback: an input is interesting when it reaches a new edge or hit-count bucket.
+    // Feedback: an input is interesting when it reaches an NMI state none reached before.
     let mut feedback = MaxMapFeedback::new(&edges);
 
     // Objective: a finding whose kind and location have no artifact yet.
@@ -142,7 +146,7 @@ where
         )?,
     };
 
-    // Scheduler: favours the smallest, fastest entry for each edge, then walks the queue.
+    // Scheduler: favours the smallest, fastest entry for each state, then walks the queue.
     let scheduler = IndexesLenTimeMinimizerScheduler::new(&edges, QueueScheduler::new());
 
     // Fuzzer: scheduler, feedback and objective together.
@@ -170,7 +174,7 @@ where
             seed.variant.clone_from(&config.variant);
             fuzzer.evaluate_input(&mut state, &mut executor, &mut mgr, &NmiInput(seed))?;
         }
-        let mut generator = ScheduleGenerator::new(&config.variant, &config.faults);
+        let mut generator = ScheduleGenerator::new(&config.variant, &config.faults, &table);
         let mut generated = 0;
         while state.corpus().count() == 0 && generated < GENERATED_SEEDS && !state.stop_requested()
         {
@@ -196,12 +200,16 @@ where
     }
 
     // Mutators: structure-aware, stacked 1 to 8 at a time (havoc) ...
-    let mutator = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&config.faults), 3);
+    let mutator =
+        HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&config.faults, &table), 3);
     // ... in one mutational stage.
     let mut stages = tuple_list!(StdMutationalStage::new(mutator));
 
     // The loop: until a limit is reached (checked before every execution by the executor).
+    // Its time includes the initial inputs' evaluation above: their executions' target time
+    // is counted too, and the overhead outside the target must not go negative.
     let counters = shared.client(client);
+    counters.loop_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     let mut shut_down = false;
     while !state.stop_requested() && !executor.limit_reached() {
         mgr.maybe_report_progress(&mut state, PULSE)?;

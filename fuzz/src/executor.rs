@@ -15,7 +15,8 @@ use libafl::executors::{Executor, ExitKind, HasObservers};
 use libafl::state::{HasExecutions, Stoppable};
 use libafl_bolts::tuples::{Handle, MatchName, MatchNameRef, RefIndexable};
 use vmm::Verdict;
-use vmm::engine::RunOptions;
+use vmm::engine::schedule::Schedule;
+use vmm::engine::{Mode, RunOptions};
 
 use crate::feedback::VerdictObserver;
 use crate::input::NmiInput;
@@ -170,6 +171,32 @@ impl<OT> NmiExecutor<OT> {
     }
 }
 
+impl<OT> NmiExecutor<OT> {
+    /// The verdict to keep for `schedule`: a finding of the fast mode is re-run on the stepped
+    /// engine, the reference, and saved only as the stepped engine judges it. A disagreement
+    /// (another verdict signature) is reported, since the two modes must agree.
+    fn confirmed(&mut self, schedule: &Schedule, verdict: Verdict) -> Result<Verdict, Error> {
+        if self.options.mode != Mode::Fast || !verdict.is_finding() {
+            return Ok(verdict);
+        }
+        let stepped = RunOptions { mode: Mode::Stepped, ..self.options };
+        let reference = self
+            .target
+            .execute(schedule, &stepped, &mut [])
+            .map_err(|e| Error::unknown(format!("re-running a finding stepped: {e:#}")))?
+            .outcome
+            .verdict;
+        if reference.signature() != verdict.signature() {
+            eprintln!(
+                "WARNING: the fast mode's finding `{verdict}` is `{reference}` on the stepped \
+                 engine; keeping the stepped engine's verdict for {}",
+                schedule.to_json().replace('\n', "")
+            );
+        }
+        Ok(reference)
+    }
+}
+
 impl<EM, S, Z, OT> Executor<EM, NmiInput, S, Z> for NmiExecutor<OT>
 where
     S: HasExecutions + Stoppable,
@@ -195,12 +222,13 @@ where
             .target
             .execute(&input.0, &self.options, self.map.as_mut_slice())
             .map_err(|e| Error::unknown(format!("executing a schedule: {e:#}")))?;
+        let verdict = self.confirmed(&input.0, execution.outcome.verdict)?;
         let elapsed = started.elapsed();
         self.target_time += elapsed;
         let counters = self.counters();
         counters.executions.fetch_add(1, Ordering::Relaxed);
         counters.target_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
-        let verdict = &execution.outcome.verdict;
+        let verdict = &verdict;
         self.observers
             .get_mut(&self.verdict)
             .ok_or_else(|| Error::illegal_state("the verdict observer is missing"))?

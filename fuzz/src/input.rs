@@ -13,17 +13,22 @@
 //!
 //! # The generator (also the random baseline of evaluations)
 //! [`ScheduleGenerator`] draws, independently and uniformly:
-//! - 1 to 4 injections, each `{"after": n}` with n in `0..400` ([`GENERATED_DELAY`]);
+//! - 1 to 4 injections, each a symbolic point of the guest's instruction table
+//!   ([`crate::points`]): the first in the workload loop, the others anywhere in the table (the
+//!   entry, `do_nmi`, the exception paths, the workload); occurrence 1 to 3, and a quarter of
+//!   the time 1 or 2 `extra` instructions. Symbolic points are what the fast mode runs without
+//!   stepping;
 //! - one handler action per injection, each with `busy` in `0..=16` ([`GENERATED_BUSY`]) and,
 //!   with probability 1/2, 1 or 2 faults drawn from the allowed faults (none otherwise);
+//! - the stress option (`stress_unmask`) with probability 1/2;
 //! - the campaign's variant and the default workload (`workload_iterations: 0`).
 //!
 //! The variant is fixed per campaign: no mutator reads or writes it.
 
 use std::borrow::Cow;
 use std::hash::Hash;
-use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use libafl::corpus::{Corpus, CorpusId};
 use libafl::generators::Generator;
@@ -36,6 +41,7 @@ use libafl_bolts::{HasLen, Named};
 use serde::{Deserialize, Serialize};
 use vmm::engine::schedule::{Fault, HandlerAction, Injection, SCHEDULE_FORMAT, Schedule};
 
+use crate::points::{MAX_EXTRA, Table, random_point};
 use crate::store;
 
 /// Most injections in a schedule the fuzzer makes.
@@ -48,8 +54,6 @@ pub const FUZZER_MAX_DELAY: u64 = 2_000;
 pub const FUZZER_MAX_BUSY: u32 = 64;
 /// Most faults in one handler action the fuzzer makes.
 pub const FUZZER_MAX_FAULTS: usize = 3;
-/// The generator's range of `after` delays.
-pub const GENERATED_DELAY: Range<u64> = 0..400;
 /// The generator's largest `busy`.
 pub const GENERATED_BUSY: u32 = 16;
 
@@ -84,24 +88,27 @@ impl HasLen for NmiInput {
 pub struct ScheduleGenerator {
     variant: String,
     faults: Vec<Fault>,
+    table: Table,
 }
 
 impl ScheduleGenerator {
-    /// A generator for `variant` whose actions use only `faults`.
-    pub fn new(variant: &str, faults: &[Fault]) -> Self {
-        Self { variant: variant.to_owned(), faults: faults.to_vec() }
+    /// A generator for `variant` whose actions use only `faults` and whose points come from
+    /// `table` (the variant's instruction table).
+    pub fn new(variant: &str, faults: &[Fault], table: &Table) -> Self {
+        Self { variant: variant.to_owned(), faults: faults.to_vec(), table: Arc::clone(table) }
     }
 
     /// One schedule from `rand`.
     pub fn schedule<R: Rand>(&self, rand: &mut R) -> Schedule {
         let count = rand.between(1, 4);
-        let injections = (0..count).map(|_| Injection::After(random_delay(rand))).collect();
+        let injections = (0..count).map(|k| random_point(rand, &self.table, k == 0)).collect();
         let actions = (0..count).map(|_| self.action(rand)).collect();
         Schedule {
             format: SCHEDULE_FORMAT,
             description: String::new(),
             variant: self.variant.clone(),
             workload_iterations: 0,
+            stress_unmask: rand.coinflip(0.5),
             actions,
             injections,
             origin: None,
@@ -118,11 +125,6 @@ impl ScheduleGenerator {
         }
         HandlerAction { busy, faults }
     }
-}
-
-fn random_delay<R: Rand>(rand: &mut R) -> u64 {
-    GENERATED_DELAY.start
-        + rand.below_or_zero((GENERATED_DELAY.end - GENERATED_DELAY.start) as usize) as u64
 }
 
 impl<S: HasRand> Generator<NmiInput, S> for ScheduleGenerator {
@@ -171,8 +173,11 @@ fn replace_delay<R: Rand>(
     let Some(k) = pick(rand, input.0.injections.len()) else {
         return MutationResult::Skipped;
     };
-    let delay = delay_mut(&mut input.0.injections[k]);
-    let value = new(rand, *delay);
+    let injection = &mut input.0.injections[k];
+    // A point's extra instructions are stepped: they stay few.
+    let limit = if matches!(injection, Injection::At(_)) { MAX_EXTRA } else { FUZZER_MAX_DELAY };
+    let delay = delay_mut(injection);
+    let value = new(rand, *delay).min(limit);
     if value == *delay {
         return MutationResult::Skipped;
     }
@@ -185,10 +190,18 @@ fn shift(value: u64, delta: i64) -> u64 {
     value.saturating_add_signed(delta).min(FUZZER_MAX_DELAY)
 }
 
-named!(
-    /// Inserts a new `{"after": n}` injection (n from the generator's range) anywhere.
-    InsertInjection
-);
+/// Inserts a new injection anywhere: a random point of the table (in the workload loop when
+/// it comes first).
+pub struct InsertInjection {
+    table: Table,
+}
+named!(@impl InsertInjection);
+impl InsertInjection {
+    /// A mutator drawing points from `table`.
+    pub fn new(table: &Table) -> Self {
+        Self { table: Arc::clone(table) }
+    }
+}
 impl<S: HasRand> Mutator<NmiInput, S> for InsertInjection {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         let injections = &mut input.0.injections;
@@ -197,7 +210,7 @@ impl<S: HasRand> Mutator<NmiInput, S> for InsertInjection {
         }
         let rand = state.rand_mut();
         let at = rand.below_or_zero(injections.len() + 1);
-        injections.insert(at, Injection::After(random_delay(rand)));
+        injections.insert(at, random_point(rand, &self.table, at == 0));
         Ok(MutationResult::Mutated)
     }
     fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
@@ -423,9 +436,9 @@ impl<S: HasRand + HasCorpus<NmiInput>> Mutator<NmiInput, S> for SpliceSchedules 
 /// Every mutator, for LibAFL's havoc scheduler.
 #[macro_export]
 macro_rules! nmi_mutations {
-    ($faults:expr) => {
+    ($faults:expr, $table:expr) => {
         libafl_bolts::tuples::tuple_list!(
-            $crate::input::InsertInjection,
+            $crate::input::InsertInjection::new($table),
             $crate::input::RemoveInjection,
             $crate::input::DuplicateInjection,
             $crate::input::ShiftDelaySmall,
@@ -434,6 +447,11 @@ macro_rules! nmi_mutations {
             $crate::input::ChangeFaults::new($faults),
             $crate::input::InsertOrRemoveAction,
             $crate::input::SpliceSchedules,
+            $crate::points::StepPoint::new($table),
+            $crate::points::JumpPoint::new($table),
+            $crate::points::ShiftOccurrence::new($table),
+            $crate::points::ToggleExtra::new($table),
+            $crate::points::ToggleStress,
         )
     };
 }
@@ -445,10 +463,30 @@ mod tests {
     use libafl::state::StdState;
     use libafl_bolts::rands::StdRand;
 
+    use vmm::engine::table::{InstructionTable, TableInsn};
+
     use super::*;
+    use crate::points::{JumpPoint, ShiftOccurrence, StepPoint, ToggleExtra, ToggleStress};
 
     type TestState =
         StdState<InMemoryCorpus<NmiInput>, NmiInput, StdRand, InMemoryCorpus<NmiInput>>;
+
+    /// A small table: a workload loop of 6 instructions and a handler of 4.
+    fn table() -> Table {
+        let insn = |symbol: &str, base: u64, offset: u64| TableInsn {
+            symbol: symbol.into(),
+            offset,
+            address: base + offset,
+        };
+        let mut insns: Vec<TableInsn> =
+            (0..6).map(|i| insn("workload_loop", 0x1000, 2 * i)).collect();
+        insns.extend((0..4).map(|i| insn("do_nmi", 0x2000, 3 * i)));
+        Arc::new(InstructionTable::from_insns(insns))
+    }
+
+    fn generator(faults: &[Fault]) -> ScheduleGenerator {
+        ScheduleGenerator::new("naive", faults, &table())
+    }
 
     fn state(seed: u64) -> TestState {
         StdState::new(
@@ -470,7 +508,11 @@ mod tests {
         for injection in &schedule.injections {
             match injection {
                 Injection::After(n) => assert!(*n <= FUZZER_MAX_DELAY),
-                Injection::At(p) => assert!(p.extra <= FUZZER_MAX_DELAY),
+                Injection::At(p) => {
+                    assert!(p.extra <= MAX_EXTRA, "{p:?}");
+                    assert!((1..=crate::points::MAX_OCCURRENCE).contains(&p.occurrence));
+                    assert!(table().position(&p.symbol, p.offset).is_some(), "{p:?}");
+                }
             }
         }
         for action in &schedule.actions {
@@ -480,35 +522,43 @@ mod tests {
 
     #[test]
     fn generated_schedules_follow_the_documented_ranges() {
-        let generator = ScheduleGenerator::new("naive", Fault::ALL);
+        let generator = generator(Fault::ALL);
         let mut rand = StdRand::with_seed(7);
-        let mut saw_faults = false;
+        let (mut saw_faults, mut saw_stress, mut saw_extra, mut saw_handler) =
+            (false, false, false, false);
         for _ in 0..2_000 {
             let s = generator.schedule(&mut rand);
             assert_within_limits(&s);
             assert!((1..=4).contains(&s.injections.len()));
             assert_eq!(s.actions.len(), s.injections.len());
-            for injection in &s.injections {
-                let Injection::After(n) = injection else { panic!("not after: {injection:?}") };
-                assert!(GENERATED_DELAY.contains(n));
+            saw_stress |= s.stress_unmask;
+            for (k, injection) in s.injections.iter().enumerate() {
+                let Injection::At(p) = injection else { panic!("not a point: {injection:?}") };
+                assert!((1..=3).contains(&p.occurrence) && p.extra <= 2, "{p:?}");
+                if k == 0 {
+                    assert_eq!(p.symbol, "workload_loop", "the first NMI strikes the workload");
+                }
+                saw_extra |= p.extra > 0;
+                saw_handler |= p.symbol == "do_nmi";
             }
             for action in &s.actions {
                 assert!(action.busy <= GENERATED_BUSY && action.faults.len() <= 2);
                 saw_faults |= !action.faults.is_empty();
             }
         }
-        assert!(saw_faults);
+        assert!(saw_faults && saw_stress && saw_extra && saw_handler);
     }
 
     #[test]
     fn mutators_keep_the_variant_and_the_limits() {
         let mut state = state(3);
-        let generator = ScheduleGenerator::new("naive", Fault::ALL);
+        let generator = generator(Fault::ALL);
         for _ in 0..4 {
             let seed = NmiInput(generator.schedule(state.rand_mut()));
             state.corpus_mut().add(Testcase::new(seed)).unwrap();
         }
-        let mut havoc = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(Fault::ALL), 4);
+        let mut havoc =
+            HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(Fault::ALL, &table()), 4);
         let mut input = NmiInput(generator.schedule(state.rand_mut()));
         let mut mutated = 0;
         for round in 0..5_000 {
@@ -526,7 +576,7 @@ mod tests {
     #[test]
     fn each_mutator_changes_something_and_stays_valid() {
         let mut state = state(11);
-        let generator = ScheduleGenerator::new("naive", Fault::ALL);
+        let generator = generator(Fault::ALL);
         for _ in 0..3 {
             let seed = NmiInput(generator.schedule(state.rand_mut()));
             state.corpus_mut().add(Testcase::new(seed)).unwrap();
@@ -550,7 +600,7 @@ mod tests {
             }
             assert!(changed > 100, "{} mutated only {changed} of 500", m.name());
         }
-        check(&mut InsertInjection, &mut state, &generator);
+        check(&mut InsertInjection::new(&table()), &mut state, &generator);
         check(&mut RemoveInjection, &mut state, &generator);
         check(&mut DuplicateInjection, &mut state, &generator);
         check(&mut ShiftDelaySmall, &mut state, &generator);
@@ -559,13 +609,18 @@ mod tests {
         check(&mut ChangeFaults::new(Fault::ALL), &mut state, &generator);
         check(&mut InsertOrRemoveAction, &mut state, &generator);
         check(&mut SpliceSchedules, &mut state, &generator);
+        check(&mut StepPoint::new(&table()), &mut state, &generator);
+        check(&mut JumpPoint::new(&table()), &mut state, &generator);
+        check(&mut ShiftOccurrence::new(&table()), &mut state, &generator);
+        check(&mut ToggleExtra::new(&table()), &mut state, &generator);
+        check(&mut ToggleStress, &mut state, &generator);
     }
 
     #[test]
     fn without_allowed_faults_no_fault_is_ever_added() {
         let mut state = state(5);
-        let generator = ScheduleGenerator::new("naive", &[]);
-        let mut havoc = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&[]), 4);
+        let generator = generator(&[]);
+        let mut havoc = HavocScheduledMutator::with_max_stack_pow(nmi_mutations!(&[], &table()), 4);
         let mut input = NmiInput(generator.schedule(state.rand_mut()));
         for _ in 0..2_000 {
             let _ = havoc.mutate(&mut state, &mut input).unwrap();
@@ -575,8 +630,7 @@ mod tests {
 
     #[test]
     fn input_round_trips_through_postcard_and_json() {
-        let mut schedule =
-            ScheduleGenerator::new("naive", Fault::ALL).schedule(&mut StdRand::with_seed(1));
+        let mut schedule = generator(Fault::ALL).schedule(&mut StdRand::with_seed(1));
         schedule.origin = Some(vmm::engine::schedule::Origin {
             guest_hash: "00".into(),
             host_profile: "p".into(),

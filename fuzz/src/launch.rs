@@ -14,6 +14,7 @@ use libafl::events::{
 use libafl_bolts::core_affinity::Cores;
 use libafl_bolts::shmem::ShMemProvider;
 use serde::Serialize;
+use vmm::engine::RunOptions;
 use vmm::engine::schedule::Schedule;
 
 use crate::broker::Broker;
@@ -123,7 +124,8 @@ pub fn config(
     seed: u64,
     limits: Limits,
 ) -> Config {
-    let options = crate::target::run_options(args.timeout_ms);
+    let options =
+        RunOptions { mode: args.engine.mode(), ..crate::target::run_options(args.timeout_ms) };
     Config {
         variant: args.variant.clone(),
         seeds,

@@ -167,6 +167,31 @@ pub struct CampaignArgs {
     /// Faults already in seeds are kept.
     #[arg(long, default_value = "all", value_parser = parse_faults)]
     pub faults: FaultList,
+    /// How schedules are executed: `fast` free-runs between injection points and through NMI
+    /// handling, stopping at breakpoints and IRETQs; `stepped` single-steps everything up to
+    /// the last injection (the reference). A finding of `fast` is re-run on `stepped` and
+    /// saved with the stepped engine's verdict.
+    #[arg(long, value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
+}
+
+/// The `--engine` choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// Breakpoint-driven free runs (`vmm::engine::Mode::Fast`).
+    Fast,
+    /// Every instruction single-stepped up to the last injection.
+    Stepped,
+}
+
+impl Engine {
+    /// The engine mode.
+    pub fn mode(self) -> vmm::engine::Mode {
+        match self {
+            Self::Fast => vmm::engine::Mode::Fast,
+            Self::Stepped => vmm::engine::Mode::Stepped,
+        }
+    }
 }
 
 /// Arguments of `nmifuzz run`.

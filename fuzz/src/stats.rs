@@ -20,7 +20,8 @@ pub struct ClientCounters {
     pub executions: AtomicU64,
     /// Nanoseconds spent inside `Target::execute`.
     pub target_nanos: AtomicU64,
-    /// Nanoseconds of fuzzing (the whole loop, LibAFL included).
+    /// Nanoseconds of fuzzing (the evaluation of the initial inputs and the whole loop,
+    /// LibAFL included): every execution's target time lies inside it.
     pub loop_nanos: AtomicU64,
     /// Corpus entries (own finds and imports).
     pub corpus: AtomicU64,

@@ -16,10 +16,11 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use vmm::engine::decode::InsnCache;
 use vmm::engine::schedule::{
-    Fault, HandlerAction, Injection, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule,
+    Fault, HandlerAction, Injection, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule, Trigger,
 };
+use vmm::engine::symbolic::{injection_stop, point_at_count, point_between, symbolic_injections};
 use vmm::engine::trace::Event;
-use vmm::engine::{Execution, RunOptions};
+use vmm::engine::{Execution, Mode, RunOptions};
 
 use crate::options::SweepArgs;
 use crate::progress::Progress;
@@ -125,6 +126,7 @@ pub fn sweep(
         Summary { variant: args.variant.clone(), complete: true, ..Summary::default() };
     let placements = &FIRST_PLACEMENTS[..args.placements as usize];
     let origin = target.origin();
+    let fast = RunOptions { mode: Mode::Fast, ..RunOptions::default() };
     'sweep: for action in actions() {
         for &first in placements {
             let schedule = |injections: Vec<Injection>| Schedule {
@@ -132,6 +134,7 @@ pub fn sweep(
                 description: format!("sweep: first NMI after {first}, do_nmi {action:?}"),
                 variant: args.variant.clone(),
                 workload_iterations: args.workload_iterations,
+                stress_unmask: false,
                 actions: vec![action.clone()],
                 injections,
                 origin: Some(origin.clone()),
@@ -155,26 +158,40 @@ pub fn sweep(
                 let execution = target.execute(&pair, &traced, &mut [])?;
                 if !execution.outcome.verdict.is_finding() {
                     let offsets = third_offsets(target, &execution, args.third_window);
-                    progress.inc_length(offsets.len() as u64);
-                    thirds.extend(offsets.into_iter().map(|third| (second, third)));
+                    // A triple with no symbolic form runs in the after form, which the fast
+                    // mode steps: exact, only slower.
+                    let triples: Vec<_> = offsets
+                        .into_iter()
+                        .map(|third| (second, third, symbolic_triple(target, &execution, third)))
+                        .collect();
+                    progress.inc_length(triples.len() as u64);
+                    thirds.extend(triples);
                 }
                 if summary.record(&execution, pair, start, progress) && args.stop_on_first {
                     summary.complete = false;
                     break 'sweep;
                 }
             }
-            // Pass 2: a third NMI after each nested second one.
-            for (second, third) in thirds {
+            // Pass 2: a third NMI after each nested second one, as symbolic points on the fast
+            // mode; a finding is re-run on the stepped engine and recorded as it judges it.
+            for (second, third, injections) in thirds {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     summary.complete = false;
                     break 'sweep;
                 }
-                let triple = schedule(vec![
-                    Injection::After(first),
-                    Injection::After(second),
-                    Injection::After(third),
-                ]);
-                let execution = target.execute(&triple, &RunOptions::default(), &mut [])?;
+                let after_form = || {
+                    schedule(vec![
+                        Injection::After(first),
+                        Injection::After(second),
+                        Injection::After(third),
+                    ])
+                };
+                let mut triple = injections.map_or_else(after_form, schedule);
+                let mut execution = target.execute(&triple, &fast, &mut [])?;
+                if execution.outcome.verdict.is_finding() {
+                    triple = after_form();
+                    execution = target.execute(&triple, &RunOptions::default(), &mut [])?;
+                }
                 if summary.record(&execution, triple, start, progress) && args.stop_on_first {
                     summary.complete = false;
                     break 'sweep;
@@ -216,6 +233,30 @@ fn third_offsets(target: &Target, execution: &Execution, window: u64) -> Vec<u64
         }
     }
     offsets.into_iter().collect()
+}
+
+/// The triple "the pair of `pair` (a traced stepped run), then a third NMI `third`
+/// instructions after the second" as symbolic points: the pair's trace is the triple's path
+/// up to the third injection (a third due after the trace's end, where the pair run stopped
+/// stepping, is its last stop plus `extra`). `None` where the stepped engine would never make
+/// the third injection (its count falls between two stops) or an injection has no symbolic
+/// form.
+fn symbolic_triple(target: &mut Target, pair: &Execution, third: u64) -> Option<Vec<Injection>> {
+    let trace = &pair.trace;
+    let (p1, p2) = (injection_stop(trace, 0)?, injection_stop(trace, 1)?);
+    let mut anchorable = |address| target.anchorable(address);
+    let mut triggers = vec![point_between(trace, 0, p1, &mut anchorable)?];
+    triggers.push(if p2 == p1 {
+        Trigger::After(0)
+    } else {
+        point_between(trace, p1 + 1, p2, &mut anchorable)?
+    });
+    triggers.push(if third == 0 {
+        Trigger::After(0)
+    } else {
+        point_at_count(trace, p2 + 1, trace[p2].index + third, &mut anchorable)?
+    });
+    symbolic_injections(&triggers, target.vm().image())
 }
 
 /// Instructions from the first NMI's delivery until its interrupted context resumes.

@@ -2,10 +2,14 @@
 //! executing schedules. Every subcommand that runs guest code goes through it.
 
 use anyhow::{Context, Result};
+use nmifuzz_abi::Variant;
 use vmm::engine::profile::{self, HostProfile};
 use vmm::engine::schedule::{Origin, Plan, Schedule};
+use vmm::engine::table::InstructionTable;
 use vmm::engine::{Engine, Execution, RunOptions};
 use vmm::{RunLimits, Vm, VmConfig};
+
+use crate::states::{Places, StateMap};
 
 /// The engine's options for one execution with a wall-clock limit of `timeout_ms`, the same
 /// for every subcommand that executes schedules.
@@ -18,6 +22,8 @@ pub fn run_options(timeout_ms: u64) -> RunOptions {
 pub struct Target {
     vm: Vm,
     engine: Engine,
+    /// The code regions coverage keys name, for the variant last executed.
+    places: Option<(Variant, Places)>,
 }
 
 impl Target {
@@ -27,7 +33,7 @@ impl Target {
             .context("cannot start the VM")?;
         let profile = profile::calibrate(&mut vm).context("cannot calibrate the engine")?;
         let engine = Engine::new(&vm, profile)?;
-        Ok(Self { vm, engine })
+        Ok(Self { vm, engine, places: None })
     }
 
     /// The host profile found at start-up.
@@ -43,6 +49,18 @@ impl Target {
     /// The VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// The instruction table symbolic points of `variant` are drawn from.
+    pub fn instruction_table(&self, variant: &str) -> Result<InstructionTable> {
+        let variant = Variant::from_name(variant).context("unknown variant")?;
+        Ok(InstructionTable::build(self.vm.image(), self.vm.ram(), variant.entry_symbol())?)
+    }
+
+    /// Whether a symbolic point at `address` is reached alike by both modes
+    /// ([`Engine::anchorable`]).
+    pub fn anchorable(&mut self, address: u64) -> bool {
+        self.engine.anchorable(&self.vm, address)
     }
 
     /// What artifacts found here record about their origin.
@@ -73,7 +91,8 @@ impl Target {
         warnings
     }
 
-    /// Executes `schedule`, counting NMI-path edges into `coverage` (may be empty).
+    /// Executes `schedule`, marking the NMI states it reaches in `coverage` (may be empty; see
+    /// [`crate::states`]).
     pub fn execute(
         &mut self,
         schedule: &Schedule,
@@ -81,7 +100,13 @@ impl Target {
         coverage: &mut [u8],
     ) -> Result<Execution> {
         let plan = schedule.resolve(self.vm.image())?;
-        Ok(self.engine.run_with_coverage(&mut self.vm, &plan, options, coverage)?)
+        let variant = schedule.variant()?;
+        if self.places.as_ref().is_none_or(|(v, _)| *v != variant) {
+            self.places = Some((variant, Places::new(self.vm.image(), variant)));
+        }
+        let (_, places) = self.places.as_ref().expect("set above");
+        let mut observer = StateMap::new(places, coverage);
+        Ok(self.engine.run_observed(&mut self.vm, &plan, options, &mut observer)?)
     }
 
     /// Executes a plan as it is, including scripts no schedule can express (`nmifuzz chaos`).

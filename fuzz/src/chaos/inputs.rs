@@ -237,6 +237,7 @@ impl<'a> Inputs<'a> {
             description: String::new(),
             variant: self.variant.name().to_owned(),
             workload_iterations: 0,
+            stress_unmask: false,
             actions: (0..count)
                 .map(|_| HandlerAction {
                     busy: self.rand.below_or_zero(17) as u32,

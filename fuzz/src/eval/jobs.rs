@@ -61,13 +61,17 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
 }
 
 /// The random-timing baseline: schedules from the campaign's own generator (the same number
-/// of NMIs, the same delay range, random handler actions), executed by the same engine with
-/// the same per-execution options, without feedback, until a finding or the limit.
+/// of NMIs, the same points, random handler actions), executed by the same engine (the fast
+/// mode) with the same per-execution options, without feedback, until a finding or the limit.
 fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
     let mut target = Target::new()?;
-    let generator = ScheduleGenerator::new(&args.variant, Fault::ALL);
+    let table = std::sync::Arc::new(target.instruction_table(&args.variant)?);
+    let generator = ScheduleGenerator::new(&args.variant, Fault::ALL, &table);
     let mut rand = StdRand::with_seed(args.seed);
-    let options = target::run_options(DEFAULT_TIMEOUT_MS);
+    let options = vmm::engine::RunOptions {
+        mode: vmm::engine::Mode::Fast,
+        ..target::run_options(DEFAULT_TIMEOUT_MS)
+    };
     let start = Instant::now();
     let deadline = start + super::limit(args);
     let (mut execs, mut first) = (0, None);

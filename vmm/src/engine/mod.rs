@@ -3,9 +3,11 @@
 //! invariants on the way.
 //!
 //! # Counting rule
-//! Instructions are *retired* guest instructions, counted from the snapshot. The engine
-//! single-steps while an injection is due, while an NMI is pending, and while any NMI handling
-//! is in progress, and runs freely otherwise; only stepped instructions are counted. Each stop
+//! Instructions are *retired* guest instructions, counted from the snapshot. The stepped
+//! engine single-steps while an injection is due, while an NMI is pending, and while any NMI
+//! handling is in progress, and runs freely otherwise; only stepped instructions are counted.
+//! The fast mode ([`mode`]) stops at the same boundaries wherever its books and oracles need
+//! them and steps far less. Each stop
 //! is a boundary "before the instruction at RIP", and each step retires one instruction, with
 //! these host quirks handled so the count stays exact:
 //! - an event (NMI, exception) delivered during a step retires nothing itself, but the host
@@ -24,23 +26,35 @@
 //! NMIs must be unblocked and a probe NMI must start an iteration. Every NMI must return exactly
 //! to the context it interrupted ([`returns`]).
 
+mod books;
+mod cursor;
 pub mod decode;
+mod deliver;
 mod drive;
+pub mod mode;
+pub mod observe;
 pub mod profile;
 pub mod returns;
+mod run;
 pub mod schedule;
+pub mod symbolic;
+pub mod table;
 pub mod trace;
+mod traps;
 
 use std::time::Instant;
 
-use nmifuzz_abi::{Counters, Variant};
+use nmifuzz_abi::Variant;
 use serde::Serialize;
 
 use self::decode::InsnCache;
+pub use self::mode::Mode;
 use self::profile::HostProfile;
-use self::returns::{Bounds, Context};
-use self::schedule::{Plan, Trigger};
-use self::trace::{Event, Recorder, Step};
+use self::returns::Bounds;
+use self::run::Run;
+use self::schedule::Plan;
+use self::trace::Step;
+use self::traps::IretqTraps;
 use crate::error::{Error, Result};
 use crate::outcome::{Outcome, Verdict};
 use crate::vm::{RunLimits, Vm};
@@ -75,6 +89,8 @@ pub struct RunOptions {
     pub max_nmi_instructions: u64,
     /// Keep the full per-step trace.
     pub keep_trace: bool,
+    /// How the guest is moved between injections.
+    pub mode: Mode,
 }
 
 impl Default for RunOptions {
@@ -84,6 +100,7 @@ impl Default for RunOptions {
             max_instructions: 1_000_000,
             max_nmi_instructions: 5_000,
             keep_trace: false,
+            mode: Mode::Stepped,
         }
     }
 }
@@ -169,179 +186,32 @@ impl GuestFacts {
     }
 }
 
-/// The state of one execution.
-struct Run<'p> {
-    plan: &'p Plan,
-    /// The coverage map the stops are recorded in (may be empty).
-    coverage: &'p mut [u8],
-    /// The previous stop's coverage location, for edges.
-    previous_location: u64,
-    /// Retired instructions so far.
-    insn: u64,
-    /// Of those, retired in NMI context.
-    nmi_insn: u64,
-    exits: u64,
-    stepping: bool,
-    /// Index of the next injection.
-    next: usize,
-    /// When the next injection is due (absolute instruction count), once known.
-    due: Option<u64>,
-    /// Times the next injection's symbolic point was reached.
-    hits: u32,
-    /// NMIs injected but not yet delivered (KVM's pending + injected).
-    undelivered: u64,
-    /// Interrupted contexts, innermost last: the NMI nesting depth is their number.
-    contexts: Vec<Context>,
-    /// Instruction count at the oldest delivery not yet followed by an iteration.
-    awaiting_iteration: Option<u64>,
-    /// The stop before the last KVM_RUN and the instruction there.
-    last_stop: Option<(u64, decode::Insn)>,
-    /// A hardware breakpoint to leave out for one KVM_RUN, so execution can move past it.
-    resume_breakpoint: Option<usize>,
-    /// Address of the variant's "NMI executing" variable, if it has one.
-    executing_address: Option<u64>,
-    /// The guest state after the last exit is not an instruction boundary: run on.
-    skip_stop: bool,
-    /// Events seen since the last stop, recorded at the stop they led to.
-    pending_events: Vec<Event>,
-    nmi: NmiStats,
-    /// The guest's counters when it reported DONE, before the probe NMI.
-    done_counters: Option<Counters>,
-    recorder: Recorder,
-}
-
-impl<'p> Run<'p> {
-    fn new(
-        plan: &'p Plan,
-        coverage: &'p mut [u8],
-        keep_trace: bool,
-        executing_address: Option<u64>,
-    ) -> Self {
-        let mut run = Self {
-            plan,
-            coverage,
-            previous_location: 0,
-            insn: 0,
-            nmi_insn: 0,
-            exits: 0,
-            stepping: false,
-            next: 0,
-            due: None,
-            hits: 0,
-            undelivered: 0,
-            contexts: Vec::new(),
-            awaiting_iteration: None,
-            last_stop: None,
-            resume_breakpoint: None,
-            executing_address,
-            skip_stop: false,
-            pending_events: Vec::new(),
-            nmi: NmiStats::default(),
-            done_counters: None,
-            recorder: Recorder::new(keep_trace),
-        };
-        run.arm_next();
-        run.stepping = run.wants_stepping();
-        run
-    }
-
-    /// Computes when the next injection is due, relative to now.
-    fn arm_next(&mut self) {
-        self.hits = 0;
-        self.due = match self.plan.injections.get(self.next) {
-            Some(Trigger::After(n)) => Some(self.insn + n),
-            _ => None,
-        };
-    }
-
-    fn wants_stepping(&self) -> bool {
-        self.next < self.plan.injections.len()
-            || self.undelivered > 0
-            || !self.contexts.is_empty()
-            || self.awaiting_iteration.is_some()
-    }
-
-    /// Notes an event that belongs to the next stop.
-    fn note(&mut self, event: Event) {
-        self.pending_events.push(event);
-    }
-
-    /// Records the stop at `rip`, where the variant's "NMI executing" variable (if it has one)
-    /// holds `executing`, and the events that led to it.
-    fn record_stop(&mut self, rip: u64, executing: Option<u64>) {
-        self.recorder.stop(self.insn, rip, self.depth(), executing);
-        self.cover(rip, executing.unwrap_or(0));
-        for event in std::mem::take(&mut self.pending_events) {
-            self.recorder.event(event);
-        }
-    }
-
-    /// Counts the edge from the previous stop to this one in the coverage map, while NMI
-    /// handling is in progress or an NMI is pending: a location is the RIP together with the
-    /// nesting depth, the "NMI executing" value and whether an NMI waits in the latch, so that
-    /// the same code reached in a new NMI state is new coverage. Stops of the plain workload are
-    /// not coverage: reaching them only means injecting later.
-    fn cover(&mut self, rip: u64, executing: u64) {
-        if self.coverage.is_empty() || !self.in_nmi_context() {
-            return;
-        }
-        let location = rip
-            ^ (u64::from(self.depth()) << 56)
-            ^ ((executing & 0xf) << 58)
-            ^ (u64::from(self.undelivered > 0) << 62);
-        // Mix (a splitmix64 finalizer) so nearby RIPs spread over the map.
-        let mut edge = location ^ self.previous_location.rotate_left(1);
-        edge = (edge ^ (edge >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        edge = (edge ^ (edge >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        edge ^= edge >> 31;
-        let slot = &mut self.coverage[(edge % self.coverage.len() as u64) as usize];
-        *slot = slot.saturating_add(1);
-        self.previous_location = location;
-    }
-
-    /// Whether NMI handling is in progress or an NMI is pending.
-    fn in_nmi_context(&self) -> bool {
-        !self.contexts.is_empty() || self.undelivered > 0
-    }
-
-    /// Counts `n` retired instructions.
-    fn retire(&mut self, n: u64) {
-        self.insn += n;
-        if self.in_nmi_context() {
-            self.nmi_insn += n;
-        }
-    }
-
-    /// The NMI-context budget of this plan: the base plus two instructions per busy-work
-    /// iteration the script asks for (the busy loop is `dec; jnz`).
-    fn nmi_budget(&self, base: u64) -> u64 {
-        let script = &self.plan.script;
-        let actions = &script.actions[..(script.action_count as usize).min(script.actions.len())];
-        base + 2 * actions.iter().map(|a| u64::from(a.busy)).sum::<u64>()
-    }
-
-    fn depth(&self) -> u32 {
-        self.contexts.len() as u32
-    }
-}
-
 /// The engine: per-VM facts, the host profile and a decoded-instruction cache.
 pub struct Engine {
     profile: HostProfile,
     facts: GuestFacts,
     insns: InsnCache,
+    traps: IretqTraps,
 }
 
 impl Engine {
     /// An engine for `vm` on a host with `profile` (see [`profile::calibrate`]).
     pub fn new(vm: &Vm, profile: HostProfile) -> Result<Self> {
-        Ok(Self { profile, facts: GuestFacts::read(vm)?, insns: InsnCache::default() })
+        let traps = IretqTraps::new(table::iretq_sites(vm.image(), vm.ram())?);
+        Ok(Self { profile, facts: GuestFacts::read(vm)?, insns: InsnCache::default(), traps })
     }
 
     /// The top of the guest's NMI stack (IST1), where the hardware frame and the entry's
     /// nested-NMI state live.
     pub fn nmi_stack_top(&self) -> u64 {
         self.facts.nmi_stack_top
+    }
+
+    /// Whether a symbolic point at `address` is reached the same way by both modes: any
+    /// instruction but a `rep` string instruction, which the stepped engine stops inside of
+    /// several times (see [`symbolic::symbolic_triggers`]).
+    pub fn anchorable(&mut self, vm: &Vm, address: u64) -> bool {
+        self.insns.get(vm.ram(), address).is_ok_and(|insn| !insn.is_rep_string)
     }
 
     /// The host profile the engine works with.
@@ -351,28 +221,34 @@ impl Engine {
 
     /// Resets the VM and executes `plan`.
     pub fn run(&mut self, vm: &mut Vm, plan: &Plan, options: &RunOptions) -> Result<Execution> {
-        self.run_with_coverage(vm, plan, options, &mut [])
+        self.run_observed(vm, plan, options, &mut ())
     }
 
-    /// Resets the VM and executes `plan`, counting NMI-path edges in `coverage` (which the
-    /// caller clears; see `Run::cover`).
-    pub fn run_with_coverage(
+    /// Resets the VM and executes `plan`, reporting every NMI state it sees to `observer`
+    /// ([`observe`]).
+    pub fn run_observed(
         &mut self,
         vm: &mut Vm,
         plan: &Plan,
         options: &RunOptions,
-        coverage: &mut [u8],
+        observer: &mut dyn observe::NmiObserver,
     ) -> Result<Execution> {
         let start = Instant::now();
         vm.reset()?;
+        self.traps.reset();
         vm.write_script(&plan.script)?;
         let executing = Variant::from_code(plan.script.variant)
             .and_then(Variant::stack_layout)
             .map(|layout| self.facts.nmi_stack_top - layout.executing);
-        let mut run = Run::new(plan, coverage, options.keep_trace, executing);
+        // IRETQ traps stop the guest only where ring-0 code is emulated (see `traps`).
+        let iretq_traps = !self.profile.int3_native;
+        let mut run =
+            Run::new(plan, options.mode, iretq_traps, observer, options.keep_trace, executing);
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();
+        // Whoever reads guest memory after the run sees the guest's own code.
+        self.traps.set(vm, false)?;
         let verdict = verdict?;
         // Events of the exit that ended the run belong to its last stop.
         for event in std::mem::take(&mut run.pending_events) {
@@ -385,10 +261,17 @@ impl Engine {
         };
         Ok(Execution {
             outcome: Outcome { verdict, counters, exits: run.exits, elapsed: start.elapsed() },
-            nmi: run.nmi,
+            nmi: run.books.stats,
             instructions: run.insn,
             trace_hash: run.recorder.hash(),
             trace: run.recorder.into_steps(),
         })
+    }
+}
+
+/// A verdict for an exit the engine has no use for.
+fn unexpected(vm: &Vm, exit: &crate::exit::Exit) -> Verdict {
+    Verdict::UnexpectedExit {
+        description: format!("{exit:?} at {}", vm.image().symbolize(vm.regs().rip)),
     }
 }

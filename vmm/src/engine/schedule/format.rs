@@ -22,6 +22,10 @@ pub struct Schedule {
     /// Iterations of the workload loop the NMIs interrupt (0: the guest's default).
     #[serde(default)]
     pub workload_iterations: u32,
+    /// The `linux`-derived entries' stress mode (`nmifuzz_abi::option::STRESS_UNMASK`): NMIs
+    /// unmasked right after `first_nmi`, as Linux's CONFIG_DEBUG_ENTRY does.
+    #[serde(default)]
+    pub stress_unmask: bool,
     /// `actions[i]` is what the i-th `do_nmi` call does; later calls return at once.
     #[serde(default)]
     pub actions: Vec<HandlerAction>,

@@ -10,6 +10,9 @@ impl Schedule {
     /// The guest script of this schedule.
     pub fn script(&self) -> Result<Script, Problem> {
         let mut script = Script::new(self.variant()?, Workload::Loop, self.workload_iterations);
+        if self.stress_unmask {
+            script.options |= nmifuzz_abi::option::STRESS_UNMASK;
+        }
         script.action_count = self.actions.len() as u32;
         for (slot, action) in script.actions.iter_mut().zip(&self.actions) {
             *slot = Action {

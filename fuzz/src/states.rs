@@ -1,0 +1,135 @@
+//! The campaign's coverage: a small map of NMI states, not of RIP edges.
+//!
+//! The engine reports the NMI state at every injection, delivery, handler-entry stop and
+//! IRETQ it sees (`vmm::engine::observe`); each becomes a key of
+//! - the moment (and how an injection was taken, the exception vector, or where an IRETQ
+//!   returns to);
+//! - where the guest was: exact (the offset) inside the variant's entry assembly, coarse
+//!   elsewhere: `do_nmi`, each exception vector's stub, the common exception path, the
+//!   workload, other NMI-handling code, anything else. For a delivery that is where the NMI
+//!   struck, which is what the entry's decision (first, nested, inside the repeat window)
+//!   depends on; the depth after it shows which way the entry went as far as the host sees;
+//! - the nesting depth, the "NMI executing" variable and the NMIs still undelivered (latched),
+//!   each capped at a few values.
+//!
+//! A key sets one byte of the map: an execution is new when it reaches a state no execution
+//! reached before, however often. RIP edges with hit counts made about 60% of executions
+//! "new" (design.md, section 6).
+//!
+//! What the key cannot hold: which exception frames are live inside NMI handling, since the
+//! fast mode free-runs there and sees exception entries only while it steps.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Range;
+
+use nmifuzz_abi::Variant;
+use vmm::GuestImage;
+use vmm::engine::observe::{Moment, NmiObserver, NmiState};
+
+/// Bytes of the coverage map.
+pub const MAP_SIZE: usize = 4096;
+
+/// Bytes per exception stub in the guest's `exception_stubs` table (one per vector).
+const STUB_SIZE: u64 = 16;
+
+/// Where the guest was, as the key holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Place {
+    /// This many bytes into the variant's entry.
+    Entry(u64),
+    DoNmi,
+    /// The stub of this vector.
+    ExceptionStub(u64),
+    ExceptionPath,
+    Workload,
+    OtherNmiCode,
+    Elsewhere,
+}
+
+/// The guest's code regions a key names, for one variant.
+pub struct Places {
+    entry: Range<u64>,
+    do_nmi: Range<u64>,
+    stubs: Range<u64>,
+    exception_path: Vec<Range<u64>>,
+    workload: Range<u64>,
+    nmi_code: Range<u64>,
+}
+
+impl Places {
+    /// The regions of `image` for the entry of `variant`.
+    pub fn new(image: &GuestImage, variant: Variant) -> Self {
+        let sized = |name: &str| {
+            image
+                .symbols()
+                .iter()
+                .find(|s| s.name == name)
+                .map_or(0..0, |s| s.address..s.address + s.size)
+        };
+        let marker = |name: &str| image.marker(name).unwrap_or(0);
+        Self {
+            entry: sized(variant.entry_symbol()),
+            do_nmi: sized("do_nmi"),
+            stubs: sized("exception_stubs"),
+            exception_path: vec![sized("exception_common"), sized("exception_dispatch")],
+            workload: sized("workload_loop"),
+            nmi_code: marker(nmifuzz_abi::NMI_CODE_START)..marker(nmifuzz_abi::NMI_CODE_END),
+        }
+    }
+
+    fn place(&self, rip: u64) -> Place {
+        if self.entry.contains(&rip) {
+            Place::Entry(rip - self.entry.start)
+        } else if self.do_nmi.contains(&rip) {
+            Place::DoNmi
+        } else if self.stubs.contains(&rip) {
+            Place::ExceptionStub((rip - self.stubs.start) / STUB_SIZE)
+        } else if self.exception_path.iter().any(|r| r.contains(&rip)) {
+            Place::ExceptionPath
+        } else if self.workload.contains(&rip) {
+            Place::Workload
+        } else if self.nmi_code.contains(&rip) {
+            Place::OtherNmiCode
+        } else {
+            Place::Elsewhere
+        }
+    }
+
+    /// The map index of `state`.
+    pub fn index(&self, state: &NmiState, len: usize) -> usize {
+        let mut hasher = DefaultHasher::new();
+        match state.moment {
+            Moment::Injected { how } => (0u8, how as u8, Place::Elsewhere).hash(&mut hasher),
+            Moment::Delivered => (1u8, 0u8, Place::Elsewhere).hash(&mut hasher),
+            Moment::HandlerEntry { vector } => (2u8, vector, Place::Elsewhere).hash(&mut hasher),
+            Moment::Iretq { target } => (3u8, 0u8, self.place(target)).hash(&mut hasher),
+        }
+        self.place(state.rip).hash(&mut hasher);
+        state.depth.min(3).hash(&mut hasher);
+        state.nmi_executing.map(|v| v.min(2)).hash(&mut hasher);
+        state.undelivered.min(2).hash(&mut hasher);
+        (hasher.finish() % len as u64) as usize
+    }
+}
+
+/// An observer that marks each state's key in a coverage map.
+pub struct StateMap<'m> {
+    places: &'m Places,
+    map: &'m mut [u8],
+}
+
+impl<'m> StateMap<'m> {
+    /// Marks keys of `places` in `map` (which the caller clears).
+    pub fn new(places: &'m Places, map: &'m mut [u8]) -> Self {
+        Self { places, map }
+    }
+}
+
+impl NmiObserver for StateMap<'_> {
+    fn observe(&mut self, state: &NmiState) {
+        if !self.map.is_empty() {
+            let index = self.places.index(state, self.map.len());
+            self.map[index] = 1;
+        }
+    }
+}
