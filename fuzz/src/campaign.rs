@@ -37,7 +37,7 @@ use crate::target::Target;
 
 pub use crate::states::MAP_SIZE;
 /// The name of the NMI-state map observer and its feedback's state metadata.
-const EDGES: &str = "nmi-states";
+const STATES: &str = "nmi-states";
 /// Inputs generated when the seeds leave the corpus empty.
 const GENERATED_SEEDS: usize = 8;
 /// How often a client reports progress (a `pulse` line).
@@ -120,13 +120,14 @@ where
     let (map, len) = parts.coverage_ptr();
     // SAFETY: the map is owned by the executor made from `parts` below, which also owns this
     // observer; it outlives every use.
-    let edges = HitcountsMapObserver::new(unsafe { StdMapObserver::from_mut_ptr(EDGES, map, len) })
-        .track_indices();
+    let states =
+        HitcountsMapObserver::new(unsafe { StdMapObserver::from_mut_ptr(STATES, map, len) })
+            .track_indices();
     let verdict = VerdictObserver::new();
     let verdict_handle = verdict.handle();
 
     // Feedback: an input is interesting when it reaches an NMI state none reached before.
-    let mut feedback = MaxMapFeedback::new(&edges);
+    let mut feedback = MaxMapFeedback::new(&states);
 
     // Objective: a finding whose kind and location have no artifact yet.
     let mut objective = VerdictFeedback::new(&verdict, config.artifacts.clone());
@@ -147,7 +148,7 @@ where
     };
 
     // Scheduler: favours the smallest, fastest entry for each state, then walks the queue.
-    let scheduler = IndexesLenTimeMinimizerScheduler::new(&edges, QueueScheduler::new());
+    let scheduler = IndexesLenTimeMinimizerScheduler::new(&states, QueueScheduler::new());
 
     // Fuzzer: scheduler, feedback and objective together.
     let mut fuzzer = StdFuzzer::new(scheduler, feedback, objective);
@@ -156,7 +157,7 @@ where
     let mut executor = NmiExecutor::new(
         parts,
         config.options,
-        tuple_list!(edges, verdict),
+        tuple_list!(states, verdict),
         verdict_handle,
         config.limits,
         shared,
@@ -242,7 +243,7 @@ where
 fn covered_edges(state: &State) -> usize {
     state
         .named_metadata_map()
-        .get::<MapFeedbackMetadata<u8>>(EDGES)
+        .get::<MapFeedbackMetadata<u8>>(STATES)
         .map_or(0, |m| m.num_covered_map_indexes)
 }
 
