@@ -21,8 +21,8 @@ use libafl::stages::StdMutationalStage;
 use libafl::state::{HasCorpus, HasExecutions, HasImported, HasSolutions, StdState, Stoppable};
 use libafl_bolts::rands::StdRand;
 use libafl_bolts::tuples::{Handled, tuple_list};
-use vmm::engine::RunOptions;
 use vmm::engine::schedule::{Fault, Schedule};
+use vmm::engine::{Mode, RunOptions};
 
 use crate::corpus::{DirCorpus, Mirror};
 use crate::executor::{self, Limits, NmiExecutor, Parts};
@@ -37,7 +37,7 @@ use crate::target::Target;
 
 pub use crate::states::MAP_SIZE;
 /// The name of the NMI-state map observer and its feedback's state metadata.
-const EDGES: &str = "nmi-states";
+const STATES: &str = "nmi-states";
 /// Inputs generated when the seeds leave the corpus empty.
 const GENERATED_SEEDS: usize = 8;
 /// How often a client reports progress (a `pulse` line).
@@ -108,8 +108,23 @@ where
 
     // Target: the VM, created here, so after the Launcher's fork: KVM file descriptors belong
     // to the process that made them.
-    let target = Target::new().map_err(|e| Error::unknown(format!("{e:#}")))?;
+    let mut target = Target::new().map_err(|e| Error::unknown(format!("{e:#}")))?;
     let origin = target.origin();
+    // This client's share of the seeds, in the campaign's variant; for the fast mode with
+    // their `after` injections restated as the symbolic points where the stepped engine makes
+    // them, which the fast mode reaches without stepping.
+    let seeds = seat
+        .share(&config.seeds)
+        .map(|seed| {
+            let mut seed = seed.clone();
+            seed.variant.clone_from(&config.variant);
+            match config.options.mode {
+                Mode::Fast => target.symbolic(&seed),
+                Mode::Stepped => Ok(seed),
+            }
+        })
+        .collect::<anyhow::Result<Vec<Schedule>>>()
+        .map_err(|e| Error::unknown(format!("restating the seeds: {e:#}")))?;
     // The instruction table the generator and the mutators draw symbolic points from.
     let table = Arc::new(
         target.instruction_table(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?,
@@ -120,13 +135,14 @@ where
     let (map, len) = parts.coverage_ptr();
     // SAFETY: the map is owned by the executor made from `parts` below, which also owns this
     // observer; it outlives every use.
-    let edges = HitcountsMapObserver::new(unsafe { StdMapObserver::from_mut_ptr(EDGES, map, len) })
-        .track_indices();
+    let states =
+        HitcountsMapObserver::new(unsafe { StdMapObserver::from_mut_ptr(STATES, map, len) })
+            .track_indices();
     let verdict = VerdictObserver::new();
     let verdict_handle = verdict.handle();
 
     // Feedback: an input is interesting when it reaches an NMI state none reached before.
-    let mut feedback = MaxMapFeedback::new(&edges);
+    let mut feedback = MaxMapFeedback::new(&states);
 
     // Objective: a finding whose kind and location have no artifact yet.
     let mut objective = VerdictFeedback::new(&verdict, config.artifacts.clone());
@@ -137,7 +153,10 @@ where
         None => StdState::new(
             StdRand::with_seed(config.seed.wrapping_add(client as u64)), // RNG
             DirCorpus::new(match &config.corpus_dir {
-                Some(dir) => Mirror::Queue(dir.clone(), known_hashes(&config.seeds)),
+                // The seeds, and their symbolic forms, are already there.
+                Some(dir) => {
+                    Mirror::Queue(dir.clone(), known_hashes(config.seeds.iter().chain(&seeds)))
+                }
                 None => Mirror::None,
             }), // corpus: in memory, each new entry also written to the directory
             DirCorpus::new(Mirror::Artifacts(config.artifacts.clone(), origin)), // artifacts
@@ -147,7 +166,7 @@ where
     };
 
     // Scheduler: favours the smallest, fastest entry for each state, then walks the queue.
-    let scheduler = IndexesLenTimeMinimizerScheduler::new(&edges, QueueScheduler::new());
+    let scheduler = IndexesLenTimeMinimizerScheduler::new(&states, QueueScheduler::new());
 
     // Fuzzer: scheduler, feedback and objective together.
     let mut fuzzer = StdFuzzer::new(scheduler, feedback, objective);
@@ -156,7 +175,7 @@ where
     let mut executor = NmiExecutor::new(
         parts,
         config.options,
-        tuple_list!(edges, verdict),
+        tuple_list!(states, verdict),
         verdict_handle,
         config.limits,
         shared,
@@ -168,10 +187,8 @@ where
     let started = Instant::now();
     if state.corpus().count_all() == 0 {
         let mut evaluated = 0;
-        for seed in seat.share(&config.seeds) {
+        for seed in seeds {
             evaluated += 1;
-            let mut seed = seed.clone();
-            seed.variant.clone_from(&config.variant);
             fuzzer.evaluate_input(&mut state, &mut executor, &mut mgr, &NmiInput(seed))?;
         }
         let mut generator = ScheduleGenerator::new(&config.variant, &config.faults, &table);
@@ -242,13 +259,13 @@ where
 fn covered_edges(state: &State) -> usize {
     state
         .named_metadata_map()
-        .get::<MapFeedbackMetadata<u8>>(EDGES)
+        .get::<MapFeedbackMetadata<u8>>(STATES)
         .map_or(0, |m| m.num_covered_map_indexes)
 }
 
 /// The content hashes of the seeds, which are already in the corpus directory.
-fn known_hashes(seeds: &[Schedule]) -> std::collections::HashSet<u64> {
-    seeds.iter().map(store::content_hash).collect()
+fn known_hashes<'s>(seeds: impl Iterator<Item = &'s Schedule>) -> std::collections::HashSet<u64> {
+    seeds.map(store::content_hash).collect()
 }
 
 #[cfg(test)]

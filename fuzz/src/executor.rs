@@ -1,4 +1,4 @@
-//! The LibAFL executor: runs a schedule on the [`Target`], fills the coverage map the edges
+//! The LibAFL executor: runs a schedule on the [`Target`], fills the NMI-state map the map
 //! observer reads, records the verdict for the objective, and enforces the campaign's limits.
 //!
 //! LibAFL does not count executions of a custom executor, so this one does (its own counter,
@@ -61,7 +61,7 @@ pub struct Limits {
     pub stop_on_crash: bool,
 }
 
-/// A coverage map owned by the executor; the edges observer reads it through a raw pointer.
+/// A coverage map owned by the executor; the map observer reads it through a raw pointer.
 struct CoverageMap {
     ptr: *mut u8,
     len: usize,
@@ -88,7 +88,7 @@ impl Drop for CoverageMap {
     }
 }
 
-/// The executor; `OT` holds the edges observer (over [`NmiExecutor::coverage_ptr`]) and the
+/// The executor; `OT` holds the map observer (over [`NmiExecutor::coverage_ptr`]) and the
 /// [`VerdictObserver`].
 pub struct NmiExecutor<OT> {
     target: Target,

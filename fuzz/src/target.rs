@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use nmifuzz_abi::Variant;
 use vmm::engine::profile::{self, HostProfile};
-use vmm::engine::schedule::{Origin, Plan, Schedule};
+use vmm::engine::schedule::{Injection, Origin, Plan, Schedule};
+use vmm::engine::symbolic::{symbolic_injections, symbolic_triggers};
 use vmm::engine::table::InstructionTable;
 use vmm::engine::{Engine, Execution, RunOptions};
 use vmm::{RunLimits, Vm, VmConfig};
@@ -61,6 +62,28 @@ impl Target {
     /// ([`Engine::anchorable`]).
     pub fn anchorable(&mut self, address: u64) -> bool {
         self.engine.anchorable(&self.vm, address)
+    }
+
+    /// `schedule` with its `after` injections restated as the symbolic points where one traced
+    /// stepped run makes them (`vmm::engine::symbolic`), which the fast mode reaches without
+    /// stepping; the schedule itself if it has none, or if that run does not make every
+    /// injection.
+    pub fn symbolic(&mut self, schedule: &Schedule) -> Result<Schedule> {
+        if !schedule.injections.iter().any(|i| matches!(i, Injection::After(n) if *n > 0)) {
+            return Ok(schedule.clone());
+        }
+        let plan = schedule.resolve(self.vm.image())?;
+        let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
+        let execution = self.engine.run(&mut self.vm, &plan, &traced)?;
+        let (engine, vm) = (&mut self.engine, &self.vm);
+        let injections = symbolic_triggers(&execution, plan.injections.len(), |address| {
+            engine.anchorable(vm, address)
+        })
+        .and_then(|triggers| symbolic_injections(&triggers, vm.image()));
+        Ok(match injections {
+            Some(injections) => Schedule { injections, ..schedule.clone() },
+            None => schedule.clone(),
+        })
     }
 
     /// What artifacts found here record about their origin.

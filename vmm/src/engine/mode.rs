@@ -1,26 +1,25 @@
 //! Execution modes: how the guest is moved between the boundaries that matter.
 //!
-//! Both modes keep the same books ([`super::books`]) and the same oracles, and stop at the
-//! same boundaries wherever an NMI is pending or handled; they differ only in how they get
-//! from one injection to the next while nothing is under way:
+//! Both modes keep the same books ([`super::books`]) and the same oracles, and inject at the
+//! same boundaries; they differ in how they move the guest between the stops that matter:
 //!
 //! - [`Mode::Stepped`] single-steps every instruction from the snapshot to the last injection,
 //!   so it counts every retired instruction and reaches `after: N` points exactly. It is the
 //!   reference: `replay --trace`, `tmin` and the sweep's measurement runs use it.
-//! - [`Mode::Fast`] free-runs while no NMI is pending or handled and the next injection waits
-//!   for a symbolic point. The point is a hardware execute breakpoint; each hit is a stop where
-//!   the hit is counted as the stepped engine counts it. At the point's occurrence (and for its
-//!   `extra` instructions), while any NMI is pending or latched (so that a latched NMI is still
-//!   delivered at the hardware boundary, right after the unblocking IRETQ the engine performs
-//!   itself), while any interrupted context is open (so that the return-integrity oracle sees
-//!   every IRETQ), and until a delivery's `do_nmi` iteration starts, it steps exactly like the
-//!   stepped engine. An `after: N` injection is counted in stepped instructions, so the fast
-//!   mode steps towards it too: it is exact for every plan, and fast for symbolic ones.
+//! - [`Mode::Fast`] free-runs, and stops only where the books and oracles need a stop: the
+//!   next symbolic point is a hardware execute breakpoint, and each hit is a stop where the hit
+//!   is counted as the stepped engine counts it; while NMIs are under way, every IRETQ on the
+//!   NMI paths is trapped ([`super::traps`]), so the return-integrity oracle judges each one
+//!   and the engine performs it, and a latched NMI still arrives right after the unblocking
+//!   IRETQ; a delivery is booked at the next stop. It single-steps from a point's occurrence
+//!   for its `extra` instructions, for one instruction to move off its own breakpoint or an
+//!   IRETQ it did not perform, and through NMI handling on hosts where traps cannot stop it.
+//!   An `after: N` injection is counted in stepped instructions, so the fast mode steps
+//!   towards it too: it is exact for every plan, and fast for symbolic ones.
 //!
 //! # Debug registers while the fast mode free-runs
-//! DR0 holds the awaited point and DR1 the start of a `do_nmi` iteration (an iteration
-//! without an NMI being handled is a lost-NMI finding the stepped engine would see at its stop;
-//! the fast mode must stop there too). DR2 and DR3 are free. While stepping, the engine's usual
+//! DR0 holds the awaited point and DR1 the start of a `do_nmi` iteration, where the books count
+//! iterations (and an iteration no delivery explains is a lost-NMI finding). DR2 and DR3 are free. While stepping, the engine's usual
 //! breakpoints on the #BP, #UD and #PF entries take DR0-DR2; a point on one of those entries
 //! is reached by its free-running breakpoint, as any other address.
 
@@ -36,7 +35,7 @@ pub enum Mode {
     /// Single-step everything up to the last injection: the reference.
     #[default]
     Stepped,
-    /// Free-run to hardware breakpoints between injections; step where NMIs are handled.
+    /// Free-run to hardware breakpoints and IRETQ traps; step only where exactness needs it.
     Fast,
 }
 

@@ -103,3 +103,56 @@ pub fn symbolic_injections(triggers: &[Trigger], image: &GuestImage) -> Option<V
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stops at `(count, rip)`; the injection of `index` at stop `at`.
+    fn trace(stops: &[(u64, u64)], injections: &[(usize, usize)]) -> Vec<Step> {
+        let mut trace: Vec<Step> = stops
+            .iter()
+            .map(|&(index, rip)| Step { index, rip, depth: 0, nmi_executing: None, events: vec![] })
+            .collect();
+        for &(index, at) in injections {
+            let how = crate::engine::trace::Injected::Delivered;
+            trace[at].events.push(Event::NmiInjected { index, how });
+        }
+        trace
+    }
+
+    #[test]
+    fn a_point_counts_the_stops_at_its_address_since_the_previous_injection() {
+        // A loop 0x10, 0x20 run three times; a fault at 0x20 the third time (its handler entry
+        // 0x90 has the same count).
+        let stops = [(0, 0x10), (1, 0x20), (2, 0x10), (3, 0x20), (4, 0x10), (5, 0x20), (5, 0x90)];
+        let t = trace(&stops, &[(0, 1), (1, 5)]);
+        let any = |_| true;
+        assert_eq!(
+            point_between(&t, 0, 1, any),
+            Some(Trigger::At { address: 0x20, occurrence: 1, extra: 0 })
+        );
+        // Counted after the first injection's stop: 0x20 again at counts 3 and 5.
+        assert_eq!(
+            point_between(&t, 2, 5, any),
+            Some(Trigger::At { address: 0x20, occurrence: 2, extra: 0 })
+        );
+        // Off a refused anchor: the latest accepted stop before it, plus extra.
+        assert_eq!(
+            point_between(&t, 2, 5, |a| a != 0x20),
+            Some(Trigger::At { address: 0x10, occurrence: 2, extra: 1 })
+        );
+        // `after` lands on the first stop with its count, not the handler entry after it.
+        assert_eq!(
+            point_at_count(&t, 2, 5, any),
+            Some(Trigger::At { address: 0x20, occurrence: 2, extra: 0 })
+        );
+        // Past the trace: its last stop plus the rest.
+        assert_eq!(
+            point_at_count(&t, 2, 8, any),
+            Some(Trigger::At { address: 0x90, occurrence: 1, extra: 3 })
+        );
+        let gap = trace(&[(0, 0x10), (2, 0x20)], &[]);
+        assert_eq!(point_at_count(&gap, 0, 1, any), None, "no stop has count 1");
+    }
+}
