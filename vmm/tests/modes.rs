@@ -45,7 +45,8 @@ fn random_plan(
     let count = 1 + rng.below(4) as usize;
     script.action_count = count.min(SCRIPT_ACTION_SLOTS) as u32;
     for action in &mut script.actions[..count] {
-        let faults = [0, fault::UD, fault::PF, fault::BP, fault::UD | fault::BP, fault::ENTRY_FAULTS];
+        let faults =
+            [0, fault::UD, fault::PF, fault::BP, fault::UD | fault::BP, fault::ENTRY_FAULTS];
         *action = Action {
             busy: rng.below(6) as u32,
             faults: faults[rng.below(faults.len() as u64) as usize],
