@@ -18,8 +18,9 @@ pub struct GuestPanic {
     pub line: u32,
     /// Column in `file`.
     pub column: u32,
-    /// The instruction the panic is about: the faulting RIP of an unexpected exception, 0
-    /// for a Rust panic (whose file and line say where it is).
+    /// The instruction the panic is about: the faulting RIP of an unexpected exception, the
+    /// panic site for a Rust panic (the panic handler's own RIP for a panic inside `core`); 0
+    /// only if the record had none.
     pub rip: u64,
     /// `rip` as `symbol+offset`; empty when `rip` is 0.
     pub symbol: String,
@@ -177,7 +178,11 @@ impl fmt::Display for Verdict {
         match self {
             Self::Done => write!(f, "pass: the workload reported DONE"),
             Self::GuestPanic(p) => {
-                write!(f, "guest panic: {} (at {}:{}:{}", p.message, p.file, p.line, p.column)?;
+                write!(f, "guest panic: {} (at {}", p.message, p.file)?;
+                // A record without a source location has no line to show.
+                if p.line != 0 {
+                    write!(f, ":{}:{}", p.line, p.column)?;
+                }
                 if !p.symbol.is_empty() {
                     write!(f, ", rip {}", p.symbol)?;
                 }

@@ -112,6 +112,7 @@ fn kvm_empty_and_garbled_panic_records_say_so_and_where_the_mailbox_is() {
     assert_eq!((panic.file.as_str(), panic.line, panic.rip), ("<no location>", 0, 0));
     let shown = Verdict::GuestPanic(panic).to_string();
     assert!(!shown.contains("guest panic:  ("), "{shown}");
+    assert!(shown.ends_with("(at <no location>)"), "no made-up line and column: {shown}");
 
     // Lengths no guest writes.
     let panic_offset = 8 + 64;
