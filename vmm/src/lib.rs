@@ -9,6 +9,7 @@ pub mod boot;
 pub mod engine;
 pub mod error;
 pub mod exit;
+pub mod gate;
 pub mod hash;
 pub mod image;
 pub mod kvm;

@@ -91,7 +91,7 @@ impl Engine {
 
     /// The hardware frame of the latest NMI, at the top of the NMI stack.
     fn nmi_frame(&self, vm: &Vm) -> IretFrame {
-        let base = (self.facts.nmi_stack_top & !0xf) - 40;
+        let base = self.facts.nmi_frame_address();
         let word = |i: u64| vm.ram().read_u64(base + 8 * i).unwrap_or(0);
         IretFrame { rip: word(0), cs: word(1), rflags: word(2), rsp: word(3), ss: word(4) }
     }

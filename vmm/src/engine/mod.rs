@@ -56,6 +56,7 @@ use self::schedule::Plan;
 use self::trace::Step;
 use self::traps::IretqTraps;
 use crate::error::{Error, Result};
+use crate::gate;
 use crate::outcome::{Outcome, Verdict};
 use crate::vm::{RunLimits, Vm};
 
@@ -69,8 +70,6 @@ const DR6_BREAKPOINTS: u64 = 0xf;
 
 /// Offset of IST1 in the 64-bit TSS (Intel SDM vol. 3, figure 8-11).
 const TSS_IST1: u64 = 0x24;
-/// Size of an IDT gate in long mode.
-const GATE_SIZE: u64 = 16;
 /// Exceptions whose handler entries get hardware breakpoints, so that an NMI can arrive
 /// between the exception's delivery and its handler's first instruction.
 const WATCHED_VECTORS: [u8; 3] = [3, 6, 14];
@@ -151,6 +150,12 @@ struct GuestFacts {
 }
 
 impl GuestFacts {
+    /// Where the CPU writes an NMI's frame: the five qwords below IST1's top (rounded down to
+    /// 16 bytes, as the CPU aligns the stack before pushing).
+    fn nmi_frame_address(&self) -> u64 {
+        (self.nmi_stack_top & !0xf) - 40
+    }
+
     fn read(vm: &Vm) -> Result<Self> {
         let snapshot = vm.snapshot();
         let memory = &snapshot.memory;
@@ -162,9 +167,8 @@ impl GuestFacts {
         };
         let idt = snapshot.sregs.idt.base;
         let gate_target = |vector: u8| -> Result<u64> {
-            let low = read_u64(idt + GATE_SIZE * u64::from(vector))?;
-            let high = read_u64(idt + GATE_SIZE * u64::from(vector) + 8)?;
-            Ok((low & 0xffff) | ((low >> 32) & 0xffff_0000) | ((high & 0xffff_ffff) << 32))
+            let gate = gate::gate_address(idt, vector.into());
+            Ok(gate::gate_target(read_u64(gate)?, read_u64(gate + 8)?))
         };
         let mut exception_entries = [0; WATCHED_VECTORS.len()];
         for (entry, vector) in exception_entries.iter_mut().zip(WATCHED_VECTORS) {

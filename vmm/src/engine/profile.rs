@@ -121,7 +121,7 @@ pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
         step(vm)?;
         let nmi = vm.sync_state().events.nmi;
         if nmi.masked != 0 && nmi.pending == 0 {
-            let frame_rip = vm.ram().read_u64((facts.nmi_stack_top & !0xf) - 40)?;
+            let frame_rip = vm.ram().read_u64(facts.nmi_frame_address())?;
             latched_nmi_at_iret = frame_rip == target.rip;
             break;
         }

@@ -20,6 +20,7 @@ use self::ready::{boot_to_ready, flush_pending_io};
 use crate::boot;
 use crate::error::{Error, Result};
 use crate::exit::{self, Exit};
+use crate::gate;
 use crate::image::GuestImage;
 use crate::kvm::{self, KVM_DEVICE};
 use crate::layout::{DEFAULT_MEMORY, LARGE_PAGE, MAX_MEMORY};
@@ -35,8 +36,6 @@ const CONSOLE_LIMIT: usize = 64 << 10;
 const BREAKPOINT_VECTOR: u8 = 3;
 /// The `int3` opcode.
 const INT3: u8 = 0xcc;
-/// Size of a long-mode IDT gate (Intel SDM vol. 3, 6.14.1).
-const GATE_SIZE: u64 = 16;
 /// The NMI vector.
 const NMI_VECTOR: u64 = 2;
 /// RFLAGS.RF, the resume flag.
@@ -282,11 +281,10 @@ impl Vm {
 
     /// Points the guest's NMI gate at `entry`, keeping its selector, IST and type.
     fn install_nmi_entry(&mut self, entry: u64) -> Result<()> {
-        let gate = self.snapshot.sregs.idt.base + GATE_SIZE * NMI_VECTOR;
-        let low = self.ram.read_u64(gate)?;
-        let low = (low & 0x0000_ffff_ffff_0000) | (entry & 0xffff) | ((entry & 0xffff_0000) << 32);
+        let gate = gate::gate_address(self.snapshot.sregs.idt.base, NMI_VECTOR);
+        let (low, high) = gate::with_target(self.ram.read_u64(gate)?, entry);
         self.ram.write_u64(gate, low)?;
-        self.ram.write_u64(gate + 8, entry >> 32)
+        self.ram.write_u64(gate + 8, high)
     }
 
     /// Console output of the current run so far.
