@@ -17,7 +17,7 @@ use crate::vm::{GuestDebug, IretFrame, Vm};
 
 /// What moved the guest to the boundary `after_step` looks at.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Step {
+pub(super) enum Moved {
     /// A KVM_RUN.
     Ran,
     /// The VMM's own IRETQ, without entering the guest.
@@ -44,11 +44,11 @@ impl Engine {
         &mut self,
         vm: &mut Vm,
         run: &mut Run<'_>,
-        step: Step,
+        moved: Moved,
     ) -> Option<Verdict> {
         // NMIs are delivered only inside KVM_RUN; after the VMM's own IRETQ, the sync-regs
         // events do not yet show a KVM_NMI made at this stop, so they must not be compared.
-        if step == Step::Ran
+        if moved == Moved::Ran
             && let Some(verdict) = self.account_deliveries(vm, run)
         {
             return Some(verdict);

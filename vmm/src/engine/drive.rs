@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use nmifuzz_abi::{Report, port};
 
-use super::deliver::Step;
+use super::deliver::Moved;
 use super::mode::FREE_RUN_BREAKPOINTS;
 use super::observe::Moment;
 use super::run::Run;
@@ -154,7 +154,7 @@ impl Engine {
         };
         if run.stepping || run.free_run_stop {
             run.retire(retired);
-            return Ok(self.after_step(vm, run, Step::Ran));
+            return Ok(self.after_step(vm, run, Moved::Ran));
         }
         Ok(None)
     }
@@ -253,7 +253,7 @@ impl Engine {
             vm.emulate_iretq(&IretFrame { rflags, ..frame });
             run.retire(1);
             run.recorder.event(Event::Iretq { target: frame.rip, emulated: true });
-            if let Some(verdict) = self.after_step(vm, run, Step::EmulatedIretq) {
+            if let Some(verdict) = self.after_step(vm, run, Moved::EmulatedIretq) {
                 return Ok(Some(verdict));
             }
         }
