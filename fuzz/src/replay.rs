@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use nmifuzz_abi::{NmiStackLayout, Variant};
 use serde::Serialize;
-use vmm::engine::returns::WrongReturn;
+use vmm::engine::returns::{WrongReturn, frame_fields};
 use vmm::engine::schedule::Schedule;
 use vmm::engine::trace::Step;
 use vmm::engine::{Execution, NmiStats, RunOptions};
@@ -177,14 +177,7 @@ fn print_wrong_return(wrong: &WrongReturn) {
         format!("NMI #{} interrupted (instruction {})", wrong.nmi, wrong.delivered_at),
         "the IRETQ pops"
     );
-    let rows = [
-        ("RIP", expected.rip, actual.rip),
-        ("CS", expected.cs, actual.cs),
-        ("RFLAGS", expected.rflags, actual.rflags),
-        ("RSP", expected.rsp, actual.rsp),
-        ("SS", expected.ss, actual.ss),
-    ];
-    for (field, want, got) in rows {
+    for ((field, want), (_, got)) in frame_fields(expected).into_iter().zip(frame_fields(actual)) {
         let (mut want, mut got) = (format!("{want:#018x}"), format!("{got:#018x}"));
         if field == "RIP" {
             want = format!("{want} {}", wrong.expected_symbol);

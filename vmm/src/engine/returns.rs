@@ -58,18 +58,33 @@ pub struct FieldDifference {
 
 /// The fields in which `actual` fails to restore `expected`, in frame order.
 pub fn differences(expected: &IretFrame, actual: &IretFrame) -> Vec<FieldDifference> {
-    let judged = |flags: u64| flags & !RFLAGS_NOT_JUDGED;
+    // What a correct return must restore of each field: selectors are 16 bits wide, and
+    // RFLAGS is judged without the bits the VMM owns.
+    let judged = |field: &str, value: u64| match field {
+        "CS" | "SS" => value & 0xffff,
+        "RFLAGS" => value & !RFLAGS_NOT_JUDGED,
+        _ => value,
+    };
+    frame_fields(expected)
+        .into_iter()
+        .zip(frame_fields(actual))
+        .map(|((field, expected), (_, actual))| {
+            (field, judged(field, expected), judged(field, actual))
+        })
+        .filter(|(_, expected, actual)| expected != actual)
+        .map(|(field, expected, actual)| FieldDifference { field, expected, actual })
+        .collect()
+}
+
+/// The frame's fields by name, in stack order (RIP at the lowest address).
+pub fn frame_fields(frame: &IretFrame) -> [(&'static str, u64); 5] {
     [
-        ("RIP", expected.rip, actual.rip),
-        ("CS", expected.cs & 0xffff, actual.cs & 0xffff),
-        ("RFLAGS", judged(expected.rflags), judged(actual.rflags)),
-        ("RSP", expected.rsp, actual.rsp),
-        ("SS", expected.ss & 0xffff, actual.ss & 0xffff),
+        ("RIP", frame.rip),
+        ("CS", frame.cs),
+        ("RFLAGS", frame.rflags),
+        ("RSP", frame.rsp),
+        ("SS", frame.ss),
     ]
-    .into_iter()
-    .filter(|(_, expected, actual)| expected != actual)
-    .map(|(field, expected, actual)| FieldDifference { field, expected, actual })
-    .collect()
 }
 
 /// An NMI's return that does not resume the context it interrupted.
