@@ -45,6 +45,7 @@ pub fn run(workload: Workload, arg: u32) {
         Workload::Scribble => scribble(arg),
         Workload::Breakpoint => breakpoints(if arg == 0 { 1 } else { arg }),
         Workload::Ping => ping(arg),
+        Workload::User => fail!("the ring-3 workload is not built yet"),
     }
 }
 

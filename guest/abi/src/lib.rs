@@ -18,7 +18,7 @@ pub mod entry_name;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of this contract; bumped on every incompatible change to the structures below.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Symbol of the guest's [`Script`] buffer.
 pub const SCRIPT_SYMBOL: &str = "NMIFUZZ_SCRIPT";
@@ -34,6 +34,10 @@ pub mod port {
     pub const REPORT: u16 = 0xf4;
     /// `out dx, al` that means nothing: the ping workload's exits, for measuring exit cost.
     pub const PING: u16 = 0x80;
+    /// `out dx, al` from ring 3: the user workload's points. Ring-3 code can be interrupted
+    /// only at exits it takes itself on kvm_pvm, so each is a boundary the host can inject at
+    /// (docs/engine.md, "Ring 3").
+    pub const USER: u16 = 0x81;
 }
 
 /// What the guest tells the host on [`port::REPORT`].
@@ -192,8 +196,12 @@ pub mod option {
     /// Unmask NMIs right after `first_nmi` with an IRETQ to the next instruction, as Linux's
     /// CONFIG_DEBUG_ENTRY does: a built-in stress mode for the `linux`-derived entries.
     pub const STRESS_UNMASK: u32 = 1 << 0;
+    /// The user workload's system-call instruction is `syscall`, for hosts where SYSCALL from
+    /// CPL3 enters CPL0 (ordinary KVM). Without it, it is `ud2`, whose #UD the kernel turns into
+    /// the SYSCALL entry (kvm_pvm, where SYSCALL stays at CPL3).
+    pub const NATIVE_SYSCALL: u32 = 1 << 1;
     /// Every bit the guest understands.
-    pub const ALL: u32 = STRESS_UNMASK;
+    pub const ALL: u32 = STRESS_UNMASK | NATIVE_SYSCALL;
 }
 
 /// What the code NMIs interrupt does. Only [`Workload::Loop`] is a real fuzzing target; the
@@ -219,6 +227,10 @@ pub enum Workload {
     Breakpoint = 7,
     /// `workload_arg` times `out` to [`port::PING`], then DONE; 0 is the idle guest.
     Ping = 8,
+    /// `workload_arg` iterations of the ring-3 workload: register checks, points (`out` to
+    /// [`port::USER`]), system calls (one with RSP on the NMI stack), returns through espfix64
+    /// and a faulting return to user, then DONE.
+    User = 9,
 }
 
 impl Workload {
@@ -234,6 +246,7 @@ impl Workload {
             6 => Self::Scribble,
             7 => Self::Breakpoint,
             8 => Self::Ping,
+            9 => Self::User,
             _ => return None,
         })
     }
@@ -254,10 +267,17 @@ pub mod fault {
     /// guest does to itself can break the VMM, and is no bug of an NMI entry. The schedule
     /// format cannot express it, so campaigns never generate it.
     pub const SCRIBBLE: u32 = 1 << 3;
-    /// The exceptions whose IRETQ re-opens NMIs inside `do_nmi`: what the fuzzer uses.
+    /// If the NMI interrupted ring 3 on the user workload's alternate code segment, mark that
+    /// descriptor not-present, as another CPU's `modify_ldt` would: the NMI's final IRET to
+    /// user then faults (#NP), as in CVE-2015-5157. Done first, before the busy work; a no-op
+    /// for any other interrupted context.
+    pub const REVOKE_CS: u32 = 1 << 4;
+    /// The exceptions whose IRETQ re-opens NMIs inside `do_nmi`.
     pub const ENTRY_FAULTS: u32 = UD | PF | BP;
+    /// What the fuzzer uses: the exceptions and the revoked user code segment.
+    pub const FUZZED: u32 = ENTRY_FAULTS | REVOKE_CS;
     /// Every bit the guest understands; any other bit is a malformed script.
-    pub const ALL: u32 = ENTRY_FAULTS | SCRIBBLE;
+    pub const ALL: u32 = FUZZED | SCRIBBLE;
 }
 
 /// The guest structure a [`fault::SCRIBBLE`] action overwrites. Each names a byte range the
