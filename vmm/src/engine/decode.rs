@@ -28,6 +28,8 @@ pub struct Insn {
     pub is_out: bool,
     /// `int3`, a trap: it retires before its #BP is delivered.
     pub is_int3: bool,
+    /// `sysretq` (64-bit SYSRET): the return to ring 3 that is not an IRETQ.
+    pub is_sysretq: bool,
 }
 
 /// Most instructions the cache keeps: the whole guest has about 7,000, of which a run steps
@@ -80,6 +82,7 @@ impl InsnCache {
             is_rep_string: decoded.is_string_instruction()
                 && (decoded.has_rep_prefix() || decoded.has_repne_prefix()),
             is_int3: decoded.mnemonic() == Mnemonic::Int3,
+            is_sysretq: decoded.mnemonic() == Mnemonic::Sysretq,
             is_out: matches!(
                 decoded.mnemonic(),
                 Mnemonic::Out | Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd

@@ -11,6 +11,7 @@ use super::mode::FREE_RUN_BREAKPOINTS;
 use super::observe::Moment;
 use super::run::Run;
 use super::trace::Event;
+use super::user::{self, UserEntry};
 use super::{DR6_BREAKPOINTS, DR6_BS, Engine, RunOptions, WATCHED_VECTORS, unexpected};
 use crate::error::Result;
 use crate::exit::Exit;
@@ -104,6 +105,18 @@ impl Engine {
                     return Ok(Some(unexpected(vm, exit)));
                 }
             }
+            // An excursion through ring 3 ends at the first ring-0 entry it watches.
+            Exit::Debug { pc, dr6 } if run.excursion && dr6 & DR6_BREAKPOINTS != 0 => {
+                let index = (dr6 & DR6_BREAKPOINTS).trailing_zeros() as usize;
+                run.excursion = false;
+                run.free_run_stop = true;
+                if let UserEntry::Exception { vector } = user::user_entry(index) {
+                    run.note(Event::Exception { vector });
+                    let executing = run.nmi_executing(vm.ram());
+                    run.observe(Moment::HandlerEntry { vector }, pc, executing);
+                }
+                0
+            }
             // A free run stops at the breakpoints its mode set, and before the IRETQs it
             // trapped (an emulation failure at the site, RIP unchanged).
             Exit::Debug { dr6, .. } if dr6 & FREE_RUN_BREAKPOINTS != 0 => {
@@ -116,15 +129,18 @@ impl Engine {
                 run.free_run_stop = true;
                 0
             }
-            Exit::IoOut { port: port::CONSOLE | port::PING, .. } => {
+            Exit::IoOut { port: port @ (port::CONSOLE | port::PING | port::USER), .. } => {
                 // The boundary after an `out` is its I/O exit: a free run whose point is there
-                // stops at it (the breakpoint is not relied on to fire on the re-entry).
+                // stops at it (the breakpoint is not relied on to fire on the re-entry), and
+                // so does an excursion at every ring-3 point.
                 let pc = vm.sync_state().regs.rip;
-                run.free_run_stop = !run.stepping && run.cursor.awaited_point() == Some(pc);
-                self.out_retired(vm, run)?
+                let point = port == port::USER && std::mem::take(&mut run.excursion);
+                run.free_run_stop =
+                    point || (!run.stepping && run.cursor.awaited_point() == Some(pc));
+                self.out_retired(vm, run, point)?
             }
             Exit::IoOut { port: port::REPORT, value, .. } => {
-                let retired = self.out_retired(vm, run)?;
+                let retired = self.out_retired(vm, run, false)?;
                 run.retire(retired);
                 if let Some(verdict) = self.settle_free_run(vm, run) {
                     return Ok(Some(verdict));
@@ -171,6 +187,14 @@ impl Engine {
     /// with the breakpoints and traps of what comes next. The stepped engine is always stepping
     /// at a stop.
     fn step_from_stop(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Result<()> {
+        // Ring 3 is never stepped: where the mode would step it, an excursion runs it.
+        if !run.excursion && (run.stepping || run.wants_stepping()) && user::cpl(vm) == 3 {
+            run.stepping = false;
+            run.excursion = true;
+        }
+        if run.excursion {
+            return self.apply_debug(vm, run, None);
+        }
         if run.stepping {
             return Ok(());
         }
@@ -193,11 +217,12 @@ impl Engine {
             || (run.traps_in_free_run() && self.traps.is_site(pc))
     }
 
-    /// Instructions retired at an `out` exit: 1 where the host already moved RIP past the
-    /// `out` (the exit is the boundary after it), 0 where it completes the `out` on the next
-    /// entry (stock KVM; the next stop counts it).
-    fn out_retired(&mut self, vm: &mut Vm, run: &Run<'_>) -> Result<u64> {
-        if !run.stepping {
+    /// Instructions retired at an `out` exit while stepping, or at a ring-3 `point` of an
+    /// excursion: 1 where the host already moved RIP past the `out` (the exit is the boundary
+    /// after it), 0 where it completes the `out` on the next entry (stock KVM; the next stop
+    /// counts it).
+    fn out_retired(&mut self, vm: &mut Vm, run: &Run<'_>, point: bool) -> Result<u64> {
+        if !run.stepping && !point {
             return Ok(0);
         }
         let rip = vm.sync_state().regs.rip;
@@ -231,9 +256,17 @@ impl Engine {
             }
             let insn = self.insns.get(vm.ram(), pc)?;
             run.last_stop = Some((pc, insn));
-            // An NMI about to be delivered comes before the IRETQ, which then runs later, if
-            // at all; an IRETQ whose frame is outside memory faults instead of returning.
-            if !insn.is_iretq || nmi_imminent(vm, run) {
+            // An NMI about to be delivered comes before the IRETQ or SYSRET, which then runs
+            // later, if at all; an IRETQ whose frame is outside memory faults instead of
+            // returning.
+            if nmi_imminent(vm, run) {
+                return Ok(None);
+            }
+            if insn.is_sysretq {
+                self.sysretq_to_user(vm, run);
+                return Ok(None);
+            }
+            if !insn.is_iretq {
                 return Ok(None);
             }
             let Some(frame) = iret_frame(vm) else { return Ok(None) };
@@ -244,6 +277,12 @@ impl Engine {
                 return Ok(Some(verdict));
             }
             run.observe(Moment::Iretq { target: frame.rip }, pc, executing);
+            if user::returns_to_user(&frame) {
+                if !user::return_faults(vm, &frame) {
+                    self.iretq_to_user(vm, run, &frame);
+                }
+                return Ok(None);
+            }
             if self.profile.iretq_single_step || !same_privilege(vm, &frame) {
                 return Ok(None);
             }
@@ -263,6 +302,11 @@ impl Engine {
     /// where the host does not stop there by itself (`without` leaves one out); otherwise the
     /// free run's breakpoints of the mode.
     fn apply_debug(&mut self, vm: &mut Vm, run: &Run<'_>, without: Option<usize>) -> Result<()> {
+        if run.excursion {
+            self.traps.set(vm, false)?;
+            let breakpoints = user::excursion_breakpoints(&self.facts, run.nmi_entry);
+            return vm.set_debug(GuestDebug { single_step: false, breakpoints });
+        }
         if !run.stepping {
             self.traps.set(vm, run.traps_in_free_run())?;
             let breakpoints = run.free_run_breakpoints(self.facts.iteration);

@@ -41,6 +41,7 @@ pub mod symbolic;
 pub mod table;
 pub mod trace;
 mod traps;
+mod user;
 
 use std::time::Instant;
 
@@ -62,6 +63,9 @@ use crate::vm::{RunLimits, Vm};
 
 /// The guest symbol at which every `do_nmi` iteration starts.
 pub const ITERATION_SYMBOL: &str = nmifuzz_abi::ITERATION_SYMBOL;
+
+/// The guest symbol of the SYSCALL entry (LSTAR), on hosts where SYSCALL enters CPL0.
+const SYSCALL_ENTRY_SYMBOL: &str = "entry_SYSCALL_64";
 
 /// DR6.BS: the stop is a single-step trap (Intel SDM vol. 3, 18.2.3).
 const DR6_BS: u64 = 1 << 14;
@@ -145,6 +149,8 @@ struct GuestFacts {
     nmi_stack_top: u64,
     /// The handler entries of [`WATCHED_VECTORS`].
     exception_entries: [u64; WATCHED_VECTORS.len()],
+    /// The SYSCALL entry, if the guest has one.
+    syscall_entry: Option<u64>,
     /// The NMI-handling code and the NMI stack, for the return-integrity oracle.
     bounds: Bounds,
 }
@@ -185,6 +191,7 @@ impl GuestFacts {
             iteration: image.symbol(ITERATION_SYMBOL)?,
             nmi_stack_top,
             exception_entries,
+            syscall_entry: image.symbol(SYSCALL_ENTRY_SYMBOL).ok(),
             bounds,
         })
     }
@@ -241,13 +248,22 @@ impl Engine {
         vm.reset()?;
         self.traps.reset();
         vm.write_script(&plan.script)?;
-        let executing = Variant::from_code(plan.script.variant)
+        let variant = Variant::from_code(plan.script.variant);
+        let executing = variant
             .and_then(Variant::stack_layout)
             .map(|layout| self.facts.nmi_stack_top - layout.executing);
+        let nmi_entry = variant.and_then(|v| vm.image().symbol(v.entry_symbol()).ok());
         // IRETQ traps stop the guest only where ring-0 code is emulated (see `traps`).
         let iretq_traps = !self.profile.int3_native;
-        let mut run =
-            Run::new(plan, options.mode, iretq_traps, observer, options.keep_trace, executing);
+        let mut run = Run::new(
+            plan,
+            options.mode,
+            iretq_traps,
+            observer,
+            options.keep_trace,
+            executing,
+            nmi_entry,
+        );
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();

@@ -30,6 +30,10 @@ pub(super) struct Run<'p> {
     pub exits: u64,
     /// Whether the guest is single-stepped; otherwise it runs freely.
     pub stepping: bool,
+    /// Whether the guest runs through ring 3 in an excursion ([`super::user`]).
+    pub excursion: bool,
+    /// Where the run's NMI entry starts, if its variant is known.
+    pub nmi_entry: Option<u64>,
     /// The last exit of a free run is a boundary to stop at (a breakpoint the mode set).
     pub free_run_stop: bool,
     /// The stop before the last KVM_RUN and the instruction there.
@@ -55,6 +59,7 @@ impl<'p> Run<'p> {
         observer: &'p mut dyn NmiObserver,
         keep_trace: bool,
         executing_address: Option<u64>,
+        nmi_entry: Option<u64>,
     ) -> Self {
         let cursor = Cursor::new(&plan.injections);
         let books = Books::default();
@@ -70,6 +75,8 @@ impl<'p> Run<'p> {
             nmi_insn: 0,
             exits: 0,
             stepping,
+            excursion: false,
+            nmi_entry,
             free_run_stop: false,
             last_stop: None,
             resume_breakpoint: None,

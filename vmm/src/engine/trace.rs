@@ -53,6 +53,11 @@ pub enum Event {
         /// Whether the VMM performed it.
         emulated: bool,
     },
+    /// A `sysretq` returned to ring 3 at `target`.
+    Sysretq {
+        /// Return RIP (RCX).
+        target: u64,
+    },
     /// The IRETQ here would return to `target` without resuming the context its NMI
     /// interrupted: the run ends with a wrong-return verdict.
     WrongReturn {
@@ -81,6 +86,7 @@ impl fmt::Display for Event {
             Self::Exception { vector } => write!(f, "exception vector {vector}"),
             Self::Iretq { target, emulated: true } => write!(f, "IRETQ to {target:#x} (emulated)"),
             Self::Iretq { target, emulated: false } => write!(f, "IRETQ to {target:#x}"),
+            Self::Sysretq { target } => write!(f, "SYSRET to {target:#x}"),
             Self::WrongReturn { target } => {
                 write!(f, "WRONG RETURN: IRETQ to {target:#x} resumes no interrupted context")
             }
@@ -144,6 +150,7 @@ impl Recorder {
             Event::Report { code } => (7, code.into(), 0),
             Event::FreeRun => (8, 0, 0),
             Event::WrongReturn { target } => (9, target, 0),
+            Event::Sysretq { target } => (10, target, 0),
         };
         for value in [tag, a, b] {
             self.mix(value);

@@ -268,6 +268,12 @@ impl Vm {
         self.vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
     }
 
+    /// Sets R11 for the next KVM_RUN (the RFLAGS a `sysretq` at this stop loads).
+    pub fn set_r11(&mut self, value: u64) {
+        self.vcpu.sync_regs_mut().regs.r11 = value;
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+    }
+
     /// Writes the script the guest reads after READY, and points IDT vector 2 at the script's
     /// NMI entry variant (a script with an unknown variant is written as it is: the guest
     /// refuses it with a panic that names the field).
