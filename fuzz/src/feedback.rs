@@ -1,9 +1,9 @@
 //! The objective: one artifact per distinct finding.
 //!
-//! A finding's identity, its *key*, is the verdict kind plus the verdict's message with every
-//! number stripped (`guest-panic:guest panic: ... (at guest/src/nmi.rs:#:#, rip do_nmi+#)`):
-//! the same bug reached with other counts, addresses or instruction budgets has the same key,
-//! while another verdict kind, panic message or location has another. The artifact's file
+//! A finding's identity, its *key*, is [`Verdict::signature`], the one finding identity of the
+//! project (the sweep, eval and tmin use it too): the same bug reached with other counts,
+//! addresses or instruction budgets has the same key, while another verdict kind, panic
+//! message and location, or IRETQ and differing fields has another. The artifact's file
 //! name carries a hash of the key, so a finding already saved, by this client, another client
 //! or an earlier campaign on the same artifacts directory, is not saved again.
 
@@ -23,31 +23,6 @@ use vmm::Verdict;
 
 use crate::store;
 
-/// The key of a finding (see the module documentation).
-pub fn finding_key(kind: &str, message: &str) -> String {
-    let mut key = format!("{kind}:");
-    let mut chars = message.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() {
-            // A decimal or 0x-hex number: drop it whole.
-            let hex = c == '0' && chars.peek() == Some(&'x');
-            if hex {
-                chars.next();
-            }
-            while chars
-                .peek()
-                .is_some_and(|d| if hex { d.is_ascii_hexdigit() } else { d.is_ascii_digit() })
-            {
-                chars.next();
-            }
-            key.push('#');
-        } else {
-            key.push(c);
-        }
-    }
-    key
-}
-
 /// The verdict of the last execution, for the objective. Observers travel through LibAFL's
 /// events and restarts, so this is plain serde data.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -57,18 +32,26 @@ pub struct VerdictObserver {
     pub kind: String,
     /// The verdict as text.
     pub message: String,
+    /// [`Verdict::signature`]: the finding's identity.
+    pub signature: String,
 }
 
 impl VerdictObserver {
     /// An observer named `verdict`.
     pub fn new() -> Self {
-        Self { name: Cow::Borrowed("verdict"), kind: "pass".into(), message: String::new() }
+        Self {
+            name: Cow::Borrowed("verdict"),
+            kind: "pass".into(),
+            message: String::new(),
+            signature: String::new(),
+        }
     }
 
     /// Records `verdict`.
     pub fn set(&mut self, verdict: &Verdict) {
         self.kind = verdict.kind().to_owned();
         self.message = verdict.to_string();
+        self.signature = verdict.signature();
     }
 
     /// Whether the last execution ended in a finding.
@@ -87,6 +70,7 @@ impl<I, S> Observer<I, S> for VerdictObserver {
     fn pre_exec(&mut self, _state: &mut S, _input: &I) -> Result<(), Error> {
         self.kind = "pass".into();
         self.message.clear();
+        self.signature.clear();
         Ok(())
     }
 }
@@ -99,7 +83,7 @@ pub struct FindingMetadata {
     pub kind: String,
     /// The verdict as text.
     pub message: String,
-    /// [`finding_key`].
+    /// [`Verdict::signature`].
     pub key: String,
 }
 
@@ -155,7 +139,7 @@ impl<EM, I, OT: MatchName, S> Feedback<EM, I, OT, S> for VerdictFeedback {
         if !verdict.is_finding() {
             return Ok(false);
         }
-        let key = finding_key(&verdict.kind, &verdict.message);
+        let key = verdict.signature.clone();
         if !self.is_new(&verdict.kind, &key) {
             return Ok(false);
         }
@@ -201,20 +185,20 @@ mod tests {
     }
 
     fn key(v: &Verdict) -> String {
-        finding_key(v.kind(), &v.to_string())
+        v.signature()
     }
 
     #[test]
-    fn key_strips_numbers_but_keeps_kind_message_and_location() {
-        let a = panic_at("NMI stack overwritten", 10, "do_nmi+0x1a");
-        let b = panic_at("NMI stack overwritten", 12, "do_nmi+0x22");
-        assert_eq!(key(&a), key(&b));
-        assert_eq!(
-            key(&a),
-            "guest-panic:guest panic: NMI stack overwritten (at guest/src/nmi.rs:#:#, rip do_nmi+#)"
-        );
+    fn the_key_is_the_verdict_signature() {
+        let a = panic_at("NMI stack overwritten at 0x1000", 10, "do_nmi+0x1a");
+        let b = panic_at("NMI stack overwritten at 0x2008", 10, "do_nmi+0x22");
+        assert_eq!(key(&a), key(&b), "numbers and the RIP are no part of the identity");
+        assert_eq!(key(&a), a.signature());
+        let mut observer = VerdictObserver::new();
+        observer.set(&a);
+        assert_eq!(observer.signature, a.signature());
         assert_ne!(key(&a), key(&panic_at("IST guard word clobbered", 10, "do_nmi+0x1a")));
-        assert_ne!(key(&a), key(&panic_at("NMI stack overwritten", 10, "exception_common+0x4")));
+        assert_ne!(key(&a), key(&panic_at("NMI stack overwritten", 11, "do_nmi+0x1a")));
         let budget =
             |n, symbol: &str| Verdict::InstructionBudget { instructions: n, symbol: symbol.into() };
         assert_eq!(key(&budget(20_000, "nmi_naive+0x32")), key(&budget(30_000, "nmi_naive+0x40")));
@@ -246,7 +230,7 @@ mod tests {
         assert!(!interesting(&observer), "a pass is no finding");
         observer.set(&panic_at("boom", 1, "do_nmi+0x1"));
         assert!(interesting(&observer));
-        observer.set(&panic_at("boom", 2, "do_nmi+0x9"));
+        observer.set(&panic_at("boom", 1, "do_nmi+0x9"));
         assert!(!interesting(&observer), "same key again");
         let budget =
             Verdict::InstructionBudget { instructions: 20_000, symbol: "nmi_naive+0x32".into() };

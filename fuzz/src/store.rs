@@ -103,7 +103,7 @@ pub fn corpus_name(schedule: &Schedule) -> String {
 }
 
 /// The file name of an artifact: `crash-<verdict kind>-<hash of the finding's key>.json`
-/// (see `feedback::finding_key`): one file per distinct finding.
+/// (its `Verdict::signature`): one file per distinct finding.
 pub fn artifact_name(kind: &str, key: &str) -> String {
     format!("crash-{kind}-{:016x}.json", fnv1a(key.as_bytes()))
 }

@@ -1,8 +1,8 @@
 //! `nmifuzz tmin`: minimizes a reproducer with a deterministic delta-debugging loop over the
 //! schedule, run directly on the [`Target`] (LibAFL's tmin stage removes one step per pass).
 //!
-//! A candidate is kept when it ends in the same finding: the same [`finding_key`] (verdict
-//! kind and message, numbers stripped). Passes, each only shrinking, repeat until none changes
+//! A candidate is kept when it ends in the same finding: the same [`vmm::Verdict::signature`], the one
+//! finding identity (the campaign's artifacts and the sweep use it too). Passes, each only shrinking, repeat until none changes
 //! anything:
 //! 1. remove injections, in chunks of halving size (ddmin), then one by one;
 //! 2. remove handler actions (from the end first: later `do_nmi` calls may not happen), then
@@ -16,7 +16,6 @@ use anyhow::{Context, Result, bail};
 use vmm::engine::RunOptions;
 use vmm::engine::schedule::{Injection, Schedule};
 
-use crate::feedback::finding_key;
 use crate::options::TminArgs;
 use crate::progress::Progress;
 use crate::store;
@@ -84,7 +83,7 @@ impl<'t> Minimizer<'t> {
         if !verdict.is_finding() {
             bail!("the schedule does not end in a finding ({verdict}): nothing to minimize");
         }
-        let key = finding_key(verdict.kind(), &verdict.to_string());
+        let key = verdict.signature();
         println!("INFO: keeping the finding: {verdict} [{}]", verdict.kind());
         let progress = Progress::counter("executions", true);
         progress.inc(1);
@@ -96,7 +95,7 @@ impl<'t> Minimizer<'t> {
         self.executions += 1;
         self.progress.inc(1);
         let verdict = self.target.execute(candidate, &self.options, &mut [])?.outcome.verdict;
-        Ok(verdict.is_finding() && finding_key(verdict.kind(), &verdict.to_string()) == self.key)
+        Ok(verdict.is_finding() && verdict.signature() == self.key)
     }
 
     /// Minimizes `schedule` to a fixpoint of all passes.
