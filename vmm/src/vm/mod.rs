@@ -363,13 +363,13 @@ impl Vm {
     }
 
     /// Decides whether `exit` ends a run with the given deadline and wall-clock limit, and
-    /// how. Console and ping output, emulated `int3`s and watchdog kicks before the deadline
+    /// how. Console and ping output, ring-3 points, emulated `int3`s and watchdog kicks before the deadline
     /// do not end it.
     pub fn classify(&self, exit: &Exit, deadline: Instant, limit: Duration) -> Option<Verdict> {
         let rip = self.regs().rip;
         let symbol = || self.image.symbolize(rip);
         match exit {
-            Exit::IoOut { port: port::CONSOLE | port::PING, .. } => None,
+            Exit::IoOut { port: port::CONSOLE | port::PING | port::USER, .. } => None,
             Exit::IoOut { port: port::REPORT, value, .. } => Some(self.report(*value)),
             Exit::Int3Performed => None,
             Exit::EmulationFailure { bytes } => {
