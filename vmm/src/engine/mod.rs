@@ -45,7 +45,7 @@ mod user;
 
 use std::time::Instant;
 
-use nmifuzz_abi::Variant;
+use nmifuzz_abi::{Variant, option};
 use serde::Serialize;
 
 use self::decode::InsnCache;
@@ -247,7 +247,11 @@ impl Engine {
         let start = Instant::now();
         vm.reset()?;
         self.traps.reset();
-        vm.write_script(&plan.script)?;
+        let mut script = plan.script;
+        if self.profile.syscall_enters_cpl0 {
+            script.options |= option::NATIVE_SYSCALL;
+        }
+        vm.write_script(&script)?;
         let variant = Variant::from_code(plan.script.variant);
         let executing = variant
             .and_then(Variant::stack_layout)

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use nmifuzz_abi::{Script, Variant, Workload};
+use nmifuzz_abi::{Report, Script, Variant, Workload, option, port};
 use serde::{Deserialize, Serialize};
 
 use super::GuestFacts;
@@ -31,6 +31,17 @@ pub struct HostProfile {
     /// Where it is not (kvm_pvm: at the next VM entry), the engine's own IRETQ gives the
     /// hardware timing.
     pub latched_nmi_at_iret: bool,
+    /// SYSCALL from CPL3 enters CPL0, as on hardware. Where it does not (kvm_pvm: it jumps to
+    /// LSTAR but stays at CPL3), the user workload's system call is a `ud2` that the guest's
+    /// #UD entry turns into the SYSCALL entry; where it does, the engine has the guest use
+    /// `syscall` itself (`option::NATIVE_SYSCALL`).
+    #[serde(default)]
+    pub syscall_enters_cpl0: bool,
+    /// Single-stepping at CPL3 stops after each user instruction. Where it does not (kvm_pvm:
+    /// the #DB leaks into the guest), it would break the guest; the engine never steps ring 3
+    /// on any host (docs/engine.md, "Ring 3"), and this is reported for `nmifuzz doctor`.
+    #[serde(default)]
+    pub cpl3_single_step: bool,
 }
 
 impl HostProfile {
@@ -41,6 +52,8 @@ impl HostProfile {
         event_entry_stop: false,
         int3_native: false,
         latched_nmi_at_iret: false,
+        syscall_enters_cpl0: false,
+        cpl3_single_step: false,
     };
 
     /// Explanations of each property, for `nmifuzz doctor`.
@@ -82,6 +95,24 @@ impl HostProfile {
                     "KVM delivers it at the next VM entry; the VMM's own IRETQ restores hardware timing while stepping"
                 },
             ),
+            (
+                "SYSCALL from ring 3 enters ring 0",
+                self.syscall_enters_cpl0,
+                if self.syscall_enters_cpl0 {
+                    "the user workload's system calls are real SYSCALLs"
+                } else {
+                    "SYSCALL stays at CPL3; the user's system call is a ud2 whose #UD entry runs the SYSCALL entry's gap on the user's RSP"
+                },
+            ),
+            (
+                "single-stepping works at CPL3",
+                self.cpl3_single_step,
+                if self.cpl3_single_step {
+                    "as on hardware; the engine still never steps ring 3, so schedules mean the same on every host"
+                } else {
+                    "the #DB leaks into the guest; the engine never steps ring 3: excursions run it, ring-3 points are exits"
+                },
+            ),
         ]
     }
 }
@@ -91,11 +122,14 @@ impl fmt::Display for HostProfile {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "iretq-step={} entry-stop={} int3-native={} latched-nmi-at-iret={}",
+            "iretq-step={} entry-stop={} int3-native={} latched-nmi-at-iret={} syscall-cpl0={} \
+             cpl3-step={}",
             yes_no(self.iretq_single_step),
             yes_no(self.event_entry_stop),
             yes_no(self.int3_native),
-            yes_no(self.latched_nmi_at_iret)
+            yes_no(self.latched_nmi_at_iret),
+            yes_no(self.syscall_enters_cpl0),
+            yes_no(self.cpl3_single_step)
         )
     }
 }
@@ -135,12 +169,57 @@ pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
     for _ in 0..CALIBRATION_STEPS {
         match vm.run_once()? {
             Exit::Int3Performed => int3_native = false,
-            Exit::IoOut { port: nmifuzz_abi::port::REPORT, .. } => break,
+            Exit::IoOut { port: port::REPORT, .. } => break,
             _ => {}
         }
     }
+    let syscall_enters_cpl0 = probe_native_syscall(vm)?;
+    let cpl3_single_step = probe_cpl3_step(vm)?;
     vm.reset()?;
-    Ok(HostProfile { iretq_single_step, event_entry_stop, int3_native, latched_nmi_at_iret })
+    Ok(HostProfile {
+        iretq_single_step,
+        event_entry_stop,
+        int3_native,
+        latched_nmi_at_iret,
+        syscall_enters_cpl0,
+        cpl3_single_step,
+    })
+}
+
+/// 4. The user workload with real SYSCALLs, free-running: it reaches DONE only where SYSCALL
+/// from CPL3 enters CPL0 (on kvm_pvm the entry's first `swapgs` faults at CPL3: a panic).
+fn probe_native_syscall(vm: &mut Vm) -> Result<bool> {
+    vm.reset()?;
+    let mut script = Script::new(Variant::LINUX, Workload::User, 1);
+    script.options = option::NATIVE_SYSCALL;
+    vm.write_script(&script)?;
+    for _ in 0..CALIBRATION_STEPS {
+        if let Exit::IoOut { port: port::REPORT, value, .. } = vm.run_once()? {
+            return Ok(Report::from_code(value) == Some(Report::Done));
+        }
+    }
+    Ok(false)
+}
+
+/// 5. The user workload free-running to its first ring-3 point, then one single-step: does it
+/// stop at CPL3, or does the #DB leak into the guest?
+fn probe_cpl3_step(vm: &mut Vm) -> Result<bool> {
+    vm.reset()?;
+    vm.write_script(&Script::new(Variant::LINUX, Workload::User, 1))?;
+    for _ in 0..CALIBRATION_STEPS {
+        match vm.run_once()? {
+            Exit::IoOut { port: port::USER, .. } => {
+                vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() })?;
+                let stopped = matches!(vm.run_once()?, Exit::Debug { .. });
+                let at_cpl3 = vm.sync_state().sregs.cs.selector & 3 == 3;
+                vm.set_debug(GuestDebug::default())?;
+                return Ok(stopped && at_cpl3);
+            }
+            Exit::IoOut { port: port::REPORT, .. } => break,
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 /// Where calibration stands after [`start_nmi_and_step_to_iretq`].
