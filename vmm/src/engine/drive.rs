@@ -278,9 +278,7 @@ impl Engine {
             }
             run.observe(Moment::Iretq { target: frame.rip }, pc, executing);
             if user::returns_to_user(&frame) {
-                if !user::return_faults(vm, &frame) {
-                    self.iretq_to_user(vm, run, &frame);
-                }
+                self.iretq_to_user(vm, run, &frame);
                 return Ok(None);
             }
             if self.profile.iretq_single_step || !same_privilege(vm, &frame) {

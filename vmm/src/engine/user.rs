@@ -87,7 +87,7 @@ pub(super) fn returns_to_user(frame: &IretFrame) -> bool {
 /// SS selector is in the LDT (which this host refuses with #GP; the guest's user segments are
 /// all in the GDT) or names a descriptor outside the GDT or not present. The engine steps such
 /// an IRETQ as any faulting instruction, so the fault's handler is counted as ring-0 code.
-pub(super) fn return_faults(vm: &mut Vm, frame: &IretFrame) -> bool {
+fn return_faults(vm: &mut Vm, frame: &IretFrame) -> bool {
     let gdt = vm.sync_state().sregs.gdt;
     let present = |selector: u64| {
         let offset = selector & !7;
@@ -100,16 +100,22 @@ pub(super) fn return_faults(vm: &mut Vm, frame: &IretFrame) -> bool {
 }
 
 impl Engine {
-    /// At a stop before an IRETQ that returns to ring 3 by popping `frame`: the IRETQ resumes
-    /// the contexts it returns to, retires, and an excursion runs it. A frame pushed while the
-    /// engine stepped holds the stepping TF, which must not reach ring 3.
+    /// At a stop before an IRETQ that returns to ring 3 by popping `frame`, judged legal: it
+    /// closes the contexts it returns to, even if it faults. (A faulting return to user is the
+    /// kernel's to handle: Linux turns it into a fault of the user context, as if the return
+    /// had happened, and delivers a signal; the NMI that returned is done.) One that will not
+    /// fault retires, and an excursion runs it: a frame pushed while the engine stepped holds
+    /// the stepping TF, which must not reach ring 3. One that will fault is stepped.
     pub(super) fn iretq_to_user(&mut self, vm: &mut Vm, run: &mut Run<'_>, frame: &IretFrame) {
+        run.books.resume(frame.rip, frame.rsp);
+        if return_faults(vm, frame) {
+            return;
+        }
         if frame.rflags & RFLAGS_TF != 0 {
             let slot = vm.sync_state().regs.rsp + 16;
             // The frame was just read from guest memory, so the write cannot fail.
             let _ = vm.ram_mut().write_u64(slot, frame.rflags & !RFLAGS_TF);
         }
-        run.books.resume(frame.rip, frame.rsp);
         run.recorder.event(Event::Iretq { target: frame.rip, emulated: false });
         self.start_excursion(run);
     }
