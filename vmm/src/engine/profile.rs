@@ -186,7 +186,7 @@ pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
     })
 }
 
-/// 4. The user workload with real SYSCALLs, free-running: it reaches DONE only where SYSCALL
+/// Probe 4: the user workload with real SYSCALLs, free-running. It reaches DONE only where SYSCALL
 /// from CPL3 enters CPL0 (on kvm_pvm the entry's first `swapgs` faults at CPL3: a panic).
 fn probe_native_syscall(vm: &mut Vm) -> Result<bool> {
     vm.reset()?;
@@ -201,7 +201,7 @@ fn probe_native_syscall(vm: &mut Vm) -> Result<bool> {
     Ok(false)
 }
 
-/// 5. The user workload free-running to its first ring-3 point, then one single-step: does it
+/// Probe 5: the user workload free-running to its first ring-3 point, then one single-step. Does it
 /// stop at CPL3, or does the #DB leak into the guest?
 fn probe_cpl3_step(vm: &mut Vm) -> Result<bool> {
     vm.reset()?;

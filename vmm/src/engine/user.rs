@@ -49,7 +49,10 @@ pub(super) enum UserEntry {
 }
 
 /// The breakpoints of an excursion, DR0 to DR3, and what each stands for.
-pub(super) fn excursion_breakpoints(facts: &GuestFacts, nmi_entry: Option<u64>) -> [Option<u64>; 4] {
+pub(super) fn excursion_breakpoints(
+    facts: &GuestFacts,
+    nmi_entry: Option<u64>,
+) -> [Option<u64>; 4] {
     [
         Some(facts.exception_entries[UD_INDEX]),
         Some(facts.exception_entries[PF_INDEX]),
@@ -71,7 +74,8 @@ pub(super) fn user_entry(index: usize) -> UserEntry {
 /// Positions of #UD and #PF in [`super::WATCHED_VECTORS`].
 const UD_INDEX: usize = 1;
 const PF_INDEX: usize = 2;
-const _: () = assert!(super::WATCHED_VECTORS[UD_INDEX] == 6 && super::WATCHED_VECTORS[PF_INDEX] == 14);
+const _: () =
+    assert!(super::WATCHED_VECTORS[UD_INDEX] == 6 && super::WATCHED_VECTORS[PF_INDEX] == 14);
 
 /// The guest's current privilege level.
 pub(super) fn cpl(vm: &mut Vm) -> u8 {

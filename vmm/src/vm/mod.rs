@@ -363,26 +363,39 @@ impl Vm {
     }
 
     /// Decides whether `exit` ends a run with the given deadline and wall-clock limit, and
-    /// how. Console and ping output, ring-3 points, emulated `int3`s and watchdog kicks before the deadline
-    /// do not end it.
+    /// how (see [`classify_exit`]).
     pub fn classify(&self, exit: &Exit, deadline: Instant, limit: Duration) -> Option<Verdict> {
-        let rip = self.regs().rip;
-        let symbol = || self.image.symbolize(rip);
-        match exit {
-            Exit::IoOut { port: port::CONSOLE | port::PING | port::USER, .. } => None,
-            Exit::IoOut { port: port::REPORT, value, .. } => Some(self.report(*value)),
-            Exit::Int3Performed => None,
-            Exit::EmulationFailure { bytes } => {
-                Some(Verdict::EmulationError { rip, symbol: symbol(), bytes: bytes.clone() })
-            }
-            Exit::Shutdown => Some(Verdict::TripleFault { rip, symbol: symbol() }),
-            Exit::Interrupted if Instant::now() >= deadline => {
-                Some(Verdict::Timeout { limit, rip, symbol: symbol() })
-            }
-            Exit::Interrupted => None,
-            other => {
-                Some(Verdict::UnexpectedExit { description: format!("{other:?} at {}", symbol()) })
-            }
+        classify_exit(exit, self.regs().rip, &self.image, deadline, limit, |code| self.report(code))
+    }
+}
+
+/// The one exit classifier: whether `exit`, taken at `rip`, ends a run with the given deadline
+/// and wall-clock limit, and with which verdict; `report` turns a report code into one. Console
+/// and ping output, ring-3 points, emulated `int3`s and watchdog kicks before the deadline do
+/// not end a run.
+pub(crate) fn classify_exit(
+    exit: &Exit,
+    rip: u64,
+    image: &GuestImage,
+    deadline: Instant,
+    limit: Duration,
+    report: impl FnOnce(u32) -> Verdict,
+) -> Option<Verdict> {
+    let symbol = || image.symbolize(rip);
+    match exit {
+        Exit::IoOut { port: port::CONSOLE | port::PING | port::USER, .. } => None,
+        Exit::IoOut { port: port::REPORT, value, .. } => Some(report(*value)),
+        Exit::Int3Performed => None,
+        Exit::EmulationFailure { bytes } => {
+            Some(Verdict::EmulationError { rip, symbol: symbol(), bytes: bytes.clone() })
+        }
+        Exit::Shutdown => Some(Verdict::TripleFault { rip, symbol: symbol() }),
+        Exit::Interrupted if Instant::now() >= deadline => {
+            Some(Verdict::Timeout { limit, rip, symbol: symbol() })
+        }
+        Exit::Interrupted => None,
+        other => {
+            Some(Verdict::UnexpectedExit { description: format!("{other:?} at {}", symbol()) })
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Booting a fresh vCPU to the guest's READY report, where the snapshot is taken.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_ioctls::VcpuFd;
 use nmifuzz_abi::{Report, port};
@@ -10,6 +10,8 @@ use crate::exit::{self, Exit};
 use crate::image::GuestImage;
 use crate::outcome::Verdict;
 use crate::watchdog::Watchdog;
+
+use super::classify_exit;
 
 /// Runs a freshly created vCPU until the guest reports READY.
 pub(super) fn boot_to_ready(
@@ -44,13 +46,12 @@ pub(super) fn boot_to_ready(
             {
                 break Ok(());
             }
-            Exit::Interrupted if Instant::now() < deadline => continue,
-            Exit::Interrupted => {
-                Verdict::Timeout { limit: timeout, rip, symbol: image.symbolize(rip) }
-            }
-            Exit::Shutdown => Verdict::TripleFault { rip, symbol: image.symbolize(rip) },
-            other => Verdict::UnexpectedExit {
-                description: format!("{other:?} at {}", image.symbolize(rip)),
+            // Before READY the mailbox means nothing yet: any other report is unexpected.
+            ref exit => match classify_exit(exit, rip, image, deadline, timeout, |code| {
+                Verdict::UnexpectedExit { description: format!("report {code:#x} before READY") }
+            }) {
+                Some(verdict) => verdict,
+                None => continue,
             },
         };
         break Err(failed(verdict, console));
