@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_regs, kvm_sync_regs};
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use nmifuzz_abi::{
-    ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, SCRIPT_SYMBOL, Script, Variant, port,
+    ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, SCRIPT_SYMBOL, Script, USER_POINT_ADDRESS, Variant,
+    port,
 };
 use zerocopy::IntoBytes;
 
@@ -357,13 +358,15 @@ impl Vm {
     }
 
     /// Decides whether `exit` ends a run with the given deadline and wall-clock limit, and
-    /// how. Console and ping output, emulated `int3`s and watchdog kicks before the deadline
-    /// do not end it.
+    /// how. Console and ping output, the user workload's ring-3 points (MMIO writes), emulated
+    /// `int3`s and
+    /// watchdog kicks before the deadline do not end it.
     pub fn classify(&self, exit: &Exit, deadline: Instant, limit: Duration) -> Option<Verdict> {
         let rip = self.regs().rip;
         let symbol = || self.image.symbolize(rip);
         match exit {
-            Exit::IoOut { port: port::CONSOLE | port::PING, .. } => None,
+            Exit::IoOut { port: port::CONSOLE | port::PING | port::USER, .. } => None,
+            Exit::Mmio { address: USER_POINT_ADDRESS, write: true } => None,
             Exit::IoOut { port: port::REPORT, value, .. } => Some(self.report(*value)),
             Exit::Int3Performed => None,
             Exit::EmulationFailure { bytes } => {
