@@ -7,6 +7,17 @@
 //! exception, since nothing in this guest expects it (invariant 6), and so is a handled
 //! exception whose frame changed while its handler ran, or a #PF whose CR2 cannot be the
 //! address of its own fault.
+//!
+//! **From ring 3** (the user workload, `user::traps`) the entry does what Linux's
+//! `idtentry`/`error_entry` do: `swapgs` on entry, and on the way out the common
+//! return-to-user IRET path (`return_to_user_iret`, which swaps back and takes espfix64 when
+//! needed), or, for a `ud2` system call that the handler redirected to `entry_SYSCALL_64`, a
+//! `swapgs` and an IRETQ to that kernel entry. A #GP, #NP or #SS at `native_irq_return_iret`
+//! is a faulting IRET to ring 3: it ran on the user's GS, so it is treated as coming from ring 3
+//! too (Linux's `.Lerror_bad_iret`), and `fixup_bad_iret` rebuilds it as raised by ring 3 at the
+//! IRET's target. Kernel-mode exceptions do not `swapgs`: the only kernel code that runs on the
+//! user's GS is the few instructions of the entry and exit paths around a `swapgs`, none of
+//! which faults, except that IRETQ.
 
 use core::arch::global_asm;
 use core::mem::{offset_of, size_of};
@@ -16,22 +27,24 @@ use crate::mailbox::{self, Counter};
 use crate::paging::{self, Fault};
 use crate::regs::{GeneralRegs, InterruptFrame, pop_general_regs, push_general_regs};
 use crate::tss::Ist;
-use crate::{cpu, panic};
+use crate::{cpu, panic, user};
 
 /// Vectors with their own handling or stack (SDM Vol. 3A Table 6-1).
 const DEBUG: u64 = 1;
 pub const NMI: u64 = 2;
 const BREAKPOINT: u64 = 3;
-const INVALID_OPCODE: u64 = 6;
+pub const INVALID_OPCODE: u64 = 6;
 const DOUBLE_FAULT: u64 = 8;
-const PAGE_FAULT: u64 = 14;
+pub const SEGMENT_NOT_PRESENT: u64 = 11;
+pub const GENERAL_PROTECTION: u64 = 13;
+pub const PAGE_FAULT: u64 = 14;
 
 /// #PF error code bit 0: the fault was a protection violation on a present page, not a
 /// not-present page (SDM Vol. 3A §4.7).
 const PF_PRESENT: u64 = 1 << 0;
 
 /// `ud2` (SDM Vol. 2B "UD—Undefined Instruction"): the one #UD the guest raises on purpose.
-const UD2: [u8; 2] = [0x0f, 0x0b];
+pub const UD2: [u8; 2] = [0x0f, 0x0b];
 
 /// Mnemonics of the architectural exception vectors: Intel SDM Vol. 3A Table 6-1, plus #HV,
 /// #VC and #SX from the AMD APM Vol. 2 Table 8-1.
@@ -127,7 +140,11 @@ exception_stubs:
     push 0                      /* TrapFrame::error_code: the CPU pushes none for this vector */
     .endif
     push .Lvector               /* TrapFrame::vector */
+    .if (.Lvector >= 11) && (.Lvector <= 13)
+    jmp exception_bad_iret_check /* #NP, #SS, #GP: what a faulting IRET to ring 3 raises */
+    .else
     jmp exception_common
+    .endif
     /* Pad to the next 16-byte slot; an error if the stub outgrew its slot. The padding is
        never executed: int3 (0xcc) would stop the VM if it were. */
     .org exception_stubs + 16 * (.Lvector + 1), 0xcc
@@ -138,6 +155,8 @@ exception_stubs:
     .global exception_common
     .type exception_common, @function
 exception_common:
+    test byte ptr [rsp + 24], 3 /* TrapFrame::frame.cs: from ring 3? */
+    jnz exception_from_user
     cld                         /* the interrupted code may run with DF set; Rust may not */
 "#,
     push_general_regs!(),
@@ -156,6 +175,62 @@ exception_common:
 exception_iretq:                /* a label for schedules: this IRETQ unblocks NMIs */
     iretq
     .size exception_common, . - exception_common
+
+    /* #NP, #SS and #GP: a fault of the IRETQ to ring 3 (Linux's exception-table entry for
+       native_irq_return_iret) comes from ring 0 but ran on the user's GS. */
+    .global exception_bad_iret_check
+    .type exception_bad_iret_check, @function
+exception_bad_iret_check:
+    test byte ptr [rsp + 24], 3 /* TrapFrame::frame.cs: from ring 3? */
+    jnz exception_from_user
+    push rax
+    lea rax, [rip + native_irq_return_iret]
+    cmp [rsp + 24], rax         /* TrapFrame::frame.rip, 8 bytes further up past the push */
+    pop rax
+    jne exception_common        /* an ordinary kernel-mode fault */
+    .global exception_bad_iret
+    .type exception_bad_iret, @function
+exception_bad_iret:
+    swapgs                      /* the faulting IRETQ ran on the user's GS */
+    cld
+"#,
+    push_general_regs!(),
+    r#"
+    mov rdi, rsp                /* fixup_bad_iret(frame) -> the frame rebuilt on the */
+    and rsp, -16                /* thread stack, as if ring 3 had faulted */
+    call fixup_bad_iret
+    mov rsp, rax
+    jmp exception_from_user_saved
+
+    /* From ring 3, on TSS.RSP0 (or IST3 for #BP/#DB): Linux's error_entry. */
+    .global exception_from_user
+    .type exception_from_user, @function
+exception_from_user:
+    swapgs                      /* the kernel's GS */
+    cld
+"#,
+    push_general_regs!(),
+    r#"
+    .global exception_from_user_saved
+    .type exception_from_user_saved, @function
+exception_from_user_saved:
+    mov rbx, rsp                /* callee-saved: the TrapFrame, across the call */
+    mov rdi, rsp                /* exception_dispatch(frame) */
+    and rsp, -16
+    call exception_dispatch
+    mov rsp, rbx
+"#,
+    pop_general_regs!(),
+    r#"
+    add rsp, 16                 /* drop TrapFrame::vector and ::error_code */
+    test byte ptr [rsp + 8], 3  /* back to ring 3? */
+    jnz return_to_user_iret     /* the common IRET path: swapgs, espfix64 */
+    .global exception_to_syscall_entry
+    .type exception_to_syscall_entry, @function
+exception_to_syscall_entry:     /* a ud2 system call, now to be entered as SYSCALL: */
+    swapgs                      /* with the user's GS, */
+    iretq                       /* kernel CS and the user's RSP */
+    .size exception_from_user, . - exception_from_user
     .popsection
 "#
 );
@@ -186,6 +261,9 @@ pub fn ist(vector: usize) -> Option<Ist> {
 /// Handles the exception described by `trap`; returning resumes at `trap.frame.rip`.
 #[unsafe(no_mangle)]
 extern "C" fn exception_dispatch(trap: &mut TrapFrame) {
+    if trap.frame.cs & 3 != 0 {
+        return user::traps::user_exception(trap);
+    }
     let rip = trap.frame.rip;
     // The frame as the handler found it: an NMI in the middle of the handler must leave it
     // intact (invariant 6).
@@ -208,7 +286,7 @@ extern "C" fn exception_dispatch(trap: &mut TrapFrame) {
         // the best hint there is.
         DOUBLE_FAULT => violated(rip, format_args!("double fault at RIP {rip:#x}")),
         vector => {
-            let name = NAMES.get(vector as usize).copied().unwrap_or("interrupt");
+            let name = name(vector);
             violated(
                 rip,
                 format_args!(
@@ -274,8 +352,13 @@ fn violated(rip: u64, message: core::fmt::Arguments) -> ! {
     panic::exception(rip, format_args!("invariant violated: {message} [invariant 6]"))
 }
 
+/// The mnemonic of exception `vector`.
+pub fn name(vector: u64) -> &'static str {
+    NAMES.get(vector as usize).copied().unwrap_or("interrupt")
+}
+
 /// Whether the instruction at `rip` is `ud2`.
-fn is_ud2(rip: u64) -> bool {
+pub fn is_ud2(rip: u64) -> bool {
     // SAFETY: `rip` is where the CPU just decoded the instruction that raised #UD, so its first
     // two bytes are mapped (all guest memory is, identity-mapped).
     unsafe { (rip as *const [u8; 2]).read_unaligned() == UD2 }

@@ -5,7 +5,7 @@
 //! goes through raw pointers (never a reference to the `static mut`).
 
 use core::arch::asm;
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use nmifuzz_abi::{ABI_VERSION, Counters, MAILBOX_MAGIC, Mailbox, PanicRecord, Report, port};
@@ -37,6 +37,14 @@ pub enum Counter {
     PagesScribbled,
     /// `checksum` (set, not counted).
     Checksum,
+    /// `syscalls`.
+    Syscalls,
+    /// `user_points` (set from the user workload's own count).
+    UserPoints,
+    /// `espfix_returns` (counted by the espfix64 assembly itself, see [`offset`]).
+    EspfixReturns,
+    /// `bad_iret_fixups`.
+    BadIretFixups,
 }
 
 /// Where `counter` lives. Inlined, so a constant `counter` costs no instructions.
@@ -55,8 +63,23 @@ fn slot(counter: Counter) -> *mut u64 {
             Counter::Breakpoints => addr_of_mut!((*counters).breakpoints),
             Counter::PagesScribbled => addr_of_mut!((*counters).pages_scribbled),
             Counter::Checksum => addr_of_mut!((*counters).checksum),
+            Counter::Syscalls => addr_of_mut!((*counters).syscalls),
+            Counter::UserPoints => addr_of_mut!((*counters).user_points),
+            Counter::EspfixReturns => addr_of_mut!((*counters).espfix_returns),
+            Counter::BadIretFixups => addr_of_mut!((*counters).bad_iret_fixups),
         }
     }
+}
+
+/// The byte offset of `counter` in `NMIFUZZ_MAILBOX`, for assembly that counts with one `inc`
+/// (the espfix64 path runs with the user's GS and no free register to spare).
+pub const fn offset(counter: Counter) -> usize {
+    let counters = offset_of!(Mailbox, counters);
+    counters
+        + match counter {
+            Counter::EspfixReturns => offset_of!(Counters, espfix_returns),
+            _ => panic!("only the espfix64 path counts from assembly"),
+        }
 }
 
 /// Adds one to `counter` and returns the new value.

@@ -21,10 +21,12 @@ mod mailbox;
 mod nmi;
 mod paging;
 mod panic;
+mod percpu;
 mod regs;
 mod scribble;
 mod script;
 mod tss;
+mod user;
 mod workload;
 
 use core::arch::global_asm;
@@ -63,6 +65,8 @@ boot_stack_top:
 #[unsafe(no_mangle)]
 extern "C" fn kmain() -> ! {
     gdt::init();
+    percpu::init(); // after gdt::init: its segment reloads clear the GS base
+    user::init();
     idt::init();
     paging::init();
     mailbox::init();
@@ -74,7 +78,7 @@ extern "C" fn kmain() -> ! {
     paging::flush_tlb();
     let run = script::read();
     nmi::check_installed(run.variant);
-    workload::run(run.workload, run.workload_arg);
+    workload::run(run.workload, run.workload_arg, run.options);
     nmi::check_done();
     mailbox::done()
 }

@@ -6,8 +6,17 @@
 //! ```text
 //! virtual                         physical
 //! [0, 16 MiB)                 ->  the same (PD_IDENTITY: 8 large pages)
+//!   [8 MiB, 10 MiB)               of which the user page: U/S = 1 (link.ld's `.user`)
 //! [DEMAND_BASE, + 4 KiB * n)  ->  DEMAND_FRAMES[i], once the #PF handler mapped page i
+//! [USER_POINT_ADDRESS, + 2 MiB) -> the same, no memory there: U/S = 1, the user workload's
+//!                                 points, whose writes are MMIO exits
 //! ```
+//!
+//! Ring 3 may touch only the user page: its PD entry has U/S = 1, and so do the PML4 and PDPT
+//! entries above it (the CPU ANDs U/S over every level, SDM Vol. 3A §4.6.1). Every other page
+//! stays supervisor-only, so a kernel RIP or a kernel address used at CPL3 is a #PF from ring 3,
+//! which the exception handler reports as a broken privilege invariant. The kernel reads user
+//! memory freely (CR4.SMAP is clear).
 //!
 //! Page 0 of the demand region belongs to the workload, which unmaps it again after each of its
 //! faults; pages 1.. go to `do_nmi`'s #PF actions, one fresh page per action, left mapped for
@@ -20,7 +29,7 @@
 use core::arch::asm;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use nmifuzz_abi::SCRIPT_ACTION_SLOTS;
+use nmifuzz_abi::{SCRIPT_ACTION_SLOTS, USER_POINT_ADDRESS};
 
 use crate::cpu;
 use crate::panic::fail;
@@ -33,7 +42,10 @@ const PAGE: u64 = 4096;
 /// Page-table entry bits (SDM Vol. 3A §4.5, Tables 4-15 to 4-20).
 const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
 const LARGE: u64 = 1 << 7;
+/// The user page: one large page at 8 MiB, where link.ld puts `.user`.
+pub const USER_PAGE_BASE: u64 = 8 << 20;
 /// Entries per table.
 const ENTRIES: usize = 512;
 
@@ -66,6 +78,9 @@ static mut NEXT_NMI_PAGE: usize = WORKLOAD_PAGE + 1;
 // The demand region sits in one page table, under the second PDPT entry.
 const _: () = assert!(DEMAND_PAGES <= ENTRIES && DEMAND_BASE == 1 << 30);
 const _: () = assert!(IDENTITY_BYTES / LARGE_PAGE <= ENTRIES as u64);
+const _: () = assert!(USER_PAGE_BASE.is_multiple_of(LARGE_PAGE) && USER_PAGE_BASE < IDENTITY_BYTES);
+// The points' page: the second large page under the demand region's PD, above any RAM.
+const _: () = assert!(USER_POINT_ADDRESS == DEMAND_BASE + LARGE_PAGE);
 
 /// Builds the tables and switches CR3 to them. The mapping of guest memory stays what it was.
 pub fn init() {
@@ -75,10 +90,12 @@ pub fn init() {
         for i in 0..(IDENTITY_BYTES / LARGE_PAGE) as usize {
             PD_IDENTITY.0[i] = (i as u64 * LARGE_PAGE) | PRESENT | WRITABLE | LARGE;
         }
+        PD_IDENTITY.0[(USER_PAGE_BASE / LARGE_PAGE) as usize] |= USER;
         PD_DEMAND.0[0] = entry(addr_of!(DEMAND_PT));
-        PDPT.0[0] = entry(addr_of!(PD_IDENTITY));
-        PDPT.0[1] = entry(addr_of!(PD_DEMAND));
-        PML4.0[0] = entry(addr_of!(PDPT));
+        PD_DEMAND.0[1] = USER_POINT_ADDRESS | PRESENT | WRITABLE | LARGE | USER;
+        PDPT.0[0] = entry(addr_of!(PD_IDENTITY)) | USER;
+        PDPT.0[1] = entry(addr_of!(PD_DEMAND)) | USER;
+        PML4.0[0] = entry(addr_of!(PDPT)) | USER;
         cpu::write_cr3(addr_of!(PML4) as u64);
     }
 }

@@ -31,6 +31,8 @@ pub struct Run {
     pub workload: Workload,
     /// The workload's parameter.
     pub workload_arg: u32,
+    /// The [`option`] bits.
+    pub options: u32,
 }
 
 // `read` copies whole qwords.
@@ -79,7 +81,8 @@ fn validate(script: &Script) -> Run {
     let Some(workload) = Workload::from_code(code) else {
         fail!("script: unknown workload code {code}");
     };
-    let unknown = once(&script.options) & !option::ALL;
+    let options = once(&script.options);
+    let unknown = options & !option::ALL;
     if unknown != 0 {
         fail!("script: unknown option bits {unknown:#x}");
     }
@@ -94,7 +97,7 @@ fn validate(script: &Script) -> Run {
     for (index, action) in script.actions[..count].iter().enumerate() {
         validate_action(index, &once(action));
     }
-    Run { variant, workload, workload_arg: once(&script.workload_arg) }
+    Run { variant, workload, workload_arg: once(&script.workload_arg), options }
 }
 
 /// Checks action `index`: bounded busy work, known fault bits, and a scribble only with the

@@ -7,8 +7,14 @@
 //! overwrite each other's frames. (Section numbers are those of recent SDM editions, where Task
 //! Management is chapter 8; older ones number it 7.)
 //!
-//! Each IST stack has guard qwords at both ends; [`check_guards`] verifies them whenever an NMI
-//! handler iteration ends and at the end of a run (invariant 3 of the design: stack discipline).
+//! `rsp[0]` (TSS.RSP0) is the top of the kernel's "thread stack": the CPU loads it on every
+//! exception or interrupt from ring 3 through a gate without IST, and the system-call entry,
+//! the user-mode NMI path and the return to user mode run on it (Linux's
+//! `cpu_current_top_of_stack` of the one task there is).
+//!
+//! Each of these stacks has guard qwords at both ends; [`check_guards`] verifies them whenever
+//! an NMI handler iteration ends and at the end of a run (invariant 3 of the design: stack
+//! discipline).
 
 use core::mem::{offset_of, size_of};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -34,7 +40,7 @@ pub enum Ist {
 #[repr(C, packed(4))]
 struct Tss {
     reserved_0: u32,
-    /// Stack pointers for privilege changes to rings 0-2; unused, the guest stays in ring 0.
+    /// Stack pointers for privilege changes to rings 0-2: `rsp[0]` is the thread stack's top.
     rsp: [u64; 3],
     reserved_1: u64,
     /// IST1..IST7.
@@ -64,7 +70,7 @@ pub const NMI_STACK_SPAN: u64 = (STACK_SIZE - 8 * TOP_GUARDS) as u64;
 // The host judges RSPs with the same span.
 const _: () = assert!(NMI_STACK_SPAN == nmifuzz_abi::NMI_STACK_SPAN);
 
-/// One IST stack: `[GUARD, usable..., GUARD, GUARD]`, 16-byte aligned.
+/// One IST stack (or the thread stack): `[GUARD, usable..., GUARD, GUARD]`, 16-byte aligned.
 #[repr(C, align(16))]
 struct IstStack([u64; STACK_QWORDS]);
 
@@ -77,6 +83,9 @@ static mut DOUBLE_FAULT_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
 /// The breakpoint / debug stack (IST3).
 #[unsafe(no_mangle)]
 static mut DEBUG_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
+/// The kernel thread stack (TSS.RSP0), for everything that enters the kernel from ring 3.
+#[unsafe(no_mangle)]
+static mut THREAD_STACK: IstStack = IstStack([0; STACK_QWORDS]);
 
 static mut TSS: Tss = Tss {
     reserved_0: 0,
@@ -88,12 +97,14 @@ static mut TSS: Tss = Tss {
     iomap_base: size_of::<Tss>() as u16,
 };
 
-/// Each IST stack with the name its guard-check panic uses.
-fn stacks() -> [(*mut IstStack, &'static str); 3] {
+/// Each guarded stack with the name its guard-check panic uses; the IST stacks first, in
+/// [`stack_top_region`]'s order.
+fn stacks() -> [(*mut IstStack, &'static str); 4] {
     [
-        (addr_of_mut!(NMI_IST_STACK), "NMI"),
-        (addr_of_mut!(DOUBLE_FAULT_IST_STACK), "double-fault"),
-        (addr_of_mut!(DEBUG_IST_STACK), "debug"),
+        (addr_of_mut!(NMI_IST_STACK), "NMI IST"),
+        (addr_of_mut!(DOUBLE_FAULT_IST_STACK), "double-fault IST"),
+        (addr_of_mut!(DEBUG_IST_STACK), "debug IST"),
+        (addr_of_mut!(THREAD_STACK), "thread"),
     ]
 }
 
@@ -115,6 +126,11 @@ pub fn nmi_stack_top() -> u64 {
     top(addr_of_mut!(NMI_IST_STACK))
 }
 
+/// The thread stack's usable top: TSS.RSP0, and the per-CPU `top_of_stack`.
+pub fn thread_stack_top() -> u64 {
+    top(addr_of_mut!(THREAD_STACK))
+}
+
 /// Whether `address` lies on the NMI stack, from its lowest qword up to and including its top.
 pub fn on_nmi_stack(address: u64) -> bool {
     let top = nmi_stack_top();
@@ -133,13 +149,16 @@ pub fn init() -> u64 {
     ist[Ist::Nmi as usize - 1] = top(addr_of_mut!(NMI_IST_STACK));
     ist[Ist::DoubleFault as usize - 1] = top(addr_of_mut!(DOUBLE_FAULT_IST_STACK));
     ist[Ist::Debug as usize - 1] = top(addr_of_mut!(DEBUG_IST_STACK));
-    // SAFETY: a field of the TSS static, which the CPU does not read before `ltr`. The field is
-    // only 4-byte aligned, hence the unaligned write.
-    unsafe { addr_of_mut!(TSS.ist).write_unaligned(ist) };
+    // SAFETY: fields of the TSS static, which the CPU does not read before `ltr`. The fields
+    // are only 4-byte aligned, hence the unaligned writes.
+    unsafe {
+        addr_of_mut!(TSS.ist).write_unaligned(ist);
+        addr_of_mut!(TSS.rsp).write_unaligned([thread_stack_top(), 0, 0]);
+    }
     addr_of!(TSS) as u64
 }
 
-/// Panics if any IST stack's guard qwords changed since [`init`]: something wrote past a
+/// Panics if any guarded stack's guard qwords changed since [`init`]: something wrote past a
 /// stack's end, below or above. Three loads and compares per stack on the good path.
 pub fn check_guards() {
     for (stack, name) in stacks() {
@@ -158,7 +177,7 @@ pub fn check_guards() {
 fn smashed(name: &str, slot: *mut u64, value: u64) -> ! {
     invariant::violated(
         3,
-        format_args!("{name} IST stack guard at {:#x} smashed: {value:#x}", slot as u64),
+        format_args!("{name} stack guard at {:#x} smashed: {value:#x}", slot as u64),
     );
 }
 

@@ -11,7 +11,7 @@ use nmifuzz_abi::Workload;
 
 use crate::mailbox::{self, Counter};
 use crate::panic::fail;
-use crate::{console, idt};
+use crate::{console, idt, user};
 
 /// `Loop` iterations when `workload_arg` is 0: four rounds of its four phases.
 const DEFAULT_LOOP_ITERATIONS: u32 = 16;
@@ -33,8 +33,9 @@ struct Scratch([[u64; PAGE_QWORDS]; SCRATCH_PAGES]);
 #[unsafe(no_mangle)]
 static mut NMIFUZZ_SCRATCH: Scratch = Scratch([[0; PAGE_QWORDS]; SCRATCH_PAGES]);
 
-/// Runs `workload` with its parameter `arg`; returns only if the workload finished.
-pub fn run(workload: Workload, arg: u32) {
+/// Runs `workload` with its parameter `arg` and the script's `options`; returns only if the
+/// workload finished.
+pub fn run(workload: Workload, arg: u32, options: u32) {
     match workload {
         Workload::Loop => run_loop(if arg == 0 { DEFAULT_LOOP_ITERATIONS } else { arg }),
         Workload::Panic => fail!("workload asked to panic"),
@@ -45,7 +46,7 @@ pub fn run(workload: Workload, arg: u32) {
         Workload::Scribble => scribble(arg),
         Workload::Breakpoint => breakpoints(if arg == 0 { 1 } else { arg }),
         Workload::Ping => ping(arg),
-        Workload::User => fail!("the ring-3 workload is not built yet"),
+        Workload::User => user::run(arg, options),
     }
 }
 

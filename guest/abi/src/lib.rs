@@ -34,11 +34,14 @@ pub mod port {
     pub const REPORT: u16 = 0xf4;
     /// `out dx, al` that means nothing: the ping workload's exits, for measuring exit cost.
     pub const PING: u16 = 0x80;
-    /// `out dx, al` from ring 3: the user workload's points. Ring-3 code can be interrupted
-    /// only at exits it takes itself on kvm_pvm, so each is a boundary the host can inject at
-    /// (docs/engine.md, "Ring 3").
-    pub const USER: u16 = 0x81;
 }
+
+/// A guest-physical address with no memory behind it (above the 1 GiB any guest may have),
+/// mapped for ring 3 by the guest's page tables: a one-byte write there (`mov [addr], al`) is
+/// an MMIO exit, the user workload's points. Ring-3 code can be interrupted only at exits it
+/// takes itself on kvm_pvm, so each is a boundary the host can inject at; the guest's RIP is
+/// already past the write at the exit, as after an `out`.
+pub const USER_POINT_ADDRESS: u64 = 0x4020_0000;
 
 /// What the guest tells the host on [`port::REPORT`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,8 +230,8 @@ pub enum Workload {
     Breakpoint = 7,
     /// `workload_arg` times `out` to [`port::PING`], then DONE; 0 is the idle guest.
     Ping = 8,
-    /// `workload_arg` iterations of the ring-3 workload: register checks, points (`out` to
-    /// [`port::USER`]), system calls (one with RSP on the NMI stack), returns through espfix64
+    /// `workload_arg` iterations of the ring-3 workload: register checks, points (MMIO writes
+    /// to [`USER_POINT_ADDRESS`]), system calls (one with RSP on the NMI stack), returns through espfix64
     /// and a faulting return to user, then DONE.
     User = 9,
 }
@@ -443,6 +446,15 @@ pub struct Counters {
     pub pages_scribbled: u64,
     /// A checksum of the workload's results, so the host can see it really ran.
     pub checksum: u64,
+    /// System calls the user workload made (each handled by `do_syscall`).
+    pub syscalls: u64,
+    /// Ring-3 points (writes to [`USER_POINT_ADDRESS`]) the user workload passed, as it counted
+    /// them.
+    pub user_points: u64,
+    /// Returns to user mode through espfix64 (a 16-bit SS).
+    pub espfix_returns: u64,
+    /// Faulting IRETs to user mode repaired by `fixup_bad_iret` (a "signal" each).
+    pub bad_iret_fixups: u64,
 }
 
 /// Bytes of the panic message kept in the mailbox; longer messages are cut.
@@ -497,9 +509,9 @@ mod tests {
         assert_eq!(size_of::<Scribble>(), 8);
         assert_eq!(size_of::<Action>(), 16);
         assert_eq!(size_of::<Script>(), 32 + 16 * SCRIPT_ACTION_SLOTS);
-        assert_eq!(size_of::<Counters>(), 64);
+        assert_eq!(size_of::<Counters>(), 96);
         assert_eq!(size_of::<PanicRecord>(), 24 + PANIC_FILE_LEN + PANIC_MESSAGE_LEN);
-        assert_eq!(size_of::<Mailbox>(), 8 + 64 + 376);
+        assert_eq!(size_of::<Mailbox>(), 8 + 96 + 376);
     }
 
     #[test]
@@ -511,10 +523,10 @@ mod tests {
         for v in Variant::ALL {
             assert_eq!(Variant::from_code(v.code()), Some(*v));
         }
-        for code in 0..9 {
+        for code in 0..10 {
             assert_eq!(Workload::from_code(code).map(|w| w as u32), Some(code));
         }
-        assert_eq!(Workload::from_code(9), None);
+        assert_eq!(Workload::from_code(10), None);
         for a in ScribbleArea::ALL {
             assert_eq!(ScribbleArea::from_code(*a as u16), Some(*a));
         }

@@ -131,8 +131,12 @@ pub fn check_done() {
     tss::check_guards();
 }
 
-/// Where the frame the current NMI finally returns through lives.
+/// Where the frame the current NMI finally returns through lives. An NMI from ring 3 returns
+/// through `regs.frame` on the thread stack whatever the entry's layout (its user path).
 fn final_frame(regs: &NmiRegs) -> *const u64 {
+    if regs.frame.cs & 3 != 0 {
+        return addr_of!(regs.frame).cast();
+    }
     match script::variant().and_then(|v| v.stack_layout()) {
         Some(layout) => (tss::nmi_stack_top() - layout.outermost) as *const u64,
         None => addr_of!(regs.frame).cast(),

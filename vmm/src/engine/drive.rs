@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use nmifuzz_abi::{Report, port};
+use nmifuzz_abi::{Report, USER_POINT_ADDRESS, port};
 
 use super::deliver::Moved;
 use super::mode::FREE_RUN_BREAKPOINTS;
@@ -129,18 +129,25 @@ impl Engine {
                 run.free_run_stop = true;
                 0
             }
-            Exit::IoOut { port: port @ (port::CONSOLE | port::PING | port::USER), .. } => {
+            Exit::IoOut { port: port::CONSOLE | port::PING, .. } => {
                 // The boundary after an `out` is its I/O exit: a free run whose point is there
-                // stops at it (the breakpoint is not relied on to fire on the re-entry), and
-                // so does an excursion at every ring-3 point.
+                // stops at it (the breakpoint is not relied on to fire on the re-entry).
                 let pc = vm.sync_state().regs.rip;
-                let point = port == port::USER && std::mem::take(&mut run.excursion);
+                run.free_run_stop = !run.stepping && run.cursor.awaited_point() == Some(pc);
+                self.out_retired(vm, run)?
+            }
+            // A ring-3 point: the MMIO exit is the boundary after the write (RIP is past it).
+            // An excursion stops at every one and counts it; a free run stops where its point
+            // is.
+            Exit::Mmio { address: USER_POINT_ADDRESS, write: true } => {
+                let pc = vm.sync_state().regs.rip;
+                let point = std::mem::take(&mut run.excursion);
                 run.free_run_stop =
                     point || (!run.stepping && run.cursor.awaited_point() == Some(pc));
-                self.out_retired(vm, run, point)?
+                u64::from(point)
             }
             Exit::IoOut { port: port::REPORT, value, .. } => {
-                let retired = self.out_retired(vm, run, false)?;
+                let retired = self.out_retired(vm, run)?;
                 run.retire(retired);
                 if let Some(verdict) = self.settle_free_run(vm, run) {
                     return Ok(Some(verdict));
@@ -217,12 +224,11 @@ impl Engine {
             || (run.traps_in_free_run() && self.traps.is_site(pc))
     }
 
-    /// Instructions retired at an `out` exit while stepping, or at a ring-3 `point` of an
-    /// excursion: 1 where the host already moved RIP past the `out` (the exit is the boundary
-    /// after it), 0 where it completes the `out` on the next entry (stock KVM; the next stop
-    /// counts it).
-    fn out_retired(&mut self, vm: &mut Vm, run: &Run<'_>, point: bool) -> Result<u64> {
-        if !run.stepping && !point {
+    /// Instructions retired at an `out` exit: 1 where the host already moved RIP past the
+    /// `out` (the exit is the boundary after it), 0 where it completes the `out` on the next
+    /// entry (stock KVM; the next stop counts it).
+    fn out_retired(&mut self, vm: &mut Vm, run: &Run<'_>) -> Result<u64> {
+        if !run.stepping {
             return Ok(0);
         }
         let rip = vm.sync_state().regs.rip;

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use nmifuzz_abi::{Report, Script, Variant, Workload, option, port};
+use nmifuzz_abi::{Report, Script, USER_POINT_ADDRESS, Variant, Workload, option, port};
 use serde::{Deserialize, Serialize};
 
 use super::GuestFacts;
@@ -208,7 +208,7 @@ fn probe_cpl3_step(vm: &mut Vm) -> Result<bool> {
     vm.write_script(&Script::new(Variant::LINUX, Workload::User, 1))?;
     for _ in 0..CALIBRATION_STEPS {
         match vm.run_once()? {
-            Exit::IoOut { port: port::USER, .. } => {
+            Exit::Mmio { address: USER_POINT_ADDRESS, write: true } => {
                 vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() })?;
                 let stopped = matches!(vm.run_once()?, Exit::Debug { .. });
                 let at_cpl3 = vm.sync_state().sregs.cs.selector & 3 == 3;

@@ -10,8 +10,10 @@
 //!   workload's system call is a `ud2` on this host), the #PF entry, the run's NMI entry (an NMI
 //!   made at a ring-3 point, or latched at the IRETQ to user, arrives there), and the SYSCALL
 //!   entry (hosts where SYSCALL from CPL3 enters CPL0);
-//! - a *ring-3 point*: the user's `out` to [`port::USER`](nmifuzz_abi::port::USER), whose I/O
-//!   exit is the boundary after it (kvm_pvm moves RIP past the `out` before exiting);
+//! - a *ring-3 point*: the user's one-byte write to
+//!   [`USER_POINT_ADDRESS`](nmifuzz_abi::USER_POINT_ADDRESS), where no memory is: its MMIO exit
+//!   is the boundary after it (RIP is past the write). (An `out` would not do: kvm_pvm runs
+//!   ring 3 with IOPL 0, so `out` from ring 3 raises #GP.)
 //! - any other exit (a report, an unexpected fault, the watchdog), handled as in any free run.
 //!
 //! An excursion starts at a stop before an IRETQ or `sysretq` that goes to CPL3 (neither can be
@@ -20,7 +22,7 @@
 //! whenever the mode wants stepping.
 //!
 //! **The counting rule with ring 3.** Ring-3 instructions are not counted, except that a ring-3
-//! point retires one instruction (its `out`), so that consecutive points are distinct
+//! point retires one instruction (its write), so that consecutive points are distinct
 //! boundaries; the IRETQ or `sysretq` into ring 3 retires one; the breakpoint stop that ends an
 //! excursion retires nothing, as every handler-entry breakpoint stop. The same rule holds on
 //! every host, so a schedule means the same everywhere.

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_regs, kvm_sync_regs};
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use nmifuzz_abi::{
-    ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, SCRIPT_SYMBOL, Script, Variant, port,
+    ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, SCRIPT_SYMBOL, Script, USER_POINT_ADDRESS, Variant,
+    port,
 };
 use zerocopy::IntoBytes;
 
@@ -383,7 +384,8 @@ pub(crate) fn classify_exit(
 ) -> Option<Verdict> {
     let symbol = || image.symbolize(rip);
     match exit {
-        Exit::IoOut { port: port::CONSOLE | port::PING | port::USER, .. } => None,
+        Exit::IoOut { port: port::CONSOLE | port::PING, .. } => None,
+        Exit::Mmio { address: USER_POINT_ADDRESS, write: true } => None,
         Exit::IoOut { port: port::REPORT, value, .. } => Some(report(*value)),
         Exit::Int3Performed => None,
         Exit::EmulationFailure { bytes } => {

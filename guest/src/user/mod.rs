@@ -1,0 +1,171 @@
+//! The user-mode half of the guest (issue 9): a ring-3 workload and the kernel paths that
+//! carry it, modelled on Linux x86-64 after its 2015 fixes (design.md section 3b).
+//!
+//! - `program`: the workload itself, ring-3 assembly in `.text.user` (the user page, link.ld):
+//!   known values in its registers, checked after every point and every return to ring 3;
+//!   points (`out` to `port::USER`); system calls with an ordinary RSP and with RSP on the NMI
+//!   stack (CVE-2015-3291); a return through espfix64; a return onto the alternate CS; and a
+//!   return that faults (CVE-2015-5157's bad IRET).
+//! - `entry`: Linux's `entry_SYSCALL_64` with its SYSRET and IRET exits, the common
+//!   return-to-user IRET path with espfix64 (`native_irq_return_ldt`), and the kernel's way in
+//!   and out of ring 3 for the workload, in `.text.entry_user` (outside the NMI code range).
+//! - `syscall`: the system-call table (`do_syscall`).
+//! - `traps`: exceptions from ring 3: the `ud2` system call, the bad-IRET fixup and its
+//!   "signal", and the panics for everything else.
+//!
+//! **The system-call instruction.** On kvm_pvm, SYSCALL from CPL3 stays at CPL3
+//! (reference/kvm-on-this-host.md §9), so by default the workload's system-call instruction is
+//! `ud2`: its #UD arrives at CPL0 on TSS.RSP0, and the exception entry turns it into exactly
+//! what SYSCALL would have done (RCX = the user RIP after it, R11 = the user RFLAGS, RFLAGS
+//! masked by SFMASK, CS = 0x08, SS = 0x10, RSP and GS still the user's) by rewriting the #UD
+//! frame and IRETQ-ing to `entry_SYSCALL_64`. From there on everything is Linux's path, gaps
+//! included: the first instructions of the entry and the last of the SYSRET exit run in ring 0
+//! on the user's RSP with DF clear, the situation CVE-2015-3291 is about. With
+//! `option::NATIVE_SYSCALL` the instruction is `syscall` (for ordinary KVM).
+
+mod entry;
+mod program;
+mod syscall;
+pub mod traps;
+
+use core::ptr::{addr_of, addr_of_mut, write_volatile};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use nmifuzz_abi::option;
+
+use crate::cpu::{self, msr};
+use crate::percpu;
+use crate::regs::InterruptFrame;
+use crate::{gdt, invariant};
+
+/// EFER.SCE: SYSCALL/SYSRET enabled.
+const EFER_SCE: u64 = 1 << 0;
+/// Iterations when `workload_arg` is 0.
+const DEFAULT_ITERATIONS: u32 = 8;
+
+/// The workload's variables, in user memory: set by the kernel before ring 3 starts, counted
+/// by ring 3, read back by the kernel at `exit`.
+#[repr(C)]
+struct UserVars {
+    /// Iterations still to run.
+    remaining: u64,
+    /// Non-zero: the system-call instruction is `syscall`, else `ud2`.
+    native_syscall: u64,
+    /// The user's RSP while it makes a system call with RSP on the NMI stack.
+    saved_rsp: u64,
+    /// Points passed.
+    points: u64,
+    /// Iterations completed.
+    iterations: u64,
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.user.vars")]
+static mut USER_VARS: UserVars =
+    UserVars { remaining: 0, native_syscall: 0, saved_rsp: 0, points: 0, iterations: 0 };
+
+unsafe extern "C" {
+    /// Linker markers around the user's code (link.ld). Code, not data: only addresses used.
+    #[link_name = "__user_text_start"]
+    static USER_TEXT_START: u8;
+    #[link_name = "__user_text_end"]
+    static USER_TEXT_END: u8;
+}
+
+/// Sets the system-call MSRs, for ordinary KVM, where the workload's `syscall` (with
+/// `option::NATIVE_SYSCALL`) enters CPL0 at LSTAR: EFER.SCE, STAR (kernel CS 0x08, SYSRET base
+/// 0x13), LSTAR = `entry_SYSCALL_64`, SFMASK as Linux's. kvm_pvm accepts them too, but its
+/// SYSCALL stays at CPL3, so it is never used there.
+pub fn init() {
+    let star =
+        u64::from(gdt::SYSRET_BASE_SELECTOR) << 48 | u64::from(gdt::KERNEL_CODE_SELECTOR) << 32;
+    // SAFETY: the values describe this guest's GDT and entry; nothing executes SYSCALL or
+    // SYSRET before they are set.
+    unsafe {
+        cpu::wrmsr(msr::STAR, star);
+        cpu::wrmsr(msr::LSTAR, addr_of!(entry::ENTRY_SYSCALL_64) as u64);
+        cpu::wrmsr(msr::SFMASK, traps::SFMASK);
+        cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | EFER_SCE);
+    }
+}
+
+/// Runs the user workload for `iterations` (0: the default) under the script's `options`;
+/// returns when ring 3 made its `exit` system call.
+pub fn run(iterations: u32, options: u32) {
+    let iterations = if iterations == 0 { DEFAULT_ITERATIONS } else { iterations };
+    let vars = addr_of_mut!(USER_VARS);
+    // SAFETY: plain stores to the user's variables; ring 3 does not run yet.
+    unsafe {
+        write_volatile(addr_of_mut!((*vars).remaining), u64::from(iterations));
+        write_volatile(
+            addr_of_mut!((*vars).native_syscall),
+            u64::from(options & option::NATIVE_SYSCALL != 0),
+        );
+    }
+    // The host's snapshot restores MSR_GS_BASE (with the segment registers) but not
+    // MSR_KERNEL_GS_BASE: a run that ended in ring 3 would leave them swapped for this one.
+    percpu::init();
+    // What user_mode_enter's iret frame holds.
+    USER_CS.store(u64::from(gdt::USER_CODE_SELECTOR), Ordering::Relaxed);
+    USER_SS.store(u64::from(gdt::USER_DATA_SELECTOR), Ordering::Relaxed);
+    entry::enter_user_mode();
+}
+
+/// Whether `rip` is in the user's code.
+pub fn is_user_rip(rip: u64) -> bool {
+    (addr_of!(USER_TEXT_START) as u64..addr_of!(USER_TEXT_END) as u64).contains(&rip)
+}
+
+/// Whether a kernel-mode `rip` is in one of the two places where ring-0 code runs on the
+/// user's RSP: the start of `entry_SYSCALL_64` and the end of the SYSRET exit. An NMI there
+/// arrives in kernel mode with an RSP the user chose, possibly on the NMI stack.
+pub fn in_syscall_gap(rip: u64) -> bool {
+    entry::gaps().iter().any(|gap| gap.contains(&rip))
+}
+
+/// The CS and SS the kernel last returned to ring 3 with: what every entry from ring 3 must
+/// find in its frame. Ring 3 cannot check its own selectors on kvm_pvm, where `mov rax, cs`
+/// in ring 3 reads the host's user selectors (0x33, 0x2b) whatever the guest loaded; the
+/// frames the CPU pushes on entry to ring 0 hold the guest's.
+static USER_CS: AtomicU64 = AtomicU64::new(0);
+static USER_SS: AtomicU64 = AtomicU64::new(0);
+
+/// Invariant 10 at an entry from ring 3 (an exception, an NMI): ring 3 ran on the CS and SS
+/// the kernel last returned it with.
+#[track_caller]
+pub fn check_entry_from_user(frame: &InterruptFrame, path: &str) {
+    let (cs, ss) = (USER_CS.load(Ordering::Relaxed), USER_SS.load(Ordering::Relaxed));
+    if frame.cs != cs || frame.ss != ss {
+        invariant::violated(
+            10,
+            format_args!(
+                "{path} at RIP {:#x} finds CS {:#x}, SS {:#x}; the kernel returned to ring 3 \
+                 with CS {cs:#x}, SS {ss:#x}",
+                frame.rip, frame.cs, frame.ss
+            ),
+        );
+    }
+}
+
+/// Invariant 10 (privilege integrity) for a frame about to be IRETed or SYSRETed to ring 3 by
+/// `path`: user CS, user SS and a user RIP. Records the segments for
+/// [`check_entry_from_user`].
+#[track_caller]
+pub fn check_return_to_user(frame: &InterruptFrame, path: &str) {
+    USER_CS.store(frame.cs, Ordering::Relaxed);
+    USER_SS.store(frame.ss, Ordering::Relaxed);
+    let cs = frame.cs == u64::from(gdt::USER_CODE_SELECTOR)
+        || frame.cs == u64::from(gdt::USER_ALT_CODE_SELECTOR);
+    let ss = frame.ss == u64::from(gdt::USER_DATA_SELECTOR)
+        || frame.ss == u64::from(gdt::USER_DATA16_SELECTOR);
+    if !(cs && ss && is_user_rip(frame.rip)) {
+        invariant::violated(
+            10,
+            format_args!(
+                "{path} returns to ring 3 with RIP {:#x}, CS {:#x}, SS {:#x}: not a user RIP with \
+                 user segments",
+                frame.rip, frame.cs, frame.ss
+            ),
+        );
+    }
+}

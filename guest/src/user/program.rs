@@ -1,0 +1,288 @@
+//! The user workload: ring-3 code in `.text.user`, its stack and its variables in the user page.
+//!
+//! It keeps known values in every register a system call preserves (rbx, rdx, rsi, rdi, rbp,
+//! r8-r10, r12-r15) and checks them, RSP (all 64 bits), the privilege level of CS and SS (3:
+//! no user RIP runs with a kernel CS) and `gs:[0]` (the user GS area's magic) after every
+//! point and every return to ring 3 (invariants 2, 10 and 11 from ring 3's side). The exact
+//! selectors are the kernel's to check, at the next entry from ring 3: on kvm_pvm, ring 3
+//! reads the host's own user selectors (CS 0x33, SS 0x2b) from CS and SS, whatever the guest
+//! loaded, while the frames pushed on entry to ring 0 hold the guest's
+//! (`user::check_entry_from_user`). RAX, RCX and R11 are scratch: SYSCALL
+//! and SYSRET use RCX and R11, RAX is the system call's number and result. A failed check puts
+//! the value found in RAX, the value expected in R11 and the check's index ([`CHECKS`]) in
+//! ECX, and executes `hlt` at `user_check_failed`: a #GP from ring 3 that the kernel reports.
+//!
+//! Each iteration:
+//!
+//! ```text
+//! (a) user_point_a:        a point (an MMIO write, see `USER_POINT_ADDRESS`); check
+//! (b) getpid:              with the ordinary RSP; result and check
+//! (c) getpid:              with RSP inside the NMI stack (the CVE-2015-3291 reproducer:
+//!                          the entry's and the SYSRET exit's gaps then run on that RSP);
+//!                          RSP back from user data; result and check
+//! (d) set_ss16:            returns by IRET with SS 0x2b, through espfix64;
+//!     user_point_ss16:     a point; check, the full RSP included (the kernel checks
+//!                          SS 0x2b at the next entry);
+//!                          getpid, back by SYSRET with SS 0x1b; check
+//! (e) alt_cs:              returns by IRET onto CS 0x33;
+//!     user_point_alt_cs:   a point; check (the kernel checks CS 0x33 at the next entry);
+//!                          getpid, back by SYSRET on CS 0x23; check
+//! (f) bad_return:          the kernel revokes CS 0x33 and IRETs onto it: the IRETQ faults,
+//!                          and the fixup resumes ring 3 at user_signal_handler with CS 0x23
+//!                          and the marker in RAX; check the marker; check
+//! ```
+//!
+//! then the next iteration, or the `exit` system call. The system-call instruction is `ud2`,
+//! or `syscall` when the kernel set `native_syscall` (`option::NATIVE_SYSCALL`); the branch
+//! between them is taken before the instruction, so the instruction after each return is the
+//! same either way. No instruction here touches the stack: with RSP on the NMI stack (c), a
+//! push would be a user write to kernel memory.
+
+use core::arch::global_asm;
+use core::mem::offset_of;
+
+use super::UserVars;
+use super::syscall::{ALT_CS, BAD_RETURN, EXIT, GETPID, SET_SS16, SIGNAL_MARKER, USER_PID};
+use nmifuzz_abi::USER_POINT_ADDRESS;
+
+use crate::percpu::USER_MAGIC;
+use crate::tss::NMI_STACK_SPAN;
+
+/// The user's stack, in qwords.
+const STACK_QWORDS: usize = 512;
+/// Where (c) points RSP: 64 bytes below the NMI stack's usable top, among the frames of
+/// Linux's entry, as the CVE-2015-3291 reproducer does. `NMI_IST_STACK + this`.
+const NMI_STACK_RSP: u64 = NMI_STACK_SPAN + 8 - 64;
+
+/// What each failed check's index (ECX at `user_check_failed`) stands for: its name and the
+/// invariant it belongs to. The first twelve are the registers, in check order.
+pub const CHECKS: [(&str, u8); 20] = [
+    ("rbx", 2),
+    ("rdx", 2),
+    ("rsi", 2),
+    ("rdi", 2),
+    ("rbp", 2),
+    ("r8", 2),
+    ("r9", 2),
+    ("r10", 2),
+    ("r12", 2),
+    ("r13", 2),
+    ("r14", 2),
+    ("r15", 2),
+    ("rsp", 2),
+    ("cs's privilege level", 10),
+    ("ss's privilege level", 10),
+    ("gs:[0]", 11),
+    ("system call result", 2),
+    ("signal marker in rax", 2),
+    ("bad_return came back without a fault: cs", 10),
+    ("exit came back: rax", 2),
+];
+const CHECK_RSP: u32 = 12;
+const CHECK_RESULT: u32 = 16;
+const CHECK_MARKER: u32 = 17;
+const CHECK_NO_FAULT: u32 = 18;
+const CHECK_EXIT: u32 = 19;
+
+/// The values the registers keep, in [`CHECKS`] order.
+pub const KNOWN: [u64; 12] = [
+    0xb0b0_b0b0_b0b0_b0b0,
+    0xd0d0_d0d0_d0d0_d0d0,
+    0x5151_5151_5151_5151,
+    0xd1d1_d1d1_d1d1_d1d1,
+    0xb9b9_b9b9_b9b9_b9b9,
+    0x0808_0808_0808_0808,
+    0x0909_0909_0909_0909,
+    0x1010_1010_1010_1010,
+    0x1212_1212_1212_1212,
+    0x1313_1313_1313_1313,
+    0x1414_1414_1414_1414,
+    0x1515_1515_1515_1515,
+];
+
+global_asm!(
+    r#"
+    /* Compare \found (moved into RAX) with \expected (in R11); on a mismatch report check
+       \index. Clobbers RAX, RCX, R11 and the flags. */
+    .macro user_expect found, expected, index
+    mov rax, \found
+    mov r11, \expected
+    cmp rax, r11
+    mov ecx, \index
+    jne user_check_failed
+    .endm
+
+    /* Every register, RSP, the privilege level of CS and SS, and the user GS magic. */
+    .macro user_check
+    user_expect rbx, {k0}, 0
+    user_expect rdx, {k1}, 1
+    user_expect rsi, {k2}, 2
+    user_expect rdi, {k3}, 3
+    user_expect rbp, {k4}, 4
+    user_expect r8, {k5}, 5
+    user_expect r9, {k6}, 6
+    user_expect r10, {k7}, 7
+    user_expect r12, {k8}, 8
+    user_expect r13, {k9}, 9
+    user_expect r14, {k10}, 10
+    user_expect r15, {k11}, 11
+    lea r11, [rip + user_stack_top]
+    mov rax, rsp
+    cmp rax, r11
+    mov ecx, {check_rsp}
+    jne user_check_failed
+    mov rax, cs
+    and eax, 3
+    user_expect rax, 3, 13
+    mov rax, ss
+    and eax, 3
+    user_expect rax, 3, 14
+    mov rax, gs:[0]
+    user_expect rax, {user_magic}, 15
+    .endm
+
+    /* A system call: `ud2` (kvm_pvm), or `syscall` if the kernel says so. */
+    .macro user_syscall number
+    mov eax, \number
+    cmp qword ptr [rip + USER_VARS + {native}], 0
+    jne 1f
+    ud2
+    jmp 2f
+1:  syscall
+2:
+    .endm
+
+    /* A point: an exit the host can inject an NMI at, counted. A write to the MMIO page,
+       not an `out`: kvm_pvm runs ring 3 with IOPL 0, so `out` would raise #GP. */
+    .macro user_point name
+    .global user_point_\name
+    .type user_point_\name, @function
+user_point_\name:
+    mov byte ptr [{point}], al
+    inc qword ptr [rip + USER_VARS + {points}]
+    .endm
+
+    .pushsection .text.user, "ax"
+    .global user_start
+    .type user_start, @function
+user_start:                             /* the first instruction in ring 3 */
+    .global user_load_known_values
+    .type user_load_known_values, @function
+user_load_known_values:
+    mov rbx, {k0}
+    mov rdx, {k1}
+    mov rsi, {k2}
+    mov rdi, {k3}
+    mov rbp, {k4}
+    mov r8, {k5}
+    mov r9, {k6}
+    mov r10, {k7}
+    mov r12, {k8}
+    mov r13, {k9}
+    mov r14, {k10}
+    mov r15, {k11}
+
+    .global user_loop
+    .type user_loop, @function
+user_loop:
+    /* (a) a point */
+    user_point a
+    user_check
+
+    /* (b) a system call with the ordinary RSP */
+    user_syscall {getpid}
+    user_expect rax, {pid}, {check_result}
+    user_check
+
+    /* (c) the same with RSP on the NMI stack: lea only computes the address */
+    mov [rip + USER_VARS + {saved_rsp}], rsp
+    lea rsp, [rip + NMI_IST_STACK + {nmi_rsp}]
+    .global user_syscall_on_nmi_stack
+    .type user_syscall_on_nmi_stack, @function
+user_syscall_on_nmi_stack:
+    user_syscall {getpid}
+    mov rsp, [rip + USER_VARS + {saved_rsp}]
+    user_expect rax, {pid}, {check_result}
+    user_check
+
+    /* (d) back through espfix64 with SS 0x2b */
+    user_syscall {set_ss16}
+    user_point ss16
+    user_check
+    user_syscall {getpid}
+    user_check
+
+    /* (e) back onto the alternate CS 0x33 */
+    user_syscall {alt_cs}
+    user_point alt_cs
+    user_check
+    user_syscall {getpid}
+    user_check
+
+    /* (f) a return whose IRETQ faults; the fixup resumes at user_signal_handler */
+    user_syscall {bad_return}
+    mov rax, cs
+    mov ecx, {check_no_fault}
+    jmp user_check_failed
+    .global user_signal_handler
+    .type user_signal_handler, @function
+user_signal_handler:
+    user_expect rax, {marker}, {check_marker}
+    user_check
+
+    inc qword ptr [rip + USER_VARS + {iterations}]
+    dec qword ptr [rip + USER_VARS + {remaining}]
+    jnz user_loop
+    user_syscall {exit}
+    mov ecx, {check_exit}
+
+    .global user_check_failed
+    .type user_check_failed, @function
+user_check_failed:                      /* RAX found, R11 expected, ECX the check */
+    hlt                                 /* #GP from ring 3: the kernel reports it */
+    jmp user_check_failed
+    .size user_start, . - user_start
+    .popsection
+
+    .pushsection .bss.user.stack, "aw", @nobits
+    .balign 16
+    .skip {stack_bytes}
+    .global user_stack_top
+    .type user_stack_top, @object
+user_stack_top:
+    .popsection
+"#,
+    k0 = const KNOWN[0],
+    k1 = const KNOWN[1],
+    k2 = const KNOWN[2],
+    k3 = const KNOWN[3],
+    k4 = const KNOWN[4],
+    k5 = const KNOWN[5],
+    k6 = const KNOWN[6],
+    k7 = const KNOWN[7],
+    k8 = const KNOWN[8],
+    k9 = const KNOWN[9],
+    k10 = const KNOWN[10],
+    k11 = const KNOWN[11],
+    check_rsp = const CHECK_RSP,
+    check_result = const CHECK_RESULT,
+    check_marker = const CHECK_MARKER,
+    check_no_fault = const CHECK_NO_FAULT,
+    check_exit = const CHECK_EXIT,
+    user_magic = const USER_MAGIC,
+    getpid = const GETPID,
+    set_ss16 = const SET_SS16,
+    alt_cs = const ALT_CS,
+    bad_return = const BAD_RETURN,
+    exit = const EXIT,
+    pid = const USER_PID,
+    marker = const SIGNAL_MARKER,
+    nmi_rsp = const NMI_STACK_RSP,
+    native = const offset_of!(UserVars, native_syscall),
+    saved_rsp = const offset_of!(UserVars, saved_rsp),
+    points = const offset_of!(UserVars, points),
+    iterations = const offset_of!(UserVars, iterations),
+    remaining = const offset_of!(UserVars, remaining),
+    stack_bytes = const STACK_QWORDS * 8,
+    point = const USER_POINT_ADDRESS,
+);
