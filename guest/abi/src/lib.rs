@@ -188,6 +188,17 @@ pub const NMI_CODE_START: &str = "__nmi_code_start";
 /// The end of the NMI-handling code (exclusive); see [`NMI_CODE_START`].
 pub const NMI_CODE_END: &str = "__nmi_code_end";
 
+/// Linker-script markers around the kernel side of ring 3: the SYSCALL entry and the
+/// return-to-user paths (`guest/link.ld`), where the host places NMIs and traps IRETQs.
+pub const ENTRY_USER_START: &str = "__entry_user_start";
+/// The end of the kernel side of ring 3 (exclusive); see [`ENTRY_USER_START`].
+pub const ENTRY_USER_END: &str = "__entry_user_end";
+/// Linker-script markers around the user workload's ring-3 code, whose points (writes to
+/// [`USER_POINT_ADDRESS`]) the host names as places for NMIs.
+pub const USER_TEXT_START: &str = "__user_text_start";
+/// The end of the user workload's code (exclusive); see [`USER_TEXT_START`].
+pub const USER_TEXT_END: &str = "__user_text_end";
+
 /// Bytes of the NMI stack below IST1's top that NMI handling may use: the stack's lowest
 /// usable byte is `top - NMI_STACK_SPAN`.
 pub const NMI_STACK_SPAN: u64 = 16 * 1024 - 16;

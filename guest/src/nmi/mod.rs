@@ -8,6 +8,7 @@
 
 mod checks;
 mod handler;
+mod ist_user;
 mod pieces;
 
 // Every entry's code, and `entry_addresses()`.

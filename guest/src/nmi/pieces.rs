@@ -322,11 +322,16 @@ macro_rules! nmi_repeat {
 }
 
 /// Save the registers below "outermost" (which makes `NmiRegs`) and call `do_nmi(regs)`. RSP
-/// is 16-byte aligned at the call: T - 256.
+/// is 16-byte aligned at the call: T - 256. The second form runs `$before` between the pushes
+/// and the call (the pre-2015 entries' paranoid GS check, `ist_user.rs`).
 macro_rules! nmi_call {
     ($name:literal) => {
+        $crate::nmi::pieces::nmi_call!($name, "")
+    };
+    ($name:literal, $before:expr) => {
         concat!(
             $crate::regs::push_general_regs!(),
+            $before,
             "    mov rdi, rsp                /* do_nmi(regs): RSP points at NmiRegs */\n",
             "    call do_nmi\n",
         )
@@ -346,15 +351,26 @@ macro_rules! nmi_call {
 ///
 /// From the `std` on, a nested NMI sees DF and an RSP on the NMI stack, and so is still
 /// nested after "NMI executing" is cleared.
+///
+/// The second form runs `$before` first and ends with `$last` instead of the IRETQ (the
+/// pre-2015 entries' paranoid GS exit and return to user, `ist_user.rs`).
 macro_rules! nmi_exit {
     ($name:literal) => {
+        $crate::nmi::pieces::nmi_exit!(
+            $name,
+            "",
+            "    iretq                       /* returns, or loops back to repeat_nmi */\n"
+        )
+    };
+    ($name:literal, $before:expr, $last:expr) => {
         concat!(
             $crate::nmi::pieces::asm_label!($name, "_restore"),
+            $before,
             $crate::regs::pop_general_regs!(),
             "    add rsp, 40                 /* skip \"outermost\": RSP at the \"iret\" frame */\n",
             "    std                         /* mark the exit path for nested NMIs */\n",
             "    mov qword ptr [rsp + 40], 0 /* clear \"NMI executing\" */\n",
-            "    iretq                       /* returns, or loops back to repeat_nmi */\n",
+            $last,
         )
     };
 }

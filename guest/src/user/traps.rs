@@ -87,7 +87,10 @@ pub fn user_exception(trap: &mut TrapFrame) {
 fn syscall(trap: &mut TrapFrame) {
     let frame = &mut trap.frame;
     trap.regs.rcx = frame.rip + exceptions::UD2.len() as u64;
-    trap.regs.r11 = frame.rflags;
+    // RF is set in the frame only because #UD is a fault (SDM Vol. 3A §18.3.1.1): the user's
+    // RFLAGS had it clear, and SYSCALL would save exactly those. With RF, the exit would also
+    // decline SYSRET for every system call.
+    trap.regs.r11 = frame.rflags & !RESUME_FLAG;
     frame.rip = addr_of!(ENTRY_SYSCALL_64) as u64;
     frame.cs = u64::from(KERNEL_CODE_SELECTOR);
     frame.rflags &= !(SFMASK | RESUME_FLAG);

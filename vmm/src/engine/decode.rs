@@ -30,6 +30,8 @@ pub struct Insn {
     pub is_int3: bool,
     /// `sysretq` (64-bit SYSRET): the return to ring 3 that is not an IRETQ.
     pub is_sysretq: bool,
+    /// `swapgs`.
+    pub is_swapgs: bool,
 }
 
 /// Most instructions the cache keeps: the whole guest has about 7,000, of which a run steps
@@ -83,6 +85,7 @@ impl InsnCache {
                 && (decoded.has_rep_prefix() || decoded.has_repne_prefix()),
             is_int3: decoded.mnemonic() == Mnemonic::Int3,
             is_sysretq: decoded.mnemonic() == Mnemonic::Sysretq,
+            is_swapgs: decoded.mnemonic() == Mnemonic::Swapgs,
             is_out: matches!(
                 decoded.mnemonic(),
                 Mnemonic::Out | Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd

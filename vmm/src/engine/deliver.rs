@@ -20,8 +20,8 @@ use crate::vm::{GuestDebug, IretFrame, Vm};
 pub(super) enum Moved {
     /// A KVM_RUN.
     Ran,
-    /// The VMM's own IRETQ, without entering the guest.
-    EmulatedIretq,
+    /// The VMM's own IRETQ or `swapgs`, without entering the guest.
+    Emulated,
 }
 
 /// Most exits the probe NMI after DONE may take to come back to the guest's final HLT.
@@ -46,7 +46,7 @@ impl Engine {
         run: &mut Run<'_>,
         moved: Moved,
     ) -> Option<Verdict> {
-        // NMIs are delivered only inside KVM_RUN; after the VMM's own IRETQ, the sync-regs
+        // NMIs are delivered only inside KVM_RUN; after the VMM's own instruction, the sync-regs
         // events do not yet show a KVM_NMI made at this stop, so they must not be compared.
         if moved == Moved::Ran
             && let Some(verdict) = self.account_deliveries(vm, run)

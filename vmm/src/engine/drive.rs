@@ -194,10 +194,12 @@ impl Engine {
     /// with the breakpoints and traps of what comes next. The stepped engine is always stepping
     /// at a stop.
     fn step_from_stop(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Result<()> {
-        // Ring 3 is never stepped: where the mode would step it, an excursion runs it.
-        if !run.excursion && (run.stepping || run.wants_stepping()) && user::cpl(vm) == 3 {
+        // Ring 3 is never stepped: where the mode would step it, an excursion runs it, and
+        // otherwise a free run (a ring-3 stop is never a breakpoint's or a trap's own).
+        if !run.excursion && user::cpl(vm) == 3 {
+            run.excursion = run.stepping || run.wants_stepping();
             run.stepping = false;
-            run.excursion = true;
+            return self.apply_debug(vm, run, None);
         }
         if run.excursion {
             return self.apply_debug(vm, run, None);
@@ -268,6 +270,14 @@ impl Engine {
             if nmi_imminent(vm, run) {
                 return Ok(None);
             }
+            if insn.is_swapgs && !self.profile.swapgs_single_step {
+                vm.emulate_swapgs()?;
+                run.retire(1);
+                if let Some(verdict) = self.after_step(vm, run, Moved::Emulated) {
+                    return Ok(Some(verdict));
+                }
+                continue;
+            }
             if insn.is_sysretq {
                 self.sysretq_to_user(vm, run);
                 return Ok(None);
@@ -287,7 +297,7 @@ impl Engine {
                 self.iretq_to_user(vm, run, &frame);
                 return Ok(None);
             }
-            if self.profile.iretq_single_step || !same_privilege(vm, &frame) {
+            if self.profile.iretq_single_step || !vm.iretq_keeps_segments(&frame) {
                 return Ok(None);
             }
             // A frame pushed while the engine stepped holds its TF; returning through it in a
@@ -296,7 +306,7 @@ impl Engine {
             vm.emulate_iretq(&IretFrame { rflags, ..frame });
             run.retire(1);
             run.recorder.event(Event::Iretq { target: frame.rip, emulated: true });
-            if let Some(verdict) = self.after_step(vm, run, Moved::EmulatedIretq) {
+            if let Some(verdict) = self.after_step(vm, run, Moved::Emulated) {
                 return Ok(Some(verdict));
             }
         }
@@ -342,13 +352,6 @@ fn iret_frame(vm: &mut Vm) -> Option<IretFrame> {
     let ram = vm.ram();
     let word = |i: u64| ram.read_u64(rsp.checked_add(8 * i)?).ok();
     Some(IretFrame { rip: word(0)?, cs: word(1)?, rflags: word(2)?, rsp: word(3)?, ss: word(4)? })
-}
-
-/// Whether an IRETQ popping `frame` returns to the same privilege level and segments (the only
-/// IRETQ the VMM performs itself).
-fn same_privilege(vm: &mut Vm, frame: &IretFrame) -> bool {
-    let sregs = &vm.sync_state().sregs;
-    frame.cs == u64::from(sregs.cs.selector) && frame.ss == u64::from(sregs.ss.selector)
 }
 
 /// An exception delivered during a single-step pushes the VMM's TF in its frame's RFLAGS, where

@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 use crate::exit::Exit;
 use crate::vm::{GuestDebug, Vm};
 
+/// A `swapgs` the user workload passes before it first enters ring 3: the return to user.
+const SWAPGS_SYMBOL: &str = "return_to_user_iret";
+
 /// Steps the calibration allows itself to reach a point of interest.
 const CALIBRATION_STEPS: usize = 5_000;
 
@@ -31,6 +34,10 @@ pub struct HostProfile {
     /// Where it is not (kvm_pvm: at the next VM entry), the engine's own IRETQ gives the
     /// hardware timing.
     pub latched_nmi_at_iret: bool,
+    /// `swapgs` gets a single-step stop of its own. Where it does not (kvm_pvm), `swapgs` and the
+    /// next instruction run as one step, and the engine performs `swapgs` itself.
+    #[serde(default)]
+    pub swapgs_single_step: bool,
     /// SYSCALL from CPL3 enters CPL0, as on hardware. Where it does not (kvm_pvm: it jumps to
     /// LSTAR but stays at CPL3), the user workload's system call is a `ud2` that the guest's
     /// #UD entry turns into the SYSCALL entry; where it does, the engine has the guest use
@@ -52,6 +59,7 @@ impl HostProfile {
         event_entry_stop: false,
         int3_native: false,
         latched_nmi_at_iret: false,
+        swapgs_single_step: false,
         syscall_enters_cpl0: false,
         cpl3_single_step: false,
     };
@@ -96,6 +104,15 @@ impl HostProfile {
                 },
             ),
             (
+                "swapgs has its own single-step stop",
+                self.swapgs_single_step,
+                if self.swapgs_single_step {
+                    "the instruction after a swapgs is reached by stepping"
+                } else {
+                    "swapgs runs together with the next instruction; the VMM performs swapgs itself"
+                },
+            ),
+            (
                 "SYSCALL from ring 3 enters ring 0",
                 self.syscall_enters_cpl0,
                 if self.syscall_enters_cpl0 {
@@ -122,12 +139,13 @@ impl fmt::Display for HostProfile {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "iretq-step={} entry-stop={} int3-native={} latched-nmi-at-iret={} syscall-cpl0={} \
-             cpl3-step={}",
+            "iretq-step={} entry-stop={} int3-native={} latched-nmi-at-iret={} swapgs-step={} \
+             syscall-cpl0={} cpl3-step={}",
             yes_no(self.iretq_single_step),
             yes_no(self.event_entry_stop),
             yes_no(self.int3_native),
             yes_no(self.latched_nmi_at_iret),
+            yes_no(self.swapgs_single_step),
             yes_no(self.syscall_enters_cpl0),
             yes_no(self.cpl3_single_step)
         )
@@ -173,6 +191,7 @@ pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
             _ => {}
         }
     }
+    let swapgs_single_step = probe_swapgs_step(vm, &mut insns)?;
     let syscall_enters_cpl0 = probe_native_syscall(vm)?;
     let cpl3_single_step = probe_cpl3_step(vm)?;
     vm.reset()?;
@@ -181,12 +200,36 @@ pub fn calibrate(vm: &mut Vm) -> Result<HostProfile> {
         event_entry_stop,
         int3_native,
         latched_nmi_at_iret,
+        swapgs_single_step,
         syscall_enters_cpl0,
         cpl3_single_step,
     })
 }
 
-/// Probe 4: the user workload with real SYSCALLs, free-running. It reaches DONE only where SYSCALL
+/// Probe 4: the user workload free-running to the kernel's first `swapgs` on its way into ring
+/// 3 (a ring-0 breakpoint), then one single-step: does it stop right after the `swapgs`?
+fn probe_swapgs_step(vm: &mut Vm, insns: &mut InsnCache) -> Result<bool> {
+    vm.reset()?;
+    vm.write_script(&Script::new(Variant::LINUX, Workload::User, 1))?;
+    let swapgs = vm.image().symbol(SWAPGS_SYMBOL)?;
+    if !insns.get(vm.ram(), swapgs)?.is_swapgs {
+        return Err(Error::Calibration(format!("{SWAPGS_SYMBOL} is not a swapgs")));
+    }
+    vm.set_debug(GuestDebug { breakpoints: [Some(swapgs), None, None, None], single_step: false })?;
+    for _ in 0..CALIBRATION_STEPS {
+        if let Exit::Debug { pc, .. } = vm.run_once()?
+            && pc == swapgs
+        {
+            vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() })?;
+            let after = step(vm)?;
+            vm.set_debug(GuestDebug::default())?;
+            return Ok(after == swapgs + u64::from(insns.get(vm.ram(), swapgs)?.len));
+        }
+    }
+    Err(Error::Calibration(format!("{SWAPGS_SYMBOL} was never reached")))
+}
+
+/// Probe 5: the user workload with real SYSCALLs, free-running. It reaches DONE only where SYSCALL
 /// from CPL3 enters CPL0 (on kvm_pvm the entry's first `swapgs` faults at CPL3: a panic).
 fn probe_native_syscall(vm: &mut Vm) -> Result<bool> {
     vm.reset()?;
@@ -201,7 +244,7 @@ fn probe_native_syscall(vm: &mut Vm) -> Result<bool> {
     Ok(false)
 }
 
-/// Probe 5: the user workload free-running to its first ring-3 point, then one single-step. Does it
+/// Probe 6: the user workload free-running to its first ring-3 point, then one single-step. Does it
 /// stop at CPL3, or does the #DB leak into the guest?
 fn probe_cpl3_step(vm: &mut Vm) -> Result<bool> {
     vm.reset()?;

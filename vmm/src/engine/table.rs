@@ -1,16 +1,20 @@
 //! The guest's instruction table: every instruction of the code an NMI schedule is about (the
-//! NMI-handling code of one entry, the exception paths and the workload loop), decoded with
-//! iced-x86 and named as `symbol+offset`. Symbolic points are drawn from it, so a point is
-//! always an instruction boundary.
+//! NMI-handling code of one entry, the exception paths, the workload loop and the kernel side of
+//! ring 3), decoded with iced-x86 and named as `symbol+offset`, plus the ring-3 points (the
+//! boundary after each of the user workload's point writes: ring 3 has no other boundaries the
+//! engine stops at). Symbolic points are drawn from it, so a point is always a boundary.
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+use std::ops::Range;
+
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
 
 use crate::error::Result;
 use crate::image::{GuestImage, Symbol};
 use crate::memory::GuestRam;
 
 /// Code outside the NMI-handling range that schedules place NMIs in: the exception paths
-/// `do_nmi`'s faults take and the workload loop the NMIs interrupt.
+/// `do_nmi`'s faults take (and the user's system calls enter by) and the workload loop the
+/// NMIs interrupt. The kernel side of ring 3 is a range of its own (`ENTRY_USER_START`).
 const OTHER_PATHS: &[&str] = &["exception_common", "exception_dispatch", "workload_loop"];
 
 /// One instruction of the table.
@@ -55,6 +59,20 @@ impl InstructionTable {
                 });
             }
         })?;
+        // Ring-3 points: the boundary after each of the user workload's point writes.
+        let user_text = image.marker(nmifuzz_abi::USER_TEXT_START)?
+            ..image.marker(nmifuzz_abi::USER_TEXT_END)?;
+        for_each_insn_in(image, ram, user_text, |symbol, insn| {
+            let point = insn.op0_kind() == OpKind::Memory
+                && insn.memory_displacement64() == nmifuzz_abi::USER_POINT_ADDRESS;
+            if point {
+                insns.push(TableInsn {
+                    symbol: symbol.name.clone(),
+                    offset: insn.next_ip() - symbol.address,
+                    address: insn.next_ip(),
+                });
+            }
+        })?;
         insns.sort_by_key(|i| i.address);
         insns.dedup_by_key(|i| i.address);
         Ok(Self { insns })
@@ -91,12 +109,16 @@ pub fn iretq_sites(image: &GuestImage, ram: &GuestRam) -> Result<Vec<u64>> {
 }
 
 /// Calls `f` with every valid instruction of the paths: the sized symbols in the NMI-handling
-/// range and those of [`OTHER_PATHS`], each decoded from its start.
+/// range and those of [`OTHER_PATHS`], each decoded from its start, and the kernel side of
+/// ring 3, decoded as one run of assembly.
 fn for_each_path_insn(
     image: &GuestImage,
     ram: &GuestRam,
     mut f: impl FnMut(&Symbol, &Instruction),
 ) -> Result<()> {
+    let entry_user =
+        image.marker(nmifuzz_abi::ENTRY_USER_START)?..image.marker(nmifuzz_abi::ENTRY_USER_END)?;
+    for_each_insn_in(image, ram, entry_user, &mut f)?;
     let nmi_code =
         image.marker(nmifuzz_abi::NMI_CODE_START)?..image.marker(nmifuzz_abi::NMI_CODE_END)?;
     for symbol in image.symbols().iter().filter(|s| s.size > 0) {
@@ -110,6 +132,26 @@ fn for_each_path_insn(
             if !insn.is_invalid() {
                 f(symbol, &insn);
             }
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` with every valid instruction of the assembly in `range`, decoded from its start,
+/// and the symbol it lies in (sizeless labels included).
+fn for_each_insn_in(
+    image: &GuestImage,
+    ram: &GuestRam,
+    range: Range<u64>,
+    mut f: impl FnMut(&Symbol, &Instruction),
+) -> Result<()> {
+    let mut bytes = vec![0; (range.end - range.start) as usize];
+    ram.read(range.start, &mut bytes)?;
+    for insn in &mut Decoder::with_ip(64, &bytes, range.start, DecoderOptions::NONE) {
+        if let Some((symbol, _)) = image.locate(insn.ip())
+            && !insn.is_invalid()
+        {
+            f(symbol, &insn);
         }
     }
     Ok(())

@@ -8,7 +8,7 @@ mod ready;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_sync_regs};
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_regs, kvm_sync_regs};
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use nmifuzz_abi::{
     ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, SCRIPT_SYMBOL, Script, USER_POINT_ADDRESS, Variant,
@@ -41,6 +41,10 @@ const INT3: u8 = 0xcc;
 const NMI_VECTOR: u64 = 2;
 /// RFLAGS.RF, the resume flag.
 const RFLAGS_RF: u64 = 1 << 16;
+/// MSR_KERNEL_GS_BASE, which `swapgs` exchanges with the GS base (SDM Vol. 4, Table 2-2).
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// `swapgs` is `0f 01 f8`.
+const SWAPGS_LEN: u64 = 3;
 
 /// The five qwords IRETQ pops, in stack order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,11 +255,19 @@ impl Vm {
     }
 
     /// Performs a same-privilege IRETQ that popped `frame`: RIP, RFLAGS and RSP from the
-    /// frame, and NMIs unblocked, as every IRET does. On hosts where IRETQ and the next
+    /// frame, SS too if it is the kernel's (see [`Vm::iretq_keeps_segments`]), and NMIs
+    /// unblocked, as every IRET does. On hosts where IRETQ and the next
     /// instruction run as one single-step, this is how the VMM stops right after an IRETQ.
     /// The events go with `flags = 0`, so a KVM_NMI made at the same stop is kept.
     pub fn emulate_iretq(&mut self, frame: &IretFrame) {
         let reset_pending = self.reset_pending;
+        let snapshot_ss = self.snapshot.sregs.ss;
+        let sync = self.vcpu.sync_regs_mut();
+        // An exception from ring 3 left the null SS; an IRETQ to the kernel's SS loads it.
+        if frame.ss != u64::from(sync.sregs.ss.selector) {
+            sync.sregs.ss = snapshot_ss;
+            self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+        }
         let sync = self.vcpu.sync_regs_mut();
         sync.regs.rip = frame.rip;
         // Bit 1 of RFLAGS always reads as 1; RF is cleared by a completed instruction.
@@ -273,6 +285,34 @@ impl Vm {
     pub fn set_r11(&mut self, value: u64) {
         self.vcpu.sync_regs_mut().regs.r11 = value;
         self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    /// Performs a `swapgs` at the current RIP (3 bytes): exchanges the GS base with
+    /// MSR_KERNEL_GS_BASE and moves RIP past it. On hosts where `swapgs` and the next
+    /// instruction run as one single-step (kvm_pvm), this is how the VMM stops right after it.
+    pub fn emulate_swapgs(&mut self) -> Result<()> {
+        let mut msrs = kernel_gs_base_msr(0);
+        self.vcpu.get_msrs(&mut msrs).map_err(Error::kvm("KVM_GET_MSRS"))?;
+        let kernel_gs_base = msrs.as_slice()[0].data;
+        let sync = self.vcpu.sync_regs_mut();
+        let gs_base = sync.sregs.gs.base;
+        sync.sregs.gs.base = kernel_gs_base;
+        sync.regs.rip += SWAPGS_LEN;
+        self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+        self.vcpu.set_msrs(&kernel_gs_base_msr(gs_base)).map_err(Error::kvm("KVM_SET_MSRS"))?;
+        Ok(())
+    }
+
+    /// Whether an IRETQ popping `frame` stays in the current code segment and loads either
+    /// the current SS or the kernel's (the snapshot's): the IRETQs [`Vm::emulate_iretq`]
+    /// performs. The second kind ends an exception from ring 3 that returns to ring 0 (the
+    /// kvm_pvm system call), whose delivery left the null SS.
+    pub fn iretq_keeps_segments(&mut self, frame: &IretFrame) -> bool {
+        let kernel_ss = u64::from(self.snapshot.sregs.ss.selector);
+        let sregs = &self.vcpu.sync_regs_mut().sregs;
+        frame.cs == u64::from(sregs.cs.selector)
+            && (frame.ss == u64::from(sregs.ss.selector) || frame.ss == kernel_ss)
     }
 
     /// Writes the script the guest reads after READY, and points IDT vector 2 at the script's
@@ -400,4 +440,11 @@ pub(crate) fn classify_exit(
             Some(Verdict::UnexpectedExit { description: format!("{other:?} at {}", symbol()) })
         }
     }
+}
+
+/// A KVM_GET_MSRS / KVM_SET_MSRS list of MSR_KERNEL_GS_BASE alone, holding `data`.
+fn kernel_gs_base_msr(data: u64) -> Msrs {
+    let entry = kvm_msr_entry { index: MSR_KERNEL_GS_BASE, data, ..Default::default() };
+    // One entry is far below the list's capacity (KVM_MAX_MSR_ENTRIES).
+    Msrs::from_entries(&[entry]).expect("a one-entry MSR list")
 }
