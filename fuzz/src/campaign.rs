@@ -126,9 +126,8 @@ where
         .collect::<anyhow::Result<Vec<Schedule>>>()
         .map_err(|e| Error::unknown(format!("restating the seeds: {e:#}")))?;
     // The instruction table the generator and the mutators draw symbolic points from.
-    let table = Arc::new(
-        target.instruction_table(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?,
-    );
+    let table =
+        Arc::new(target.points(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?);
     let parts = Parts::new(target, MAP_SIZE);
 
     // Observers: the NMI states reached (`states`), and the verdict.
