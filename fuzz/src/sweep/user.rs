@@ -238,9 +238,80 @@ fn run_fast(s: &mut Sweeper, schedule: Schedule) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use vmm::engine::trace::Injected;
 
     use super::*;
+    use crate::progress::Progress;
+    use crate::sweep::{Part, Summary};
+    use crate::target::Target;
+
+    /// The user sweep of `variant` over the loop workload, with the loop's own symbols standing
+    /// in for the places around ring 3 (this guest may have no user workload yet, and the
+    /// engine's ring-3 support may not be there): the start of `workload_phase_bp` as the
+    /// "ring-3 point", the #PF phase of the loop as a "gap" (no second NMIs there: the test
+    /// stays short) and the exception return as the "return to user".
+    fn stand_in_sweep(variant: &str, stop_on_first: bool) -> Option<Summary> {
+        if std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1") {
+            return None;
+        }
+        let mut target = Target::new().unwrap();
+        let (image, ram) = (target.vm().image(), target.vm().ram());
+        let spans = [
+            (Region::ReturnToUser, vec!["exception_iretq"]),
+            (Region::NmiUserPath, vec!["workload_phase_pf"]),
+        ];
+        let regions = Regions::from_symbols(image, ram, &spans, "workload_phase_bp");
+        let progress = Progress::new(0, "runs", false);
+        let mut sweeper = Sweeper {
+            target: &mut target,
+            summary: Summary::default(),
+            progress: &progress,
+            start: Instant::now(),
+            deadline: None,
+            stop_on_first,
+            stopped: false,
+        };
+        sweeper.summary.parts.push(Part { workload: "loop", complete: true, ..Part::default() });
+        let plan = Plan { variant, workload: Workload::Loop, iterations: 4, regions: &regions };
+        sweep(&mut sweeper, &plan).unwrap();
+        Some(sweeper.summary)
+    }
+
+    #[test]
+    fn kvm_the_stand_in_sweep_places_singles_and_pairs_and_linux_survives() {
+        let start = Instant::now();
+        let Some(summary) = stand_in_sweep("linux", false) else { return };
+        let part = &summary.parts[0];
+        eprintln!("{} runs in {:.1} s: {part:?}", summary.runs, start.elapsed().as_secs_f64());
+        assert!(summary.findings.is_empty(), "{:?}", summary.findings);
+        assert!(part.complete && part.unplaced == 0, "{part:?}");
+        // The point once (one round of the four phases), the #PF phase's instructions once,
+        // the exception return after each of the three exception phases.
+        assert_eq!(part.places[&Region::UserPoint], 1, "{part:?}");
+        assert!(part.places[&Region::NmiUserPath] >= 5, "{part:?}");
+        assert!(part.places[&Region::ReturnToUser] >= 3, "{part:?}");
+        let ring0: u64 = part.places.iter().filter(|(r, _)| !r.is_ring3()).map(|(_, n)| n).sum();
+        assert_eq!(part.singles, 7 + ring0 * 6, "{part:?}");
+        // Second NMIs at every stop of the handling of the first at the point, for each of the
+        // five pair actions; the handling's exceptions return through `exception_iretq`.
+        assert_eq!(part.handling_lengths.len(), 5, "{part:?}");
+        assert!(part.pairs > 5 * 200, "{part:?}");
+        assert!(part.seconds_by_region.get(&Region::ReturnToUser) > Some(&0), "{part:?}");
+        assert_eq!(summary.runs, part.singles + part.pairs);
+    }
+
+    #[test]
+    fn kvm_the_stand_in_sweep_kills_naive() {
+        let Some(summary) = stand_in_sweep("naive", true) else { return };
+        assert_eq!(summary.findings.len(), 1, "{summary:?}");
+        assert!(summary.first_finding.is_some());
+        let finding = summary.findings.values().next().unwrap();
+        assert!(finding.message.contains("invariant violated"), "{}", finding.message);
+        // The example replays as it was found, on the stepped engine.
+        assert_eq!(finding.example.workload, Workload::Loop);
+    }
 
     #[test]
     fn actions_cover_every_fault_and_revoke_only_after_ring3() {
