@@ -125,7 +125,8 @@ where
         })
         .collect::<anyhow::Result<Vec<Schedule>>>()
         .map_err(|e| Error::unknown(format!("restating the seeds: {e:#}")))?;
-    // The instruction table the generator and the mutators draw symbolic points from.
+    // The points the generator and the mutators draw from: the instruction table and the
+    // places around ring 3.
     let table =
         Arc::new(target.points(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?);
     let parts = Parts::new(target, MAP_SIZE);
