@@ -125,10 +125,10 @@ where
         })
         .collect::<anyhow::Result<Vec<Schedule>>>()
         .map_err(|e| Error::unknown(format!("restating the seeds: {e:#}")))?;
-    // The instruction table the generator and the mutators draw symbolic points from.
-    let table = Arc::new(
-        target.instruction_table(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?,
-    );
+    // The points the generator and the mutators draw from: the instruction table and the
+    // places around ring 3.
+    let table =
+        Arc::new(target.points(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?);
     let parts = Parts::new(target, MAP_SIZE);
 
     // Observers: the NMI states reached (`states`), and the verdict.

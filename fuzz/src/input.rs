@@ -13,17 +13,25 @@
 //!
 //! # The generator (also the random baseline of evaluations)
 //! [`ScheduleGenerator`] draws, independently and uniformly:
+//! - the workload, a gene: the user workload with probability 1/2 if the guest has it
+//!   ([`Points::has_user`](crate::points::Points::has_user)), the loop otherwise; the loop
+//!   runs its default length (`workload_iterations: 0`), the user workload
+//!   [`GENERATED_USER_ITERATIONS`];
 //! - 1 to 4 injections, each a symbolic point of the guest's instruction table
-//!   ([`crate::points`]): the first in the workload loop, the others anywhere in the table (the
-//!   entry, `do_nmi`, the exception paths, the workload); occurrence 1 to 3, and a quarter of
-//!   the time 1 or 2 `extra` instructions. Symbolic points are what the fast mode runs without
-//!   stepping;
+//!   ([`crate::points`]): the first where the workload runs (in the workload loop; for the
+//!   user workload half the time at a ring-3 point, half the time in a SYSCALL gap, the
+//!   entry's user path or the return to user), the others anywhere in the table (the entry,
+//!   `do_nmi`, the exception paths, the workload, the places around ring 3); occurrence 1 to
+//!   3, and a quarter of the time 1 or 2 `extra` instructions. Symbolic points are what the
+//!   fast mode runs without stepping;
 //! - one handler action per injection, each with `busy` in `0..=16` ([`GENERATED_BUSY`]) and,
-//!   with probability 1/2, 1 or 2 faults drawn from the allowed faults (none otherwise);
+//!   with probability 1/2, 1 or 2 faults drawn from the allowed faults (none otherwise; by
+//!   default the exceptions and `revoke-cs`);
 //! - the stress option (`stress_unmask`) with probability 1/2;
-//! - the campaign's variant and the default workload (`workload_iterations: 0`).
+//! - the campaign's variant.
 //!
-//! The variant is fixed per campaign: no mutator reads or writes it.
+//! The variant is fixed per campaign: no mutator reads or writes it. [`ToggleWorkload`] flips
+//! the workload gene.
 
 use std::borrow::Cow;
 use std::hash::Hash;
@@ -39,7 +47,7 @@ use libafl::{Error, random_corpus_id};
 use libafl_bolts::rands::Rand;
 use libafl_bolts::{HasLen, Named};
 use serde::{Deserialize, Serialize};
-use vmm::engine::schedule::{Fault, HandlerAction, Injection, SCHEDULE_FORMAT, Schedule};
+use vmm::engine::schedule::{Fault, HandlerAction, Injection, SCHEDULE_FORMAT, Schedule, Workload};
 
 use crate::points::{MAX_EXTRA, Table, random_point};
 use crate::store;
@@ -56,6 +64,17 @@ pub const FUZZER_MAX_BUSY: u32 = 64;
 pub const FUZZER_MAX_FAULTS: usize = 3;
 /// The generator's largest `busy`.
 pub const GENERATED_BUSY: u32 = 16;
+/// Iterations of the user workload in the schedules the fuzzer makes: each point is reached
+/// once per iteration, so the generator's occurrences (1 to 3) all come.
+pub const GENERATED_USER_ITERATIONS: u32 = 3;
+
+/// The `workload_iterations` the fuzzer gives a schedule of `workload`.
+pub fn generated_iterations(workload: Workload) -> u32 {
+    match workload {
+        Workload::Loop => 0,
+        Workload::User => GENERATED_USER_ITERATIONS,
+    }
+}
 
 /// The input: a schedule. JSON on disk (the reproducer format `nmifuzz replay` reads),
 /// postcard inside LibAFL (the schedule types are externally tagged and skip no field).
@@ -100,14 +119,23 @@ impl ScheduleGenerator {
 
     /// One schedule from `rand`.
     pub fn schedule<R: Rand>(&self, rand: &mut R) -> Schedule {
+        // A guest without the user workload draws exactly what it drew before the gene.
+        let workload = if self.table.has_user() && rand.coinflip(0.5) {
+            Workload::User
+        } else {
+            Workload::Loop
+        };
         let count = rand.between(1, 4);
-        let injections = (0..count).map(|k| random_point(rand, &self.table, k == 0)).collect();
+        let injections = (0..count)
+            .map(|k| random_point(rand, &self.table, (k == 0).then_some(workload)))
+            .collect();
         let actions = (0..count).map(|_| self.action(rand)).collect();
         Schedule {
             format: SCHEDULE_FORMAT,
             description: String::new(),
             variant: self.variant.clone(),
-            workload_iterations: 0,
+            workload,
+            workload_iterations: generated_iterations(workload),
             stress_unmask: rand.coinflip(0.5),
             actions,
             injections,
@@ -190,8 +218,8 @@ fn shift(value: u64, delta: i64) -> u64 {
     value.saturating_add_signed(delta).min(FUZZER_MAX_DELAY)
 }
 
-/// Inserts a new injection anywhere: a random point of the table (in the workload loop when
-/// it comes first).
+/// Inserts a new injection anywhere: a random point of the table (where the workload runs
+/// when it comes first).
 pub struct InsertInjection {
     table: Table,
 }
@@ -210,7 +238,8 @@ impl<S: HasRand> Mutator<NmiInput, S> for InsertInjection {
         }
         let rand = state.rand_mut();
         let at = rand.below_or_zero(injections.len() + 1);
-        injections.insert(at, random_point(rand, &self.table, at == 0));
+        let first_of = (at == 0).then_some(input.0.workload);
+        injections.insert(at, random_point(rand, &self.table, first_of));
         Ok(MutationResult::Mutated)
     }
     fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
@@ -433,6 +462,44 @@ impl<S: HasRand + HasCorpus<NmiInput>> Mutator<NmiInput, S> for SpliceSchedules 
     }
 }
 
+/// Flips the workload gene (loop, user), when the guest has the user workload. The length
+/// becomes the new workload's generated one, and a first NMI placed where the old workload
+/// runs moves to where the new one does (it would never come otherwise).
+pub struct ToggleWorkload {
+    table: Table,
+}
+named!(@impl ToggleWorkload);
+impl ToggleWorkload {
+    /// A mutator drawing new first points from `table`.
+    pub fn new(table: &Table) -> Self {
+        Self { table: Arc::clone(table) }
+    }
+}
+impl<S: HasRand> Mutator<NmiInput, S> for ToggleWorkload {
+    fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
+        if !self.table.has_user() {
+            return Ok(MutationResult::Skipped);
+        }
+        let schedule = &mut input.0;
+        let old = schedule.workload;
+        let new = match old {
+            Workload::Loop => Workload::User,
+            Workload::User => Workload::Loop,
+        };
+        schedule.workload = new;
+        schedule.workload_iterations = generated_iterations(new);
+        if let Some(Injection::At(point)) = schedule.injections.first()
+            && self.table.is_first(old, &point.symbol, point.offset)
+        {
+            schedule.injections[0] = random_point(state.rand_mut(), &self.table, Some(new));
+        }
+        Ok(MutationResult::Mutated)
+    }
+    fn post_exec(&mut self, _: &mut S, _: Option<CorpusId>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
 /// Every mutator, for LibAFL's havoc scheduler.
 #[macro_export]
 macro_rules! nmi_mutations {
@@ -452,6 +519,7 @@ macro_rules! nmi_mutations {
             $crate::points::ShiftOccurrence::new($table),
             $crate::points::ToggleExtra::new($table),
             $crate::points::ToggleStress,
+            $crate::input::ToggleWorkload::new($table),
         )
     };
 }
@@ -466,22 +534,33 @@ mod tests {
     use vmm::engine::table::{InstructionTable, TableInsn};
 
     use super::*;
-    use crate::points::{JumpPoint, ShiftOccurrence, StepPoint, ToggleExtra, ToggleStress};
+    use crate::points::{JumpPoint, Points, ShiftOccurrence, StepPoint, ToggleExtra, ToggleStress};
+    use crate::ring3::Region;
 
     type TestState =
         StdState<InMemoryCorpus<NmiInput>, NmiInput, StdRand, InMemoryCorpus<NmiInput>>;
 
-    /// A small table: a workload loop of 6 instructions and a handler of 4.
-    fn table() -> Table {
-        let insn = |symbol: &str, base: u64, offset: u64| TableInsn {
-            symbol: symbol.into(),
-            offset,
-            address: base + offset,
-        };
+    fn insn(symbol: &str, base: u64, offset: u64) -> TableInsn {
+        TableInsn { symbol: symbol.into(), offset, address: base + offset }
+    }
+
+    /// A small table without the user workload: a workload loop of 6 instructions and a
+    /// handler of 4.
+    fn loop_table() -> Table {
         let mut insns: Vec<TableInsn> =
             (0..6).map(|i| insn("workload_loop", 0x1000, 2 * i)).collect();
         insns.extend((0..4).map(|i| insn("do_nmi", 0x2000, 3 * i)));
-        Arc::new(InstructionTable::from_insns(insns))
+        Arc::new(Points::new(InstructionTable::from_insns(insns), Vec::new()))
+    }
+
+    /// The same with the user workload: 3 ring-3 points and a SYSCALL gap of 3 instructions.
+    fn table() -> Table {
+        let base = loop_table();
+        let mut ring3: Vec<(TableInsn, Region)> = (0..3)
+            .map(|i| (insn(&format!("user_point_{i}"), 0x400_000 + 16 * i, 2), Region::UserPoint))
+            .collect();
+        ring3.extend((0..3).map(|i| (insn("entry_SYSCALL_64", 0x3000, 3 * i), Region::SyscallGap)));
+        Arc::new(Points::new(InstructionTable::from_insns(base.insns().to_vec()), ring3))
     }
 
     fn generator(faults: &[Fault]) -> ScheduleGenerator {
@@ -518,6 +597,7 @@ mod tests {
         for action in &schedule.actions {
             assert!(action.busy <= FUZZER_MAX_BUSY && action.faults.len() <= FUZZER_MAX_FAULTS);
         }
+        assert_eq!(schedule.workload_iterations, generated_iterations(schedule.workload));
     }
 
     #[test]
@@ -526,17 +606,30 @@ mod tests {
         let mut rand = StdRand::with_seed(7);
         let (mut saw_faults, mut saw_stress, mut saw_extra, mut saw_handler) =
             (false, false, false, false);
+        let (mut users, mut first_at_user_points, mut revoked) = (0, 0, false);
         for _ in 0..2_000 {
             let s = generator.schedule(&mut rand);
             assert_within_limits(&s);
             assert!((1..=4).contains(&s.injections.len()));
             assert_eq!(s.actions.len(), s.injections.len());
             saw_stress |= s.stress_unmask;
+            users += usize::from(s.workload == Workload::User);
             for (k, injection) in s.injections.iter().enumerate() {
                 let Injection::At(p) = injection else { panic!("not a point: {injection:?}") };
                 assert!((1..=3).contains(&p.occurrence) && p.extra <= 2, "{p:?}");
                 if k == 0 {
-                    assert_eq!(p.symbol, "workload_loop", "the first NMI strikes the workload");
+                    // The first NMI strikes where the workload runs.
+                    match s.workload {
+                        Workload::Loop => assert_eq!(p.symbol, "workload_loop"),
+                        Workload::User => {
+                            assert!(
+                                p.symbol.starts_with("user_point_")
+                                    || p.symbol == "entry_SYSCALL_64",
+                                "{p:?}"
+                            );
+                            first_at_user_points += usize::from(p.symbol.starts_with("user_"));
+                        }
+                    }
                 }
                 saw_extra |= p.extra > 0;
                 saw_handler |= p.symbol == "do_nmi";
@@ -544,9 +637,50 @@ mod tests {
             for action in &s.actions {
                 assert!(action.busy <= GENERATED_BUSY && action.faults.len() <= 2);
                 saw_faults |= !action.faults.is_empty();
+                revoked |= action.faults.contains(&Fault::RevokeCs);
             }
         }
-        assert!(saw_faults && saw_stress && saw_extra && saw_handler);
+        assert!(saw_faults && saw_stress && saw_extra && saw_handler && revoked);
+        assert!((900..1100).contains(&users), "{users} of 2000 user schedules");
+        assert!(
+            (users * 2 / 5..users * 3 / 5).contains(&first_at_user_points),
+            "{first_at_user_points} of {users} user schedules begin at a ring-3 point"
+        );
+    }
+
+    #[test]
+    fn without_the_user_workload_the_generator_draws_what_it_drew_before() {
+        let (with, without) =
+            (generator(Fault::ALL), ScheduleGenerator::new("naive", Fault::ALL, &loop_table()));
+        let (mut a, mut b) = (StdRand::with_seed(9), StdRand::with_seed(9));
+        for _ in 0..200 {
+            let s = without.schedule(&mut a);
+            assert_eq!((s.workload, s.workload_iterations), (Workload::Loop, 0));
+            let Injection::At(first) = &s.injections[0] else { panic!("{s:?}") };
+            assert_eq!(first.symbol, "workload_loop");
+        }
+        // With the user workload, the loop schedules are drawn as often as the user ones.
+        let loops = (0..200).filter(|_| with.schedule(&mut b).workload == Workload::Loop).count();
+        assert!((70..130).contains(&loops), "{loops}");
+    }
+
+    #[test]
+    fn toggling_the_workload_moves_the_first_nmi_where_the_new_workload_runs() {
+        let mut state = state(13);
+        let mut toggle = ToggleWorkload::new(&table());
+        let generator = generator(Fault::ALL);
+        for _ in 0..200 {
+            let mut input = NmiInput(generator.schedule(state.rand_mut()));
+            let before = input.0.workload;
+            assert_eq!(toggle.mutate(&mut state, &mut input).unwrap(), MutationResult::Mutated);
+            assert_ne!(input.0.workload, before);
+            assert_within_limits(&input.0);
+            let Injection::At(first) = &input.0.injections[0] else { panic!("{input:?}") };
+            assert!(table().is_first(input.0.workload, &first.symbol, first.offset), "{first:?}");
+        }
+        let mut input = NmiInput(generator.schedule(state.rand_mut()));
+        let mut without = ToggleWorkload::new(&loop_table());
+        assert_eq!(without.mutate(&mut state, &mut input).unwrap(), MutationResult::Skipped);
     }
 
     #[test]
@@ -614,6 +748,7 @@ mod tests {
         check(&mut ShiftOccurrence::new(&table()), &mut state, &generator);
         check(&mut ToggleExtra::new(&table()), &mut state, &generator);
         check(&mut ToggleStress, &mut state, &generator);
+        check(&mut ToggleWorkload::new(&table()), &mut state, &generator);
     }
 
     #[test]
@@ -635,10 +770,26 @@ mod tests {
             guest_hash: "00".into(),
             host_profile: "p".into(),
         });
-        let input = NmiInput(schedule);
-        let bytes = postcard::to_allocvec(&input).unwrap();
-        assert_eq!(postcard::from_bytes::<NmiInput>(&bytes).unwrap(), input);
-        let json = serde_json::to_string(&input).unwrap();
-        assert_eq!(Schedule::from_json(json.as_bytes(), Path::new("x")).unwrap(), input.0);
+        for workload in Workload::ALL {
+            let input = NmiInput(Schedule { workload: *workload, ..schedule.clone() });
+            let bytes = postcard::to_allocvec(&input).unwrap();
+            assert_eq!(postcard::from_bytes::<NmiInput>(&bytes).unwrap(), input);
+            let json = serde_json::to_string(&input).unwrap();
+            assert_eq!(Schedule::from_json(json.as_bytes(), Path::new("x")).unwrap(), input.0);
+        }
+    }
+
+    #[test]
+    fn inputs_saved_before_the_workload_gene_load_as_loop_schedules() {
+        // The seeds of ./corpus, written before the gene, and their corpus names.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let input = NmiInput::from_file(entry.unwrap().path()).unwrap();
+            assert_eq!(input.0.workload, Workload::Loop);
+            assert!(!serde_json::to_string(&input).unwrap().contains("workload\""));
+            seen += 1;
+        }
+        assert!(seen >= 7);
     }
 }

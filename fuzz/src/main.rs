@@ -17,6 +17,7 @@ mod options;
 mod points;
 mod progress;
 mod replay;
+mod ring3;
 mod shmem;
 mod smoke;
 mod states;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use nmifuzz_abi::Variant;
-use vmm::engine::schedule::{Fault, variant_names};
+use vmm::engine::schedule::{Fault, MAX_USER_ITERATIONS, variant_names};
 
 /// Default wall-clock limit of one execution, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
@@ -56,8 +56,14 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Check KVM and print this host's stepping and NMI profile and what it means.
     Doctor,
-    /// Exhaustively place a second NMI at every instruction of a first NMI's handling, and a
-    /// third in a window after the second. Exits 1 if any run fails.
+    /// Exhaustively place NMIs: for the loop workload, a second NMI at every instruction of a
+    /// first NMI's handling and a third in a window after the second; for the user workload,
+    /// one NMI at every boundary of the SYSCALL gaps and the return to user and at every
+    /// ring-3 point, and a second at every boundary of the handling of those after ring 3 and
+    /// in the gaps. Exits 1 if any run fails.
+    ///
+    /// Without --workload both sweeps run, the loop's first; the user sweep is left out on a
+    /// guest without the user workload.
     Sweep(SweepArgs),
     /// Soak the VMM with the most hostile inputs: raw script bytes past validation, schedules
     /// at every limit, and NMI handlers that scribble over the guest's IDT, GDT, TSS, page
@@ -120,12 +126,30 @@ pub struct SweepArgs {
     /// Iterations of the workload loop.
     #[arg(long, default_value_t = 20)]
     pub workload_iterations: u32,
+    /// Which workload's sweep to run: `loop`, `user` or `both` (the loop's first).
+    #[arg(long, value_enum, default_value_t = SweepWorkload::Both)]
+    pub workload: SweepWorkload,
+    /// Iterations of the user workload in the user sweep: every stop of each is swept, so the
+    /// runs grow with it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_USER_ITERATIONS)))]
+    pub user_iterations: u32,
     /// Stop at the first failing run.
     #[arg(long)]
     pub stop_on_first: bool,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The `--workload` of `nmifuzz sweep`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SweepWorkload {
+    /// The loop sweep: nested NMIs over the ring-0 workload loop.
+    Loop,
+    /// The user sweep: NMIs around ring 3.
+    User,
+    /// Both, the loop's first.
+    Both,
 }
 
 /// Arguments of `nmifuzz chaos`.

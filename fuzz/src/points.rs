@@ -1,10 +1,14 @@
 //! Symbolic points for the fast mode: drawn from the guest's instruction table
 //! (`vmm::engine::table`: the variant's entry, `do_nmi`, the exception paths and the workload
-//! loop, decoded with iced-x86), and the mutators that move them: to the next or previous
-//! instruction, to another place of the table, by one occurrence, with or without a few
-//! `extra` stepped instructions. Plus the mutator of the schedule's stress option.
+//! loop, decoded with iced-x86) and the places around ring 3 ([`crate::ring3`]: the ring-3
+//! points, the SYSCALL gaps, the entry's user path, the return to user), and the mutators that
+//! move them: to the next or previous instruction, to another place of the table, by one
+//! occurrence, with or without a few `extra` stepped instructions. Plus the mutator of the
+//! schedule's stress option.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::ops::Deref;
 use std::sync::Arc;
 
 use libafl::Error;
@@ -13,38 +17,114 @@ use libafl::mutators::{MutationResult, Mutator};
 use libafl::state::HasRand;
 use libafl_bolts::Named;
 use libafl_bolts::rands::Rand;
-use vmm::engine::schedule::{Injection, Point};
+use vmm::engine::schedule::{Injection, Point, Workload};
 use vmm::engine::table::{InstructionTable, TableInsn};
 
 use crate::input::NmiInput;
+use crate::ring3::Region;
 
 /// Largest `occurrence` the fuzzer sets.
 pub const MAX_OCCURRENCE: u32 = 8;
 /// Largest `extra` the fuzzer sets: extras are stepped, so they stay small.
 pub const MAX_EXTRA: u64 = 8;
-/// The symbol of the workload loop, where the first NMI of a generated schedule goes.
+/// The symbol of the workload loop, where the first NMI of a generated loop schedule goes.
 const WORKLOAD: &str = "workload_loop";
 
-/// The instruction table the points come from, shared by the generator and the mutators.
-pub type Table = Arc<InstructionTable>;
+/// The points shared by the generator and the mutators.
+pub type Table = Arc<Points>;
+
+/// The instruction table with the places around ring 3 added (those it does not have
+/// already), and where the first NMI of each workload goes. Derefs to the table.
+#[derive(Clone, Debug, Default)]
+pub struct Points {
+    table: InstructionTable,
+    /// Positions of the workload loop's instructions.
+    loop_first: Vec<usize>,
+    /// Positions of the ring-3 points.
+    user_points: Vec<usize>,
+    /// Positions of the ring-0 places around ring 3.
+    around_ring3: Vec<usize>,
+}
+
+impl Points {
+    /// `table` and the instructions `around_ring3` (with the region of each) merged, in
+    /// address order.
+    pub fn new(table: InstructionTable, around_ring3: Vec<(TableInsn, Region)>) -> Self {
+        let regions: HashMap<u64, Region> =
+            around_ring3.iter().map(|(insn, region)| (insn.address, *region)).collect();
+        let mut insns = table.insns().to_vec();
+        let known: HashSet<u64> = insns.iter().map(|i| i.address).collect();
+        insns.extend(
+            around_ring3.into_iter().filter(|(i, _)| !known.contains(&i.address)).map(|(i, _)| i),
+        );
+        let mut points = Self { table: InstructionTable::from_insns(insns), ..Self::default() };
+        for (position, insn) in points.table.insns().iter().enumerate() {
+            match regions.get(&insn.address) {
+                Some(Region::UserPoint) => points.user_points.push(position),
+                Some(_) => points.around_ring3.push(position),
+                None if insn.symbol == WORKLOAD => points.loop_first.push(position),
+                None => {}
+            }
+        }
+        points
+    }
+
+    /// Whether the guest has the user workload (its ring-3 points).
+    pub fn has_user(&self) -> bool {
+        !self.user_points.is_empty()
+    }
+
+    /// Where the first NMI of a `workload` schedule may go: the workload loop; for the user
+    /// workload half the time a ring-3 point, half the time a ring-0 place around ring 3.
+    /// Empty if the guest has none.
+    fn first<R: Rand>(&self, rand: &mut R, workload: Workload) -> &[usize] {
+        match workload {
+            Workload::Loop => &self.loop_first,
+            Workload::User if self.around_ring3.is_empty() || rand.coinflip(0.5) => {
+                &self.user_points
+            }
+            Workload::User => &self.around_ring3,
+        }
+    }
+
+    /// Whether the point `symbol+offset` is one the first NMI of `workload` may go to.
+    pub fn is_first(&self, workload: Workload, symbol: &str, offset: u64) -> bool {
+        let Some(position) = self.table.position(symbol, offset) else { return false };
+        match workload {
+            Workload::Loop => self.loop_first.contains(&position),
+            Workload::User => {
+                self.user_points.contains(&position) || self.around_ring3.contains(&position)
+            }
+        }
+    }
+}
+
+impl Deref for Points {
+    type Target = InstructionTable;
+
+    fn deref(&self) -> &InstructionTable {
+        &self.table
+    }
+}
 
 fn point_at(insn: &TableInsn, occurrence: u32, extra: u64) -> Injection {
     Injection::At(Point { symbol: insn.symbol.clone(), offset: insn.offset, occurrence, extra })
 }
 
-/// A random point: in the workload loop if `in_workload`, anywhere in the table otherwise;
-/// occurrence 1 to 3, and a quarter of the time 1 to 2 extra instructions.
+/// A random point: where the first NMI of a `first_of` schedule goes ([`Points`]), or
+/// anywhere in the table for `None` (and when the guest has no such place); occurrence 1 to
+/// 3, and a quarter of the time 1 to 2 extra instructions.
 pub fn random_point<R: Rand>(
     rand: &mut R,
-    table: &InstructionTable,
-    in_workload: bool,
+    points: &Points,
+    first_of: Option<Workload>,
 ) -> Injection {
-    let insns = table.insns();
-    let workload: Vec<&TableInsn> = insns.iter().filter(|i| i.symbol == WORKLOAD).collect();
-    let insn = if in_workload && !workload.is_empty() {
-        workload[rand.below_or_zero(workload.len())]
-    } else {
+    let insns = points.insns();
+    let first = first_of.map_or(&[][..], |workload| points.first(rand, workload));
+    let insn = if first.is_empty() {
         &insns[rand.below_or_zero(insns.len())]
+    } else {
+        &insns[first[rand.below_or_zero(first.len())]]
     };
     let occurrence = rand.between(1, 3) as u32;
     let extra = if rand.coinflip(0.25) { rand.between(1, 2) as u64 } else { 0 };
@@ -133,7 +213,8 @@ table_mutator!(
 impl<S: HasRand> Mutator<NmiInput, S> for JumpPoint {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         let rand = state.rand_mut();
-        let fresh = random_point(rand, &self.table, input.0.injections.is_empty());
+        let first_of = input.0.injections.is_empty().then_some(input.0.workload);
+        let fresh = random_point(rand, &self.table, first_of);
         match pick_point(rand, input, &self.table) {
             Some((k, _)) if input.0.injections[k] != fresh => input.0.injections[k] = fresh,
             Some(_) => return Ok(MutationResult::Skipped),

@@ -20,6 +20,7 @@ use crate::target::Target;
 struct Replayed<'a> {
     file: &'a Path,
     variant: &'a str,
+    workload: &'static str,
     verdict: &'static str,
     message: String,
     instructions: u64,
@@ -65,6 +66,7 @@ pub fn run(args: &ReplayArgs) -> Result<bool> {
         let replayed = Replayed {
             file,
             variant: &schedule.variant,
+            workload: schedule.workload.name(),
             verdict: verdict.kind(),
             message: verdict.to_string(),
             instructions: execution.instructions,
@@ -87,8 +89,9 @@ fn print_summary(r: &Replayed<'_>, execution: &Execution) {
     let nmi = &r.nmi;
     println!("{}: {} [{}]", r.file.display(), r.message, r.verdict);
     println!(
-        "  variant {}, {} instructions stepped, {} exits, {:.2} ms, trace {}",
+        "  variant {}, {} workload, {} instructions stepped, {} exits, {:.2} ms, trace {}",
         r.variant,
+        r.workload,
         r.instructions,
         r.exits,
         r.elapsed_us as f64 / 1000.0,

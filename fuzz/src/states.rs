@@ -6,8 +6,10 @@
 //!   returns to);
 //! - where the guest was: exact (the offset) inside the variant's entry assembly, coarse
 //!   elsewhere: `do_nmi`, each exception vector's stub, the common exception path, the
-//!   workload, other NMI-handling code, anything else. For a delivery that is where the NMI
-//!   struck, which is what the entry's decision (first, nested, inside the repeat window)
+//!   workload, other NMI-handling code, anything else; around ring 3 ([`crate::ring3`]): each
+//!   ring-3 point by number, other ring-3 code, the SYSCALL entry gap, the exit gap, the
+//!   entry's user path and the return to user. For a delivery that is where the NMI struck,
+//!   which is what the entry's decision (first, nested, inside the repeat window, from user)
 //!   depends on; the depth after it shows which way the entry went as far as the host sees;
 //! - the nesting depth, the "NMI executing" variable and the NMIs still undelivered (latched),
 //!   each capped at a few values.
@@ -25,6 +27,9 @@ use std::ops::Range;
 use nmifuzz_abi::Variant;
 use vmm::GuestImage;
 use vmm::engine::observe::{Moment, NmiObserver, NmiState};
+use vmm::memory::GuestRam;
+
+use crate::ring3::{Region, Regions};
 
 /// Bytes of the coverage map.
 pub const MAP_SIZE: usize = 4096;
@@ -44,6 +49,12 @@ enum Place {
     Workload,
     OtherNmiCode,
     Elsewhere,
+    /// This ring-3 point (by number, in address order).
+    UserPoint(usize),
+    /// Ring-3 code other than the points.
+    UserCode,
+    /// A ring-0 region around ring 3.
+    AroundRing3(Region),
 }
 
 /// The guest's code regions a key names, for one variant.
@@ -54,11 +65,12 @@ pub struct Places {
     exception_path: Vec<Range<u64>>,
     workload: Range<u64>,
     nmi_code: Range<u64>,
+    ring3: Regions,
 }
 
 impl Places {
-    /// The regions of `image` for the entry of `variant`.
-    pub fn new(image: &GuestImage, variant: Variant) -> Self {
+    /// The regions of `image` (loaded in `ram`) for the entry of `variant`.
+    pub fn new(image: &GuestImage, ram: &GuestRam, variant: Variant) -> Self {
         let sized = |name: &str| {
             image
                 .symbols()
@@ -74,6 +86,7 @@ impl Places {
             exception_path: vec![sized("exception_common"), sized("exception_dispatch")],
             workload: sized("workload_loop"),
             nmi_code: marker(nmifuzz_abi::NMI_CODE_START)..marker(nmifuzz_abi::NMI_CODE_END),
+            ring3: Regions::new(image, ram, variant),
         }
     }
 
@@ -88,8 +101,14 @@ impl Places {
             Place::ExceptionPath
         } else if self.workload.contains(&rip) {
             Place::Workload
+        } else if let Some(point) = self.ring3.point_index(rip) {
+            Place::UserPoint(point)
+        } else if let Some(region) = self.ring3.classify(rip) {
+            Place::AroundRing3(region)
         } else if self.nmi_code.contains(&rip) {
             Place::OtherNmiCode
+        } else if self.ring3.in_user_code(rip) {
+            Place::UserCode
         } else {
             Place::Elsewhere
         }

@@ -6,10 +6,12 @@ use nmifuzz_abi::Variant;
 use vmm::engine::profile::{self, HostProfile};
 use vmm::engine::schedule::{Injection, Origin, Plan, Schedule};
 use vmm::engine::symbolic::{symbolic_injections, symbolic_triggers};
-use vmm::engine::table::InstructionTable;
+use vmm::engine::table::{InstructionTable, TableInsn};
 use vmm::engine::{Engine, Execution, RunOptions};
 use vmm::{RunLimits, Vm, VmConfig};
 
+use crate::points::Points;
+use crate::ring3::Regions;
 use crate::states::{Places, StateMap};
 
 /// The engine's options for one execution with a wall-clock limit of `timeout_ms`, the same
@@ -56,6 +58,31 @@ impl Target {
     pub fn instruction_table(&self, variant: &str) -> Result<InstructionTable> {
         let variant = Variant::from_name(variant).context("unknown variant")?;
         Ok(InstructionTable::build(self.vm.image(), self.vm.ram(), variant.entry_symbol())?)
+    }
+
+    /// The places around ring 3 of `variant` ([`crate::ring3`]).
+    pub fn regions(&self, variant: &str) -> Result<Regions> {
+        let variant = Variant::from_name(variant).context("unknown variant")?;
+        Ok(Regions::new(self.vm.image(), self.vm.ram(), variant))
+    }
+
+    /// The symbolic points the generator and the mutators of `variant` draw from: its
+    /// instruction table and the places around ring 3 ([`Points`]).
+    pub fn points(&self, variant: &str) -> Result<Points> {
+        let table = self.instruction_table(variant)?;
+        let regions = self.regions(variant)?;
+        let image = self.vm.image();
+        let around_ring3 = regions
+            .insns()
+            .iter()
+            .filter_map(|&(address, region)| {
+                let (symbol, offset) = image.locate(address)?;
+                // A point names the first symbol of its name (names can repeat).
+                (image.symbol(&symbol.name).ok()? == symbol.address)
+                    .then(|| (TableInsn { symbol: symbol.name.clone(), offset, address }, region))
+            })
+            .collect();
+        Ok(Points::new(table, around_ring3))
     }
 
     /// Whether a symbolic point at `address` is reached alike by both modes
@@ -125,7 +152,7 @@ impl Target {
         let plan = schedule.resolve(self.vm.image())?;
         let variant = schedule.variant()?;
         if self.places.as_ref().is_none_or(|(v, _)| *v != variant) {
-            self.places = Some((variant, Places::new(self.vm.image(), variant)));
+            self.places = Some((variant, Places::new(self.vm.image(), self.vm.ram(), variant)));
         }
         let (_, places) = self.places.as_ref().expect("set above");
         let mut observer = StateMap::new(places, coverage);

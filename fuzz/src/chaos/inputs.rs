@@ -11,6 +11,9 @@
 //! - [`Kind::Scribble`]: an ordinary schedule whose handler actions overwrite random bytes of
 //!   the IDT, GDT, TSS, page tables, NMI or exception stacks, mailbox or script.
 //!
+//! The schedules run the loop workload and, a quarter of the time, the ring-3 user workload,
+//! with every fault (`revoke-cs` included); a raw script may name any finite workload.
+//!
 //! Nothing here asks on purpose for what must end in the watchdog (the `Spin` workload,
 //! workloads longer than a run's wall-clock limit): a timeout comes from what the hostile bytes
 //! did to the guest (an endless exception loop, a garbled iteration count).
@@ -22,8 +25,9 @@ use nmifuzz_abi::{
 };
 use vmm::GuestImage;
 use vmm::engine::schedule::{
-    Fault, HandlerAction, Injection, MAX_OCCURRENCE, MAX_WORKLOAD_ITERATIONS, Plan, Point,
-    SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, SCHEDULE_MAX_INJECTIONS, Schedule,
+    self, Fault, HandlerAction, Injection, MAX_OCCURRENCE, MAX_USER_ITERATIONS,
+    MAX_WORKLOAD_ITERATIONS, Plan, Point, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY,
+    SCHEDULE_MAX_INJECTIONS, Schedule,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -52,8 +56,9 @@ impl Kind {
 
 /// Workload codes a raw script with a valid header may carry: every workload that ends by
 /// itself within a run's limit when its argument is small (not `Spin`, which never does).
-const FINITE_WORKLOADS: [Workload; 8] = [
+const FINITE_WORKLOADS: [Workload; 9] = [
     Workload::Loop,
+    Workload::User,
     Workload::Panic,
     Workload::TripleFault,
     Workload::EmulationError,
@@ -176,7 +181,10 @@ impl<'a> Inputs<'a> {
             }
             4 => {
                 // The longest workload, with its NMIs early so the rest runs free.
-                schedule.workload_iterations = MAX_WORKLOAD_ITERATIONS;
+                schedule.workload_iterations = match schedule.workload {
+                    schedule::Workload::Loop => MAX_WORKLOAD_ITERATIONS,
+                    schedule::Workload::User => MAX_USER_ITERATIONS,
+                };
             }
             5 => {
                 // Symbolic points anywhere, reached at most a few times or never.
@@ -229,14 +237,22 @@ impl<'a> Inputs<'a> {
     }
 
     /// An ordinary schedule of 1 to `most` NMIs, each `after` 0 to 399 instructions, each
-    /// handler with a little busy work and, half the time, faults.
+    /// handler with a little busy work and, half the time, faults; a quarter of the time on 1
+    /// to 3 iterations of the user workload (where `after` counts the ring-0 instructions its
+    /// system calls and returns to user run, and the NMIs may strike at its ring-3 points).
     fn schedule(&mut self, most: usize) -> Schedule {
         let count = self.rand.between(1, most);
+        let (workload, workload_iterations) = if self.rand.coinflip(0.25) {
+            (schedule::Workload::User, self.rand.between(1, 3) as u32)
+        } else {
+            (schedule::Workload::Loop, 0)
+        };
         Schedule {
             format: SCHEDULE_FORMAT,
             description: String::new(),
             variant: self.variant.name().to_owned(),
-            workload_iterations: 0,
+            workload,
+            workload_iterations,
             stress_unmask: false,
             actions: (0..count)
                 .map(|_| HandlerAction {

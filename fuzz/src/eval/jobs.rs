@@ -13,7 +13,7 @@ use crate::executor::Limits;
 use crate::input::ScheduleGenerator;
 use crate::launch::{self, Clients, Setup};
 use crate::options::DEFAULT_TIMEOUT_MS;
-use crate::options::{EvalJobArgs, SweepArgs};
+use crate::options::{EvalJobArgs, SweepArgs, SweepWorkload};
 use crate::progress::Progress;
 use crate::sweep;
 use crate::target::{self, Target};
@@ -37,6 +37,8 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
         placements: 1,
         third_window: if args.quick { 2 } else { 8 },
         workload_iterations: 20,
+        workload: SweepWorkload::Both,
+        user_iterations: 1,
         stop_on_first: true,
         json: true,
     };
@@ -65,7 +67,7 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
 /// mode) with the same per-execution options, without feedback, until a finding or the limit.
 fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
     let mut target = Target::new()?;
-    let table = std::sync::Arc::new(target.instruction_table(&args.variant)?);
+    let table = std::sync::Arc::new(target.points(&args.variant)?);
     let generator = ScheduleGenerator::new(&args.variant, Fault::ALL, &table);
     let mut rand = StdRand::with_seed(args.seed);
     let options = vmm::engine::RunOptions {

@@ -1,7 +1,8 @@
 //! The schedule's types, as they are on disk (JSON) and inside LibAFL (postcard).
 
 use nmifuzz_abi::fault;
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::Origin;
 
@@ -9,7 +10,11 @@ use super::Origin;
 pub const SCHEDULE_FORMAT: u32 = 1;
 
 /// A schedule, as written on disk.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Serialized field by field in this order (see the `Serialize` impl below): JSON leaves out
+/// `workload` when it is the default, so every schedule written before the field existed keeps
+/// its bytes and its content hash; postcard always writes every field.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
     /// [`SCHEDULE_FORMAT`].
@@ -19,7 +24,10 @@ pub struct Schedule {
     pub description: String,
     /// The NMI entry variant (`nmifuzz variants` lists them).
     pub variant: String,
-    /// Iterations of the workload loop the NMIs interrupt (0: the guest's default).
+    /// The code the NMIs interrupt; absent means [`Workload::Loop`].
+    #[serde(default)]
+    pub workload: Workload,
+    /// Iterations of the workload the NMIs interrupt (0: the guest's default).
     #[serde(default)]
     pub workload_iterations: u32,
     /// The `linux`-derived entries' stress mode (`nmifuzz_abi::option::STRESS_UNMASK`): NMIs
@@ -36,6 +44,64 @@ pub struct Schedule {
     pub origin: Option<Origin>,
 }
 
+impl Serialize for Schedule {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Only a human-readable format (JSON) may leave a field out: postcard, which LibAFL
+        // uses, reads a struct as all of its fields in order (libafl-notes: no
+        // `skip_serializing_if`).
+        let omit_workload = serializer.is_human_readable() && self.workload == Workload::Loop;
+        let mut s = serializer.serialize_struct("Schedule", 9 - usize::from(omit_workload))?;
+        s.serialize_field("format", &self.format)?;
+        s.serialize_field("description", &self.description)?;
+        s.serialize_field("variant", &self.variant)?;
+        if omit_workload {
+            s.skip_field("workload")?;
+        } else {
+            s.serialize_field("workload", &self.workload)?;
+        }
+        s.serialize_field("workload_iterations", &self.workload_iterations)?;
+        s.serialize_field("stress_unmask", &self.stress_unmask)?;
+        s.serialize_field("actions", &self.actions)?;
+        s.serialize_field("injections", &self.injections)?;
+        s.serialize_field("origin", &self.origin)?;
+        s.end()
+    }
+}
+
+/// The code the NMIs interrupt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// The ring-0 loop that checks every register it can (`nmifuzz_abi::Workload::Loop`).
+    #[default]
+    Loop,
+    /// The ring-3 workload (`nmifuzz_abi::Workload::User`): system calls (one with RSP on the
+    /// NMI stack), returns to user through espfix64 and through a faulting IRET, and ring-3
+    /// points (`out` to `port::USER`) where NMIs can strike user code.
+    User,
+}
+
+impl Workload {
+    /// Every workload, the default first.
+    pub const ALL: &'static [Workload] = &[Workload::Loop, Workload::User];
+
+    /// The name schedules use (`"loop"`, `"user"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Loop => "loop",
+            Self::User => "user",
+        }
+    }
+
+    /// The guest's workload.
+    pub fn abi(self) -> nmifuzz_abi::Workload {
+        match self {
+            Self::Loop => nmifuzz_abi::Workload::Loop,
+            Self::User => nmifuzz_abi::Workload::User,
+        }
+    }
+}
+
 /// What one `do_nmi` call does.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,7 +114,8 @@ pub struct HandlerAction {
     pub faults: Vec<Fault>,
 }
 
-/// An exception `do_nmi` raises on purpose; its IRETQ re-opens NMIs inside the handler.
+/// What `do_nmi` does on purpose besides its busy work: an exception whose IRETQ re-opens NMIs
+/// inside the handler, or the revoked user code segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fault {
@@ -58,17 +125,37 @@ pub enum Fault {
     Pf,
     /// `int3`: #BP, on the current stack while `do_nmi` runs.
     Bp,
+    /// If the NMI interrupted ring 3 on the user workload's alternate code segment, mark that
+    /// descriptor not-present, as another CPU's `modify_ldt` would: the NMI's return to user
+    /// faults (CVE-2015-5157). `do_nmi` does it first, before the busy work; with any other
+    /// interrupted context (the loop workload, ring 0) it does nothing.
+    RevokeCs,
 }
 
 impl Fault {
-    /// Every fault, in the order `do_nmi` raises them.
-    pub const ALL: &'static [Fault] = &[Fault::Ud, Fault::Pf, Fault::Bp];
+    /// Every fault, in declaration order (`do_nmi` raises the exceptions in this order, after
+    /// revoking the code segment).
+    pub const ALL: &'static [Fault] = &[Fault::Ud, Fault::Pf, Fault::Bp, Fault::RevokeCs];
+    /// The exceptions (`nmifuzz_abi::fault::ENTRY_FAULTS`): what re-opens NMIs inside `do_nmi`
+    /// whatever the NMI interrupted.
+    pub const EXCEPTIONS: &'static [Fault] = &[Fault::Ud, Fault::Pf, Fault::Bp];
+
+    /// The name schedules use (`"ud"`, `"revoke-cs"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ud => "ud",
+            Self::Pf => "pf",
+            Self::Bp => "bp",
+            Self::RevokeCs => "revoke-cs",
+        }
+    }
 
     pub(super) fn bit(self) -> u32 {
         match self {
             Self::Ud => fault::UD,
             Self::Pf => fault::PF,
             Self::Bp => fault::BP,
+            Self::RevokeCs => fault::REVOKE_CS,
         }
     }
 }
@@ -152,5 +239,50 @@ mod tests {
         let mut unique = names.clone();
         unique.dedup();
         assert_eq!(unique, names);
+        for f in Fault::ALL {
+            assert_eq!(serde_json::to_string(f).unwrap(), format!("\"{}\"", f.name()));
+        }
+        assert_eq!(Fault::ALL.iter().fold(0, |bits, f| bits | f.bit()), fault::FUZZED);
+        assert_eq!(Fault::EXCEPTIONS.iter().fold(0, |bits, f| bits | f.bit()), fault::ENTRY_FAULTS);
+        assert_eq!(serde_json::to_string(&Fault::RevokeCs).unwrap(), r#""revoke-cs""#);
+    }
+
+    #[test]
+    fn workload_all_lists_every_workload_of_the_format() {
+        use serde::de::value::{Error, U32Deserializer};
+        let by_index: Vec<Workload> = (0u32..)
+            .map_while(|index| Workload::deserialize(U32Deserializer::<Error>::new(index)).ok())
+            .collect();
+        assert_eq!(by_index, Workload::ALL);
+        assert_eq!(Workload::ALL[0], Workload::default());
+        for w in Workload::ALL {
+            assert_eq!(serde_json::to_string(w).unwrap(), format!("\"{}\"", w.name()));
+        }
+    }
+
+    #[test]
+    fn the_default_workload_leaves_the_json_as_it_was() {
+        let s = parse(MINIMAL).unwrap();
+        assert_eq!(s.workload, Workload::Loop, "a file without the field means the loop");
+        // Exactly what this schedule serialized to before the field existed, so content hashes
+        // (corpus file names) of every loop schedule stay the same.
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"format":1,"description":"","variant":"naive","workload_iterations":0,"stress_unmask":false,"actions":[],"injections":[{"after":5}],"origin":null}"#
+        );
+        let user = Schedule { workload: Workload::User, ..s };
+        let json = user.to_json();
+        assert!(
+            json.contains(
+                r#""variant": "naive",
+  "workload": "user","#
+            ),
+            "{json}"
+        );
+        assert_eq!(parse(&json).unwrap(), user);
+        let explicit = MINIMAL.replace(r#""variant""#, r#""workload": "loop", "variant""#);
+        assert_eq!(parse(&explicit).unwrap().workload, Workload::Loop);
+        let err = parse(&MINIMAL.replace(r#""variant""#, r#""workload": "ring3", "variant""#));
+        assert!(err.unwrap_err().contains("unknown variant `ring3`, expected `loop` or `user`"));
     }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use nmifuzz_abi::{MAX_BUSY_ITERATIONS, SCRIPT_ACTION_SLOTS, Variant};
 
-use super::{Injection, SCHEDULE_FORMAT, Schedule};
+use super::{Injection, SCHEDULE_FORMAT, Schedule, Workload};
 
 /// Most injections in one schedule file (the fuzzer's own limit, `FUZZER_MAX_INJECTIONS`, is
 /// smaller).
@@ -14,8 +14,12 @@ pub const SCHEDULE_MAX_INJECTIONS: usize = 64;
 pub const SCHEDULE_MAX_DELAY: u64 = 10_000_000;
 /// Largest `occurrence` of a symbolic point.
 pub const MAX_OCCURRENCE: u32 = 1_000_000;
-/// Largest workload length: runs stay in the milliseconds.
+/// Largest length of the loop workload: runs stay in the milliseconds.
 pub const MAX_WORKLOAD_ITERATIONS: u32 = 2_000;
+/// Largest length of the user workload. One of its iterations makes several system calls,
+/// returns to user through espfix64 and through a faulting IRET, each path stepped by the
+/// host while NMIs are due: far longer than a loop iteration, so runs stay under a second.
+pub const MAX_USER_ITERATIONS: u32 = 100;
 
 /// What is wrong with a parsed schedule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,11 +102,11 @@ impl Schedule {
         let range = |field: String, value: u64, limit: u64| {
             if value > limit { Err(Problem::OutOfRange { field, value, limit }) } else { Ok(()) }
         };
-        range(
-            "workload_iterations".into(),
-            self.workload_iterations.into(),
-            MAX_WORKLOAD_ITERATIONS.into(),
-        )?;
+        let (field, limit) = match self.workload {
+            Workload::Loop => ("workload_iterations", MAX_WORKLOAD_ITERATIONS),
+            Workload::User => ("workload_iterations (user workload)", MAX_USER_ITERATIONS),
+        };
+        range(field.into(), self.workload_iterations.into(), limit.into())?;
         for (i, action) in self.actions.iter().enumerate() {
             range(format!("actions[{i}].busy"), action.busy.into(), MAX_BUSY_ITERATIONS.into())?;
             too_many("faults in one action", action.faults.len(), 8)?;
@@ -149,5 +153,28 @@ mod tests {
         let many = vec![r#"{"after":1}"#; SCHEDULE_MAX_INJECTIONS + 1].join(",");
         let json = format!(r#"{{"format":1,"variant":"naive","injections":[{many}]}}"#);
         assert!(parse(&json).unwrap_err().contains("65 injections is too many"));
+    }
+
+    #[test]
+    fn each_workload_has_its_own_length_limit() {
+        let json = |workload: &str, iterations: u32| {
+            format!(
+                r#"{{"format":1,"variant":"naive","workload":"{workload}",
+                    "workload_iterations":{iterations},"injections":[]}}"#
+            )
+        };
+        assert!(parse(&json("loop", MAX_WORKLOAD_ITERATIONS)).is_ok());
+        assert!(parse(&json("user", MAX_USER_ITERATIONS)).is_ok());
+        let err = parse(&json("user", MAX_USER_ITERATIONS + 1)).unwrap_err();
+        assert!(err.starts_with("test.json: "), "{err}");
+        assert!(
+            err.ends_with(&format!(
+                "workload_iterations (user workload) = {} is out of range (limit {MAX_USER_ITERATIONS})",
+                MAX_USER_ITERATIONS + 1
+            )),
+            "{err}"
+        );
+        let err = parse(&json("loop", MAX_WORKLOAD_ITERATIONS + 1)).unwrap_err();
+        assert!(err.ends_with("workload_iterations = 2001 is out of range (limit 2000)"), "{err}");
     }
 }

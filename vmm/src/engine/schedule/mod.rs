@@ -6,6 +6,7 @@
 //!   "format": 1,
 //!   "description": "second NMI right after the #UD handler's IRETQ re-opens NMIs",
 //!   "variant": "naive",
+//!   "workload": "loop",
 //!   "workload_iterations": 100,
 //!   "actions": [ { "busy": 3, "faults": ["ud"] } ],
 //!   "injections": [ { "after": 40 }, { "at": { "symbol": "exception_common", "occurrence": 1 } } ],
@@ -17,8 +18,8 @@
 //! with their errors), `limits.rs` (validation against the format's limits), `plan.rs` (symbol
 //! resolution into what the engine executes) and `origin.rs` (artifact provenance).
 //!
-//! Every enum is externally tagged and no field is skipped when serializing, so the same types
-//! travel through postcard inside LibAFL.
+//! Every enum is externally tagged and postcard gets every field (JSON leaves out only the
+//! default `workload`), so the same types travel through postcard inside LibAFL.
 
 mod format;
 mod io;
@@ -26,11 +27,13 @@ mod limits;
 mod origin;
 mod plan;
 
-pub use self::format::{Fault, HandlerAction, Injection, Point, SCHEDULE_FORMAT, Schedule};
+pub use self::format::{
+    Fault, HandlerAction, Injection, Point, SCHEDULE_FORMAT, Schedule, Workload,
+};
 pub use self::io::{MAX_FILE_SIZE, ScheduleError};
 pub use self::limits::{
-    MAX_OCCURRENCE, MAX_WORKLOAD_ITERATIONS, Problem, SCHEDULE_MAX_DELAY, SCHEDULE_MAX_INJECTIONS,
-    variant_names,
+    MAX_OCCURRENCE, MAX_USER_ITERATIONS, MAX_WORKLOAD_ITERATIONS, Problem, SCHEDULE_MAX_DELAY,
+    SCHEDULE_MAX_INJECTIONS, variant_names,
 };
 pub use self::origin::Origin;
 pub use self::plan::{Plan, Trigger};

@@ -1,7 +1,7 @@
 //! From a schedule to what the engine executes: the guest script and the injections with
 //! their symbols resolved against the guest image.
 
-use nmifuzz_abi::{Action, Script, Workload};
+use nmifuzz_abi::{Action, Script};
 
 use super::{Injection, Problem, Schedule};
 use crate::image::GuestImage;
@@ -9,7 +9,8 @@ use crate::image::GuestImage;
 impl Schedule {
     /// The guest script of this schedule.
     pub fn script(&self) -> Result<Script, Problem> {
-        let mut script = Script::new(self.variant()?, Workload::Loop, self.workload_iterations);
+        let mut script =
+            Script::new(self.variant()?, self.workload.abi(), self.workload_iterations);
         if self.stress_unmask {
             script.options |= nmifuzz_abi::option::STRESS_UNMASK;
         }
@@ -89,7 +90,7 @@ mod tests {
 
     use super::*;
     use crate::engine::schedule::test_support::{MINIMAL, parse};
-    use crate::engine::schedule::{Fault, HandlerAction, Point};
+    use crate::engine::schedule::{Fault, HandlerAction, Point, Workload};
 
     #[test]
     fn symbols_resolve_against_the_guest() {
@@ -129,5 +130,12 @@ mod tests {
             script.actions[2],
             Action { busy: 0, faults: fault::PF | fault::BP, ..Action::NONE }
         );
+        assert_eq!(script.workload, nmifuzz_abi::Workload::Loop as u32);
+        s.workload = Workload::User;
+        s.workload_iterations = 3;
+        s.actions = vec![HandlerAction { busy: 0, faults: vec![Fault::RevokeCs, Fault::Ud] }];
+        let script = s.script().unwrap();
+        assert_eq!((script.workload, script.workload_arg), (nmifuzz_abi::Workload::User as u32, 3));
+        assert_eq!(script.actions[0].faults, fault::REVOKE_CS | fault::UD);
     }
 }

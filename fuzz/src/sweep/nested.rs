@@ -1,4 +1,5 @@
-//! `nmifuzz sweep`: the bounded exhaustive enumeration of two and three nested NMIs.
+//! The loop sweep: the bounded exhaustive enumeration of two and three nested NMIs over the
+//! ring-0 workload loop.
 //!
 //! For each handler action and a few placements of the first NMI in the workload, the sweep
 //! measures how long the first NMI's handling lasts (from its delivery until the interrupted
@@ -9,130 +10,54 @@
 //! (an entry that loses track of a repeat fails there). A correct entry passes every run; a
 //! broken one must fail at least one.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
 use vmm::engine::decode::InsnCache;
 use vmm::engine::schedule::{
     Fault, HandlerAction, Injection, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule, Trigger,
+    Workload,
 };
 use vmm::engine::symbolic::{injection_stop, point_at_count, point_between, symbolic_injections};
 use vmm::engine::trace::Event;
 use vmm::engine::{Execution, Mode, RunOptions};
 
+use super::Sweeper;
 use crate::options::SweepArgs;
-use crate::progress::Progress;
 use crate::target::Target;
 
 /// Where the first NMI lands: instructions after the start of the run. Spread over the
 /// workload loop so that the first NMI interrupts different instructions of it.
 const FIRST_PLACEMENTS: [u64; 5] = [60, 67, 75, 84, 97];
 
-/// What the first NMI's `do_nmi` does: each fault alone, all faults together, then busy work
-/// and an immediate return. The faults come first: their IRETQs are what let a second NMI in
-/// while the first is handled, so that is where broken entries fail.
+/// What the first NMI's `do_nmi` does: each exception alone, all together, then busy work
+/// and an immediate return. The exceptions come first: their IRETQs are what let a second NMI
+/// in while the first is handled, so that is where broken entries fail. (`revoke-cs` does
+/// nothing to an NMI that interrupted ring 0: the user sweep has it.)
 fn actions() -> Vec<HandlerAction> {
+    let faults = Fault::EXCEPTIONS;
     let mut actions: Vec<HandlerAction> =
-        Fault::ALL.iter().map(|f| HandlerAction { busy: 0, faults: vec![*f] }).collect();
-    if Fault::ALL.len() > 1 {
-        actions.push(HandlerAction { busy: 1, faults: Fault::ALL.to_vec() });
+        faults.iter().map(|f| HandlerAction { busy: 0, faults: vec![*f] }).collect();
+    if faults.len() > 1 {
+        actions.push(HandlerAction { busy: 1, faults: faults.to_vec() });
     }
     actions.push(HandlerAction { busy: 4, faults: vec![] });
     actions.push(HandlerAction::default());
     actions
 }
 
-/// The summary, also the `--json` object.
-#[derive(Debug, Default, Serialize)]
-pub struct Summary {
-    pub variant: String,
-    pub runs: u64,
-    pub seconds: f64,
-    /// Whether every planned run was made (not cut by a deadline or the first finding).
-    pub complete: bool,
-    /// Runs and seconds up to and including the first failing run.
-    pub first_finding: Option<(u64, f64)>,
-    /// Instructions of the first NMI's handling, per (action, placement).
-    handling_lengths: Vec<u64>,
-    /// Findings per verdict signature, with the first verdict and schedule of each.
-    pub findings: BTreeMap<String, Finding>,
-}
-
-impl Summary {
-    /// Counts one run; returns whether it was a finding.
-    fn record(
-        &mut self,
-        execution: &Execution,
-        schedule: Schedule,
-        start: Instant,
-        progress: &Progress,
-    ) -> bool {
-        self.runs += 1;
-        progress.inc(1);
-        let verdict = &execution.outcome.verdict;
-        if !verdict.is_finding() {
-            return false;
-        }
-        self.first_finding.get_or_insert((self.runs, start.elapsed().as_secs_f64()));
-        let entry = self.findings.entry(verdict.signature()).or_insert_with(|| {
-            progress.note(&format!("found: {verdict}"));
-            Finding {
-                kind: verdict.kind(),
-                message: verdict.to_string(),
-                count: 0,
-                example: schedule,
-            }
-        });
-        entry.count += 1;
-        progress.set_message(format!("{} findings", self.findings.len()));
-        true
-    }
-}
-
-/// One distinct finding of a sweep.
-#[derive(Debug, Serialize)]
-pub struct Finding {
-    pub kind: &'static str,
-    pub message: String,
-    pub count: u64,
-    pub example: Schedule,
-}
-
-/// Runs the sweep as `nmifuzz sweep`; returns whether anything was found.
-pub fn run(args: &SweepArgs) -> Result<bool> {
-    let mut target = Target::new()?;
-    let progress = Progress::new(0, "runs", !args.json);
-    let summary = sweep(&mut target, args, None, &progress)?;
-    progress.finish();
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print_summary(&summary);
-    }
-    Ok(!summary.findings.is_empty())
-}
-
-/// The sweep itself, until its end, the first finding (`args.stop_on_first`) or `deadline`.
-pub fn sweep(
-    target: &mut Target,
-    args: &SweepArgs,
-    deadline: Option<Instant>,
-    progress: &Progress,
-) -> Result<Summary> {
-    let start = Instant::now();
-    let mut summary =
-        Summary { variant: args.variant.clone(), complete: true, ..Summary::default() };
+/// The loop sweep, until its end or until the sweeper says stop.
+pub(super) fn sweep(s: &mut Sweeper, args: &SweepArgs) -> Result<()> {
     let placements = &FIRST_PLACEMENTS[..args.placements as usize];
-    let origin = target.origin();
+    let origin = s.target.origin();
     let fast = RunOptions { mode: Mode::Fast, ..RunOptions::default() };
-    'sweep: for action in actions() {
+    for action in actions() {
         for &first in placements {
             let schedule = |injections: Vec<Injection>| Schedule {
                 format: SCHEDULE_FORMAT,
                 description: format!("sweep: first NMI after {first}, do_nmi {action:?}"),
                 variant: args.variant.clone(),
+                workload: Workload::Loop,
                 workload_iterations: args.workload_iterations,
                 stress_unmask: false,
                 actions: vec![action.clone()],
@@ -141,43 +66,38 @@ pub fn sweep(
             };
             let measured =
                 schedule(vec![Injection::After(first), Injection::After(SCHEDULE_MAX_DELAY)]);
-            let length = handling_length(target, &measured)
+            let length = handling_length(s.target, &measured)
                 .with_context(|| format!("measuring the handling of {action:?} at {first}"))?;
-            summary.handling_lengths.push(length);
-            progress.inc_length(length + 2);
+            s.part().handling_lengths.push(length);
+            s.progress.inc_length(length + 2);
             // Pass 1: two NMIs, the second at every boundary of the first's handling. Each run
             // is traced to find where a third NMI should go.
             let mut thirds = Vec::new();
             for second in 0..=length + 1 {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    summary.complete = false;
-                    break 'sweep;
+                if !s.go() {
+                    return Ok(());
                 }
                 let pair = schedule(vec![Injection::After(first), Injection::After(second)]);
                 let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
-                let execution = target.execute(&pair, &traced, &mut [])?;
+                let execution = s.target.execute(&pair, &traced, &mut [])?;
                 if !execution.outcome.verdict.is_finding() {
-                    let offsets = third_offsets(target, &execution, args.third_window);
+                    let offsets = third_offsets(s.target, &execution, args.third_window);
                     // A triple with no symbolic form runs in the after form, which the fast
                     // mode steps: exact, only slower.
                     let triples: Vec<_> = offsets
                         .into_iter()
-                        .map(|third| (second, third, symbolic_triple(target, &execution, third)))
+                        .map(|third| (second, third, symbolic_triple(s.target, &execution, third)))
                         .collect();
-                    progress.inc_length(triples.len() as u64);
+                    s.progress.inc_length(triples.len() as u64);
                     thirds.extend(triples);
                 }
-                if summary.record(&execution, pair, start, progress) && args.stop_on_first {
-                    summary.complete = false;
-                    break 'sweep;
-                }
+                s.record(&execution, pair);
             }
             // Pass 2: a third NMI after each nested second one, as symbolic points on the fast
             // mode; a finding is re-run on the stepped engine and recorded as it judges it.
             for (second, third, injections) in thirds {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    summary.complete = false;
-                    break 'sweep;
+                if !s.go() {
+                    return Ok(());
                 }
                 let after_form = || {
                     schedule(vec![
@@ -187,20 +107,16 @@ pub fn sweep(
                     ])
                 };
                 let mut triple = injections.map_or_else(after_form, schedule);
-                let mut execution = target.execute(&triple, &fast, &mut [])?;
+                let mut execution = s.target.execute(&triple, &fast, &mut [])?;
                 if execution.outcome.verdict.is_finding() {
                     triple = after_form();
-                    execution = target.execute(&triple, &RunOptions::default(), &mut [])?;
+                    execution = s.target.execute(&triple, &RunOptions::default(), &mut [])?;
                 }
-                if summary.record(&execution, triple, start, progress) && args.stop_on_first {
-                    summary.complete = false;
-                    break 'sweep;
-                }
+                s.record(&execution, triple);
             }
         }
     }
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok(())
 }
 
 /// Where a third NMI goes, in instructions after the second, for a run whose second NMI
@@ -260,7 +176,7 @@ fn symbolic_triple(target: &mut Target, pair: &Execution, third: u64) -> Option<
 }
 
 /// Instructions from the first NMI's delivery until its interrupted context resumes.
-fn handling_length(target: &mut Target, schedule: &Schedule) -> Result<u64> {
+pub(super) fn handling_length(target: &mut Target, schedule: &Schedule) -> Result<u64> {
     let options = RunOptions { keep_trace: true, ..RunOptions::default() };
     let execution: Execution = target.execute(schedule, &options, &mut [])?;
     if execution.outcome.verdict.is_finding() {
@@ -276,25 +192,4 @@ fn handling_length(target: &mut Target, schedule: &Schedule) -> Result<u64> {
         .find(|s| s.depth == 0)
         .context("the first NMI never returned")?;
     Ok(resumed.index - execution.trace[delivered].index + 1)
-}
-
-fn print_summary(summary: &Summary) {
-    let lengths = &summary.handling_lengths;
-    println!(
-        "sweep of variant {}: {} runs{} in {:.1} s; first-NMI handling {}..{} instructions",
-        summary.variant,
-        summary.runs,
-        if summary.complete { "" } else { " (stopped early)" },
-        summary.seconds,
-        lengths.iter().min().unwrap_or(&0),
-        lengths.iter().max().unwrap_or(&0)
-    );
-    if summary.findings.is_empty() {
-        println!("no findings");
-    }
-    for (signature, finding) in &summary.findings {
-        println!("{} x {signature}", finding.count);
-        println!("  first: {}", finding.message);
-        println!("  example: {}", serde_json::to_string(&finding.example).unwrap_or_default());
-    }
 }
