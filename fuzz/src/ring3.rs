@@ -19,8 +19,8 @@ use vmm::GuestImage;
 use vmm::engine::decode::InsnCache;
 use vmm::memory::GuestRam;
 
-/// Symbols of the ring-3 points: each labels an `out` to `nmifuzz_abi::port::USER`, whose I/O
-/// exit is the only boundary of ring-3 code the host can inject at on kvm_pvm.
+/// Symbols of the ring-3 points: each labels a write to `nmifuzz_abi::USER_POINT_ADDRESS`, whose
+/// MMIO exit is the only boundary of ring-3 code the host can inject at on kvm_pvm.
 pub const USER_POINT_PREFIX: &str = "user_point_";
 /// Symbols of other ring-3 code (coverage only: the host never stops there).
 pub const USER_CODE_PREFIX: &str = "user_";
@@ -48,7 +48,7 @@ const MAX_REGION_BYTES: u64 = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Region {
-    /// A ring-3 point: the boundary right after a user `out` (its I/O exit).
+    /// A ring-3 point: the boundary right after a user point write (its MMIO exit).
     UserPoint,
     /// The SYSCALL entry gap ([`SYSCALL_ENTRY_GAP`]).
     SyscallGap,
@@ -89,7 +89,7 @@ impl Region {
 pub struct Regions {
     /// The ring-0 regions, in address order.
     spans: Vec<(Range<u64>, Region)>,
-    /// The ring-3 points (the boundaries after the `out`s), sorted.
+    /// The ring-3 points (the boundaries after the point writes), sorted.
     points: Vec<u64>,
     /// Ring-3 code other than the points.
     user_code: Vec<Range<u64>>,
@@ -111,7 +111,7 @@ impl Regions {
     }
 
     /// Regions made of the symbols `spans` names, and ring-3 points at the symbols whose names
-    /// start with `point_prefix` (the boundary after the first `out` of each, or the symbol
+    /// start with `point_prefix` (the boundary after the first point write of each, or the symbol
     /// itself if it has none). Symbols the guest lacks are left out.
     pub fn from_symbols(
         image: &GuestImage,
@@ -151,7 +151,7 @@ impl Regions {
         };
         for name in prefixed(point_prefix) {
             for range in extent(image, name) {
-                regions.points.push(point_after_out(&mut decoder, ram, range));
+                regions.points.push(point_after_write(&mut decoder, ram, range));
             }
         }
         regions.points.sort_unstable();
@@ -221,12 +221,12 @@ fn extent(image: &GuestImage, name: &str) -> Vec<Range<u64>> {
 }
 
 /// The ring-3 point of a user point symbol spanning `ranges`: the boundary after its first
-/// `out`, or its start if it has none.
-fn point_after_out(decoder: &mut InsnCache, ram: &GuestRam, range: Range<u64>) -> u64 {
+/// point write (`vmm::engine::decode::is_ring3_point`), or its start if it has none.
+fn point_after_write(decoder: &mut InsnCache, ram: &GuestRam, range: Range<u64>) -> u64 {
     let mut at = range.start;
     while at < range.end {
         match decoder.get(ram, at) {
-            Ok(insn) if insn.is_out => return at + u64::from(insn.len),
+            Ok(insn) if insn.is_ring3_point => return at + u64::from(insn.len),
             Ok(insn) if insn.len > 0 => at += u64::from(insn.len),
             _ => break,
         }
@@ -287,7 +287,7 @@ mod tests {
             .collect();
         assert_eq!(insns[0], do_nmi.address);
         assert!(insns.len() > 10 && insns.iter().all(|a| *a < do_nmi.address + do_nmi.size));
-        // A "point" without an `out` is its symbol's start.
+        // A "point" without a point write is its symbol's start.
         let common = image.symbol("exception_common").unwrap();
         assert!(regions.has_user_points());
         assert!(regions.point_index(common).is_some());

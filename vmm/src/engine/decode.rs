@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic, OpKind};
 
 use crate::error::Result;
 use crate::memory::GuestRam;
@@ -32,6 +32,8 @@ pub struct Insn {
     pub is_sysretq: bool,
     /// `swapgs`.
     pub is_swapgs: bool,
+    /// A ring-3 point's write ([`is_ring3_point`]).
+    pub is_ring3_point: bool,
 }
 
 /// Most instructions the cache keeps: the whole guest has about 7,000, of which a run steps
@@ -86,6 +88,7 @@ impl InsnCache {
             is_int3: decoded.mnemonic() == Mnemonic::Int3,
             is_sysretq: decoded.mnemonic() == Mnemonic::Sysretq,
             is_swapgs: decoded.mnemonic() == Mnemonic::Swapgs,
+            is_ring3_point: is_ring3_point(&decoded),
             is_out: matches!(
                 decoded.mnemonic(),
                 Mnemonic::Out | Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd
@@ -119,4 +122,11 @@ pub fn disassemble(ram: &GuestRam, rip: u64) -> String {
         }
         _ => "(undecodable)".into(),
     }
+}
+
+/// Whether `insn` is a ring-3 point's write: a store to `nmifuzz_abi::USER_POINT_ADDRESS`, where
+/// there is no memory, so that its MMIO exit is the boundary after it (docs/engine.md, "Ring 3").
+pub fn is_ring3_point(insn: &Instruction) -> bool {
+    insn.op0_kind() == OpKind::Memory
+        && insn.memory_displacement64() == nmifuzz_abi::USER_POINT_ADDRESS
 }

@@ -6,7 +6,9 @@
 
 use std::ops::Range;
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+
+use super::decode;
 
 use crate::error::Result;
 use crate::image::{GuestImage, Symbol};
@@ -63,9 +65,7 @@ impl InstructionTable {
         let user_text = image.marker(nmifuzz_abi::USER_TEXT_START)?
             ..image.marker(nmifuzz_abi::USER_TEXT_END)?;
         for_each_insn_in(image, ram, user_text, |symbol, insn| {
-            let point = insn.op0_kind() == OpKind::Memory
-                && insn.memory_displacement64() == nmifuzz_abi::USER_POINT_ADDRESS;
-            if point {
+            if decode::is_ring3_point(insn) {
                 insns.push(TableInsn {
                     symbol: symbol.name.clone(),
                     offset: insn.next_ip() - symbol.address,
