@@ -8,9 +8,10 @@
 #
 # The algorithm:
 #   o Count the delivery (the contract's first instruction).
+#   o From ring 3 (the interrupted CS's RPL), swapgs: the kernel's GS for do_nmi.
 #   o Save the general registers below the hardware frame.
 #   o Call do_nmi(regs).
-#   o Restore the registers and IRETQ through the hardware frame.
+#   o Restore the registers; back to ring 3, swapgs again; IRETQ through the hardware frame.
 #
 # Here's the NMI stack while do_nmi runs:
 #
@@ -40,7 +41,10 @@
 nmi_naive:
     inc qword ptr [rip + NMI_DELIVERIES] /* the contract's first instruction: one per delivery */
     cld                         /* the interrupted code may run with DF set; do_nmi may not */
-    push rax                    /* NmiRegs::regs, rax at the highest address ... */
+    test byte ptr [rsp + 8], 3  /* the interrupted CS: from ring 3? */
+    jz 1f
+    swapgs                      /* the user's GS: take the kernel's */
+1:  push rax                    /* NmiRegs::regs, rax at the highest address ... */
     push rbx
     push rcx
     push rdx
@@ -72,5 +76,8 @@ nmi_naive:
     pop rcx
     pop rbx
     pop rax
-    iretq                       /* unblocks NMIs */
+    test byte ptr [rsp + 8], 3  /* back to ring 3? */
+    jz 2f
+    swapgs                      /* give ring 3 its GS back */
+2:  iretq                       /* unblocks NMIs */
     .size nmi_naive, . - nmi_naive

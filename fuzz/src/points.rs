@@ -74,16 +74,21 @@ impl Points {
         !self.user_points.is_empty()
     }
 
-    /// Where the first NMI of a `workload` schedule may go: the workload loop; for the user
-    /// workload half the time a ring-3 point, half the time a ring-0 place around ring 3.
-    /// Empty if the guest has none.
-    fn first<R: Rand>(&self, rand: &mut R, workload: Workload) -> &[usize] {
-        match workload {
-            Workload::Loop => &self.loop_first,
-            Workload::User if self.around_ring3.is_empty() || rand.coinflip(0.5) => {
+    /// Where an NMI of a `workload` schedule may go (empty: anywhere in the table). The
+    /// `first` NMI goes to the workload loop; for the user workload half the time to a ring-3
+    /// point, half the time to a ring-0 place around ring 3. A later NMI of a user schedule
+    /// goes around ring 3 half the time, where a user NMI's handling and its return to user
+    /// run (espfix64's copy, the final IRETQ), and anywhere otherwise.
+    fn places<R: Rand>(&self, rand: &mut R, workload: Workload, first: bool) -> &[usize] {
+        match (workload, first) {
+            (Workload::Loop, true) => &self.loop_first,
+            (Workload::Loop, false) => &[],
+            (Workload::User, true) if self.around_ring3.is_empty() || rand.coinflip(0.5) => {
                 &self.user_points
             }
-            Workload::User => &self.around_ring3,
+            (Workload::User, true) => &self.around_ring3,
+            (Workload::User, false) if rand.coinflip(0.5) => &self.around_ring3,
+            (Workload::User, false) => &[],
         }
     }
 
@@ -111,20 +116,21 @@ fn point_at(insn: &TableInsn, occurrence: u32, extra: u64) -> Injection {
     Injection::At(Point { symbol: insn.symbol.clone(), offset: insn.offset, occurrence, extra })
 }
 
-/// A random point: where the first NMI of a `first_of` schedule goes ([`Points`]), or
-/// anywhere in the table for `None` (and when the guest has no such place); occurrence 1 to
-/// 3, and a quarter of the time 1 to 2 extra instructions.
+/// A random point for an NMI of a `workload` schedule, the `first` or a later one
+/// ([`Points::places`]; anywhere in the table when the guest has no such place); occurrence 1
+/// to 3, and a quarter of the time 1 to 2 extra instructions.
 pub fn random_point<R: Rand>(
     rand: &mut R,
     points: &Points,
-    first_of: Option<Workload>,
+    workload: Workload,
+    first: bool,
 ) -> Injection {
     let insns = points.insns();
-    let first = first_of.map_or(&[][..], |workload| points.first(rand, workload));
-    let insn = if first.is_empty() {
+    let places = points.places(rand, workload, first);
+    let insn = if places.is_empty() {
         &insns[rand.below_or_zero(insns.len())]
     } else {
-        &insns[first[rand.below_or_zero(first.len())]]
+        &insns[places[rand.below_or_zero(places.len())]]
     };
     let occurrence = rand.between(1, 3) as u32;
     let extra = if rand.coinflip(0.25) { rand.between(1, 2) as u64 } else { 0 };
@@ -213,9 +219,10 @@ table_mutator!(
 impl<S: HasRand> Mutator<NmiInput, S> for JumpPoint {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         let rand = state.rand_mut();
-        let first_of = input.0.injections.is_empty().then_some(input.0.workload);
-        let fresh = random_point(rand, &self.table, first_of);
-        match pick_point(rand, input, &self.table) {
+        let picked = pick_point(rand, input, &self.table);
+        let first = picked.map_or(input.0.injections.is_empty(), |(k, _)| k == 0);
+        let fresh = random_point(rand, &self.table, input.0.workload, first);
+        match picked {
             Some((k, _)) if input.0.injections[k] != fresh => input.0.injections[k] = fresh,
             Some(_) => return Ok(MutationResult::Skipped),
             None if input.0.injections.len() < crate::input::FUZZER_MAX_INJECTIONS => {

@@ -235,7 +235,7 @@ fn bad_inputs_are_named() {
     let o = run(&dir, &["run", "--variant", "bogus"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains(
-        "unknown variant `bogus`; valid variants: linux, early-clear, naive, no-executing"
+        "unknown variant `bogus`; valid variants: linux, cve-2015-3290, cve-2015-3291, cve-2015-5157, early-clear"
     ));
 
     let o = run(&dir, &["run", "--variant", "naive", "--faults", "xx"]);

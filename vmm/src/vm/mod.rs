@@ -8,7 +8,7 @@ mod ready;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{Msrs, kvm_msr_entry, kvm_regs, kvm_sync_regs};
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sync_regs};
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use nmifuzz_abi::{
     ABI_VERSION, MAILBOX_MAGIC, MAILBOX_SYMBOL, SCRIPT_SYMBOL, Script, USER_POINT_ADDRESS, Variant,
@@ -116,6 +116,10 @@ pub struct Vm {
     debug: GuestDebug,
     /// Wall-clock time spent inside KVM_RUN by [`Vm::run_once`], for overhead measurements.
     kvm_run_time: Duration,
+    /// The stack segments the guest was seen with at IRETQ stops (the kernel's at READY, the
+    /// null SS an exception from ring 3 leaves), so that an emulated IRETQ can load the one
+    /// its frame names ([`Vm::iretq_keeps_segments`]).
+    stack_segments: Vec<kvm_segment>,
 }
 
 impl Vm {
@@ -151,6 +155,7 @@ impl Vm {
         flush_pending_io(&mut vcpu)?;
 
         let snapshot = Snapshot::take(&vm, &vcpu, &mut ram)?;
+        let stack_segments = vec![snapshot.sregs.ss];
         let vm = Self {
             vcpu,
             vm,
@@ -165,6 +170,7 @@ impl Vm {
             reset_pending: false,
             debug: GuestDebug::default(),
             kvm_run_time: Duration::ZERO,
+            stack_segments,
         };
         let mailbox = vm.mailbox()?;
         if mailbox.magic != MAILBOX_MAGIC || mailbox.version != ABI_VERSION {
@@ -255,17 +261,17 @@ impl Vm {
     }
 
     /// Performs a same-privilege IRETQ that popped `frame`: RIP, RFLAGS and RSP from the
-    /// frame, SS too if it is the kernel's (see [`Vm::iretq_keeps_segments`]), and NMIs
+    /// frame, SS too if it is another (one [`Vm::iretq_keeps_segments`] has seen), and NMIs
     /// unblocked, as every IRET does. On hosts where IRETQ and the next
     /// instruction run as one single-step, this is how the VMM stops right after an IRETQ.
     /// The events go with `flags = 0`, so a KVM_NMI made at the same stop is kept.
     pub fn emulate_iretq(&mut self, frame: &IretFrame) {
         let reset_pending = self.reset_pending;
-        let snapshot_ss = self.snapshot.sregs.ss;
         let sync = self.vcpu.sync_regs_mut();
-        // An exception from ring 3 left the null SS; an IRETQ to the kernel's SS loads it.
-        if frame.ss != u64::from(sync.sregs.ss.selector) {
-            sync.sregs.ss = snapshot_ss;
+        if frame.ss != u64::from(sync.sregs.ss.selector)
+            && let Some(ss) = self.stack_segments.iter().find(|s| u64::from(s.selector) == frame.ss)
+        {
+            sync.sregs.ss = *ss;
             self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
         }
         let sync = self.vcpu.sync_regs_mut();
@@ -304,15 +310,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Whether an IRETQ popping `frame` stays in the current code segment and loads either
-    /// the current SS or the kernel's (the snapshot's): the IRETQs [`Vm::emulate_iretq`]
-    /// performs. The second kind ends an exception from ring 3 that returns to ring 0 (the
-    /// kvm_pvm system call), whose delivery left the null SS.
+    /// Whether an IRETQ popping `frame` stays in the current code segment and loads an SS
+    /// the guest has been seen with: the IRETQs [`Vm::emulate_iretq`] performs. The current SS
+    /// is remembered here first: an exception from ring 3 leaves the null SS, and an IRETQ
+    /// back to it (an NMI returning into that exception's handler, after an IRETQ that loaded
+    /// the kernel's SS) must load it again; an IRETQ from that handler to the kernel's SS (the
+    /// kvm_pvm system call) loads the snapshot's.
     pub fn iretq_keeps_segments(&mut self, frame: &IretFrame) -> bool {
-        let kernel_ss = u64::from(self.snapshot.sregs.ss.selector);
-        let sregs = &self.vcpu.sync_regs_mut().sregs;
+        let sregs = self.vcpu.sync_regs_mut().sregs;
+        if !self.stack_segments.contains(&sregs.ss) {
+            self.stack_segments.push(sregs.ss);
+        }
         frame.cs == u64::from(sregs.cs.selector)
-            && (frame.ss == u64::from(sregs.ss.selector) || frame.ss == kernel_ss)
+            && self.stack_segments.iter().any(|s| u64::from(s.selector) == frame.ss)
     }
 
     /// Writes the script the guest reads after READY, and points IDT vector 2 at the script's
