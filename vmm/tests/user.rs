@@ -2,15 +2,17 @@
 //! its counters and checksum, a corrupted user register is reported, and the native `syscall`
 //! instruction is reported for what it is on a host where SYSCALL stays at CPL3.
 //!
-//! NMIs at ring-3 points need the engine's ring-3 support (the stepped engine single-steps
-//! where an injection is due, which leaks #DB into ring 3 on kvm_pvm), so these runs inject
-//! none.
+//! Schedules cannot place NMIs at ring-3 points yet (the stepped engine single-steps where an
+//! injection is due, which leaks #DB into ring 3 on kvm_pvm), so the runs with NMIs here drive
+//! the VM by hand: run to the n-th point's MMIO exit, make NMIs pending (`Vm::inject_nmi`),
+//! and let the next KVM_RUN deliver them right after the point, in ring 3.
 
 mod common;
 
 use std::time::Duration;
 
-use nmifuzz_abi::{Counters, Script, Variant, Workload, option};
+use nmifuzz_abi::{Action, Counters, Script, USER_POINT_ADDRESS, Variant, Workload, fault, option};
+use vmm::exit::Exit;
 use vmm::{RunLimits, Verdict, Vm};
 
 /// System calls per iteration: getpid, getpid on the NMI stack, set_ss16, getpid, alt_cs,
@@ -26,6 +28,30 @@ fn run(vm: &mut Vm, script: &Script) -> vmm::Outcome {
     vm.reset().unwrap();
     vm.write_script(script).unwrap();
     vm.run(&RunLimits { wall: Duration::from_secs(2), max_exits: 100_000 }).unwrap()
+}
+
+/// Runs `script`, making `count` NMIs pending at the point exit number `point` (1-based, in
+/// run order) for each `(point, count)` of `nmis`; returns the verdict and the counters.
+fn run_with_nmis(vm: &mut Vm, script: &Script, nmis: &[(u64, u32)]) -> (Verdict, Counters) {
+    vm.reset().unwrap();
+    vm.write_script(script).unwrap();
+    let limit = Duration::from_secs(2);
+    let deadline = vm.watchdog().arm(limit);
+    let mut points = 0;
+    let verdict = loop {
+        let exit = vm.run_once().unwrap();
+        if let Exit::Mmio { address: USER_POINT_ADDRESS, write: true } = exit {
+            points += 1;
+            for &(_, count) in nmis.iter().filter(|(at, _)| *at == points) {
+                (0..count).for_each(|_| vm.inject_nmi().unwrap());
+            }
+        }
+        if let Some(verdict) = vm.classify(&exit, deadline, limit) {
+            break verdict;
+        }
+    };
+    vm.watchdog().disarm();
+    (verdict, vm.mailbox().unwrap().counters)
 }
 
 /// The guest's checksum over the system-call numbers of `iterations` iterations and the exit.
@@ -102,4 +128,84 @@ fn kvm_native_syscall_is_a_kernel_rip_at_cpl3_on_this_host() {
         Verdict::Done => assert_eq!(outcome.counters, expected_counters(1)),
         other => panic!("expected DONE or a #PF from ring 3, got {other}"),
     }
+}
+
+#[test]
+fn kvm_nmis_from_ring3_return_through_every_user_path() {
+    let Some(mut vm) = common::boot() else { return };
+    // Points 1, 2, 3 of the first iteration: (a) on SS 0x1b, after set_ss16 on SS 0x2b (the
+    // NMI returns through espfix64), after alt_cs on CS 0x33; and (a) of the second.
+    let nmis = [(1, 1), (2, 1), (3, 1), (4, 1)];
+    for &variant in Variant::ALL.iter().filter(|v| **v != Variant::NAIVE) {
+        let script = Script::new(variant, Workload::User, 2);
+        let (verdict, counters) = run_with_nmis(&mut vm, &script, &nmis);
+        assert_eq!(verdict, Verdict::Done, "{}", variant.name());
+        let expected = Counters {
+            do_nmi_calls: 4,
+            nmi_iterations: 4,
+            espfix_returns: 3,
+            ..expected_counters(2)
+        };
+        assert_eq!(counters, expected, "{}", variant.name());
+    }
+}
+
+#[test]
+fn kvm_naive_runs_do_nmi_on_the_user_gs() {
+    let Some(mut vm) = common::boot() else { return };
+    let script = Script::new(Variant::NAIVE, Workload::User, 1);
+    let (verdict, _) = run_with_nmis(&mut vm, &script, &[(1, 1)]);
+    let Verdict::GuestPanic(panic) = verdict else { panic!("expected a panic, got {verdict}") };
+    assert!(panic.message.contains("runs on the user's GS base"), "{}", panic.message);
+    assert!(panic.message.ends_with("[invariant 11]"), "{}", panic.message);
+}
+
+#[test]
+fn kvm_a_revoked_cs_makes_the_nmis_iret_fault_and_the_fixup_signal_ring3() {
+    let Some(mut vm) = common::boot() else { return };
+    let mut script = Script::new(Variant::LINUX, Workload::User, 1);
+    script.action_count = 1;
+    script.actions[0] = Action { faults: fault::REVOKE_CS, ..Action::NONE };
+    // Point 3 is on CS 0x33: the NMI's IRET back faults, and ring 3 resumes at its signal
+    // handler, skipping the getpid and bad_return of (e) and (f).
+    let (verdict, counters) = run_with_nmis(&mut vm, &script, &[(3, 1)]);
+    assert_eq!(verdict, Verdict::Done);
+    let mut expected = Counters { do_nmi_calls: 1, nmi_iterations: 1, ..expected_counters(1) };
+    expected.syscalls -= 2;
+    // The NMI struck right after point 3's write, before the workload counted it.
+    expected.user_points -= 1;
+    expected.checksum = {
+        let calls = [0, 0, 1, 0, 2, EXIT];
+        calls.iter().fold(0x6e6d_6966_757a_7a21, |sum: u64, &number| {
+            let sum = (sum ^ number).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            sum ^ (sum >> 29)
+        })
+    };
+    assert_eq!(counters, expected);
+}
+
+#[test]
+fn kvm_an_nmi_nested_in_a_user_nmis_handler_is_latched() {
+    let Some(mut vm) = common::boot() else { return };
+    let mut script = Script::new(Variant::LINUX, Workload::User, 1);
+    script.action_count = 1;
+    script.actions[0] = Action { busy: 200, faults: fault::UD, ..Action::NONE };
+    // Two NMIs at point 1: the second waits until the #UD's IRETQ inside do_nmi unmasks NMIs,
+    // and kvm_pvm delivers it at the next VM entry or up to ~1024 instructions later: in
+    // do_nmi (latched: one call, two iterations) or back in ring 3 (a second call).
+    let (verdict, counters) = run_with_nmis(&mut vm, &script, &[(1, 2)]);
+    assert_eq!(verdict, Verdict::Done);
+    assert_eq!(counters.nmi_iterations, 2, "{counters:?}");
+    assert!((1..=2).contains(&counters.do_nmi_calls), "{counters:?}");
+    assert_eq!(counters.invalid_opcodes, 1, "{counters:?}");
+}
+
+#[test]
+fn the_user_area_loads_at_8_mib_above_the_kernel_image() {
+    let image = vmm::GuestImage::parse(vmm::EMBEDDED_GUEST.to_vec(), 16 << 20).unwrap();
+    for symbol in ["user_start", "user_stack_top", "USER_VARS"] {
+        let address = image.symbol(symbol).unwrap();
+        assert!((0x80_0000..0xa0_0000).contains(&address), "{symbol} at {address:#x}");
+    }
+    assert!(image.symbol("kmain").unwrap() < 0x80_0000);
 }
