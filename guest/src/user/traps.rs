@@ -4,7 +4,8 @@
 //! - **The `ud2` system call** (kvm_pvm, where SYSCALL stays at CPL3): a #UD from CPL3 on a
 //!   `ud2` in the user's code becomes what SYSCALL would have done. The frame is rewritten so
 //!   that the exception's IRETQ (same privilege, after a `swapgs` back to the user's GS) lands
-//!   on `entry_SYSCALL_64` with RCX = the RIP after the `ud2`, R11 = the user's RFLAGS,
+//!   on `entry_SYSCALL_64` with RCX = the RIP after the `ud2`, R11 = the user's RFLAGS (less
+//!   the RF that the CPU sets in every fault's RFLAGS image),
 //!   RFLAGS & ~SFMASK (and RF clear), CS 0x08, SS 0x10 and the user's own RSP: from there on the
 //!   NMI situation is the real one, kernel CS with a user-chosen RSP and DF clear.
 //! - **A bad IRET**: `fixup_bad_iret` (called by the exception entry for a #GP, #NP or #SS at
@@ -87,7 +88,9 @@ pub fn user_exception(trap: &mut TrapFrame) {
 fn syscall(trap: &mut TrapFrame) {
     let frame = &mut trap.frame;
     trap.regs.rcx = frame.rip + exceptions::UD2.len() as u64;
-    trap.regs.r11 = frame.rflags;
+    // The CPU sets RF in the RFLAGS image of every fault (SDM Vol. 3A §18.3.1.1): the RFLAGS
+    // ring 3 ran with, which SYSCALL saves, had it clear.
+    trap.regs.r11 = frame.rflags & !RESUME_FLAG;
     frame.rip = addr_of!(ENTRY_SYSCALL_64) as u64;
     frame.cs = u64::from(KERNEL_CODE_SELECTOR);
     frame.rflags &= !(SFMASK | RESUME_FLAG);
