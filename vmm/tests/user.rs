@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use nmifuzz_abi::{Action, Counters, Script, USER_POINT_ADDRESS, Variant, Workload, fault, option};
 use vmm::exit::Exit;
+use vmm::vm::GuestDebug;
 use vmm::{RunLimits, Verdict, Vm};
 
 /// System calls per iteration: getpid, getpid on the NMI stack, set_ss16, getpid, alt_cs,
@@ -51,6 +52,62 @@ fn run_with_nmis(vm: &mut Vm, script: &Script, nmis: &[(u64, u32)]) -> (Verdict,
         }
     };
     vm.watchdog().disarm();
+    (verdict, vm.mailbox().unwrap().counters)
+}
+
+/// Runs `script` with one NMI made pending at `symbol + offset`, a ring-0 address, the
+/// `occurrence`-th time (1-based) the guest reaches `symbol`. A hardware execute breakpoint on
+/// `symbol` counts the occurrences, each passed with one single-step (all in ring 0, as long as
+/// `symbol`'s first instruction stays there); at the last one the breakpoint moves to `symbol +
+/// offset`, and there the NMI is made pending with no breakpoint left, so that the next
+/// KVM_RUN delivers it before that instruction.
+fn run_with_nmi_at(
+    vm: &mut Vm,
+    script: &Script,
+    symbol: &str,
+    offset: u64,
+    occurrence: u32,
+) -> (Verdict, Counters) {
+    let start = vm.image().symbol(symbol).unwrap();
+    let at =
+        |address| GuestDebug { single_step: false, breakpoints: [Some(address), None, None, None] };
+    vm.reset().unwrap();
+    vm.write_script(script).unwrap();
+    vm.set_debug(at(start)).unwrap();
+    let limit = Duration::from_secs(2);
+    let deadline = vm.watchdog().arm(limit);
+    let (mut seen, mut stepping, mut injected) = (0, false, false);
+    let verdict = loop {
+        let exit = vm.run_once().unwrap();
+        match exit {
+            Exit::Debug { .. } if stepping => {
+                stepping = false;
+                vm.set_debug(at(start)).unwrap();
+            }
+            Exit::Debug { pc, .. } if pc == start && seen + 1 < occurrence => {
+                seen += 1;
+                stepping = true;
+                vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() }).unwrap();
+            }
+            Exit::Debug { pc, .. } if pc == start && offset != 0 => {
+                seen += 1;
+                vm.set_debug(at(start + offset)).unwrap();
+            }
+            Exit::Debug { pc, .. } if pc == start + offset => {
+                vm.set_debug(GuestDebug::default()).unwrap();
+                vm.inject_nmi().unwrap();
+                injected = true;
+            }
+            _ => {
+                if let Some(verdict) = vm.classify(&exit, deadline, limit) {
+                    break verdict;
+                }
+            }
+        }
+    };
+    vm.watchdog().disarm();
+    vm.set_debug(GuestDebug::default()).unwrap();
+    assert!(injected, "{symbol}+{offset:#x} #{occurrence} was never reached: {verdict}");
     (verdict, vm.mailbox().unwrap().counters)
 }
 
@@ -208,4 +265,28 @@ fn the_user_area_loads_at_8_mib_above_the_kernel_image() {
         assert!((0x80_0000..0xa0_0000).contains(&address), "{symbol} at {address:#x}");
     }
     assert!(image.symbol("kmain").unwrap() < 0x80_0000);
+}
+
+#[test]
+fn kvm_nmis_in_the_system_call_gaps_with_rsp_on_the_nmi_stack_are_first_nmis() {
+    let Some(mut vm) = common::boot() else { return };
+    // The second system call of an iteration, (c), runs entry_SYSCALL_64 and the SYSRET exit
+    // on an RSP inside the NMI stack (DF clear): each gap instruction, before and after its
+    // swapgs, with the NMI arriving in kernel mode there (CVE-2015-3291's situation).
+    let sites = [
+        ("entry_SYSCALL_64", 0),              // swapgs: the user's GS
+        ("entry_SYSCALL_64_after_swapgs", 0), // mov gs:[rsp_scratch], rsp
+        ("syscall_sysret_gap", 0),            // swapgs: the kernel's GS
+        ("syscall_sysret_gap", 3),            // sysretq: the user's GS
+    ];
+    for &variant in Variant::ALL {
+        for (symbol, offset) in sites {
+            let script = Script::new(variant, Workload::User, 1);
+            let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, offset, 2);
+            let site = format!("{} at {symbol}+{offset}", variant.name());
+            assert_eq!(verdict, Verdict::Done, "{site}");
+            let expected = Counters { do_nmi_calls: 1, nmi_iterations: 1, ..expected_counters(1) };
+            assert_eq!(counters, expected, "{site}");
+        }
+    }
 }
