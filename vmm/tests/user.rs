@@ -55,59 +55,90 @@ fn run_with_nmis(vm: &mut Vm, script: &Script, nmis: &[(u64, u32)]) -> (Verdict,
     (verdict, vm.mailbox().unwrap().counters)
 }
 
-/// Runs `script` with one NMI made pending at `symbol + offset`, a ring-0 address, the
-/// `occurrence`-th time (1-based) the guest reaches `symbol`. A hardware execute breakpoint on
-/// `symbol` counts the occurrences, each passed with one single-step (all in ring 0, as long as
-/// `symbol`'s first instruction stays there); at the last one the breakpoint moves to `symbol +
-/// offset`, and there the NMI is made pending with no breakpoint left, so that the next
-/// KVM_RUN delivers it before that instruction.
+/// Where, after the `occurrence`-th arrival at a symbol, [`run_with_nmi_at`] makes its NMI
+/// pending.
+#[derive(Clone, Copy, Debug)]
+enum Then {
+    /// After this many single-steps (ring 0 only: a step into ring 3 leaks #DB on kvm_pvm).
+    Steps(u32),
+    /// At the next arrival at this address (a step over the SYSRET gap's `swapgs` runs on
+    /// through `sysretq` on kvm_pvm, so the `sysretq` is reached with a breakpoint).
+    Breakpoint(u64),
+}
+
+/// Runs `script` with one NMI made pending in ring 0: the `occurrence`-th (1-based) time the
+/// guest reaches `symbol`, then `then`. A hardware execute breakpoint on `symbol` counts the
+/// arrivals, each passed with one single-step (`symbol`'s first instruction must stay in ring
+/// 0); the NMI is made pending with neither breakpoint nor stepping left, so that the next
+/// KVM_RUN delivers it before the instruction at RIP.
 fn run_with_nmi_at(
     vm: &mut Vm,
     script: &Script,
     symbol: &str,
-    offset: u64,
     occurrence: u32,
+    then: Then,
 ) -> (Verdict, Counters) {
     let start = vm.image().symbol(symbol).unwrap();
     let at =
         |address| GuestDebug { single_step: false, breakpoints: [Some(address), None, None, None] };
+    let step = GuestDebug { single_step: true, ..GuestDebug::default() };
     vm.reset().unwrap();
     vm.write_script(script).unwrap();
     vm.set_debug(at(start)).unwrap();
     let limit = Duration::from_secs(2);
     let deadline = vm.watchdog().arm(limit);
-    let (mut seen, mut stepping, mut injected) = (0, false, false);
+    // Arrivals seen; single-steps to go (past an arrival, or towards the NMI).
+    let (mut seen, mut passing, mut steps, mut injected) = (0, false, None, false);
     let verdict = loop {
         let exit = vm.run_once().unwrap();
-        match exit {
-            Exit::Debug { .. } if stepping => {
-                stepping = false;
+        let inject = match exit {
+            Exit::Debug { .. } if passing => {
+                passing = false;
                 vm.set_debug(at(start)).unwrap();
+                false
+            }
+            Exit::Debug { .. } if steps.is_some() => {
+                steps = steps.map(|n: u32| n - 1);
+                steps == Some(0)
             }
             Exit::Debug { pc, .. } if pc == start && seen + 1 < occurrence => {
                 seen += 1;
-                stepping = true;
-                vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() }).unwrap();
+                passing = true;
+                vm.set_debug(step).unwrap();
+                false
             }
-            Exit::Debug { pc, .. } if pc == start && offset != 0 => {
+            Exit::Debug { pc, .. } if pc == start && seen + 1 == occurrence => {
                 seen += 1;
-                vm.set_debug(at(start + offset)).unwrap();
+                match then {
+                    Then::Steps(0) => true,
+                    Then::Steps(n) => {
+                        steps = Some(n);
+                        vm.set_debug(step).unwrap();
+                        false
+                    }
+                    Then::Breakpoint(address) => {
+                        vm.set_debug(at(address)).unwrap();
+                        false
+                    }
+                }
             }
-            Exit::Debug { pc, .. } if pc == start + offset => {
-                vm.set_debug(GuestDebug::default()).unwrap();
-                vm.inject_nmi().unwrap();
-                injected = true;
-            }
+            Exit::Debug { .. } => true,
             _ => {
                 if let Some(verdict) = vm.classify(&exit, deadline, limit) {
                     break verdict;
                 }
+                false
             }
+        };
+        if inject {
+            vm.set_debug(GuestDebug::default()).unwrap();
+            vm.inject_nmi().unwrap();
+            (steps, injected) = (None, true);
         }
     };
     vm.watchdog().disarm();
     vm.set_debug(GuestDebug::default()).unwrap();
-    assert!(injected, "{symbol}+{offset:#x} #{occurrence} was never reached: {verdict}");
+    assert!(injected, "{symbol} #{occurrence}, then {then:?}, was never reached: {verdict}");
     (verdict, vm.mailbox().unwrap().counters)
 }
 
@@ -273,20 +304,54 @@ fn kvm_nmis_in_the_system_call_gaps_with_rsp_on_the_nmi_stack_are_first_nmis() {
     // The second system call of an iteration, (c), runs entry_SYSCALL_64 and the SYSRET exit
     // on an RSP inside the NMI stack (DF clear): each gap instruction, before and after its
     // swapgs, with the NMI arriving in kernel mode there (CVE-2015-3291's situation).
+    let sysretq = vm.image().symbol("syscall_sysret_gap").unwrap() + 3;
     let sites = [
-        ("entry_SYSCALL_64", 0),              // swapgs: the user's GS
-        ("entry_SYSCALL_64_after_swapgs", 0), // mov gs:[rsp_scratch], rsp
-        ("syscall_sysret_gap", 0),            // swapgs: the kernel's GS
-        ("syscall_sysret_gap", 3),            // sysretq: the user's GS
+        ("entry_SYSCALL_64", Then::Steps(0)), // swapgs, on the user's GS
+        ("entry_SYSCALL_64", Then::Steps(1)), // mov gs:[rsp_scratch], rsp
+        ("entry_SYSCALL_64", Then::Steps(2)), // mov rsp, gs:[top_of_stack]
+        ("syscall_sysret_gap", Then::Steps(0)), // swapgs, on the kernel's GS
+        ("syscall_sysret_gap", Then::Breakpoint(sysretq)), // sysretq, on the user's GS
     ];
     for &variant in Variant::ALL {
-        for (symbol, offset) in sites {
+        for (symbol, then) in sites {
             let script = Script::new(variant, Workload::User, 1);
-            let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, offset, 2);
-            let site = format!("{} at {symbol}+{offset}", variant.name());
+            let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, 2, then);
+            let site = format!("{} at {symbol}, then {then:?}", variant.name());
             assert_eq!(verdict, Verdict::Done, "{site}");
             let expected = Counters { do_nmi_calls: 1, nmi_iterations: 1, ..expected_counters(1) };
             assert_eq!(counters, expected, "{site}");
         }
+    }
+}
+
+#[test]
+fn kvm_nmis_in_the_return_to_user_paths_are_handled_on_the_users_gs() {
+    let Some(mut vm) = common::boot() else { return };
+    // An action that raises #UD: the exception in do_nmi then runs on whatever GS the NMI
+    // found, the user's in most of these places.
+    let mut script = Script::new(Variant::LINUX, Workload::User, 1);
+    script.action_count = 1;
+    script.actions[0] = Action { faults: fault::UD, ..Action::NONE };
+    let iret = vm.image().symbol("native_irq_return_iret").unwrap();
+    // native_irq_return_ldt to its IRETQ, every instruction boundary (set_ss16's return).
+    let espfix = (0..=22).map(|n| ("native_irq_return_ldt", 1, Then::Steps(n)));
+    // The first IRET to ring 3, and the faulting one of bad_return (the third IRET exit).
+    let others = [
+        ("return_to_user_iret", 1, Then::Steps(0)),
+        ("return_to_user_iret", 1, Then::Steps(1)),
+        ("return_to_user_iret", 1, Then::Steps(3)),
+        ("syscall_return_via_iret", 3, Then::Breakpoint(iret)),
+    ];
+    for (symbol, occurrence, then) in espfix.chain(others) {
+        let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, occurrence, then);
+        let site = format!("{symbol} #{occurrence}, then {then:?}");
+        assert_eq!(verdict, Verdict::Done, "{site}");
+        let expected = Counters {
+            do_nmi_calls: 1,
+            nmi_iterations: 1,
+            invalid_opcodes: 1,
+            ..expected_counters(1)
+        };
+        assert_eq!(counters, expected, "{site}");
     }
 }
