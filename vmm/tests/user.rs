@@ -67,7 +67,7 @@ enum Then {
 }
 
 /// Runs `script` with one NMI made pending in ring 0: the `occurrence`-th (1-based) time the
-/// guest reaches `symbol`, then `then`. A hardware execute breakpoint on `symbol` counts the
+/// guest reaches `symbol`, then `then`; and one at each point exit numbered in `points`. A hardware execute breakpoint on `symbol` counts the
 /// arrivals, each passed with one single-step (`symbol`'s first instruction must stay in ring
 /// 0); the NMI is made pending with neither breakpoint nor stepping left, so that the next
 /// KVM_RUN delivers it before the instruction at RIP.
@@ -77,6 +77,7 @@ fn run_with_nmi_at(
     symbol: &str,
     occurrence: u32,
     then: Then,
+    points: &[u64],
 ) -> (Verdict, Counters) {
     let start = vm.image().symbol(symbol).unwrap();
     let at =
@@ -89,6 +90,7 @@ fn run_with_nmi_at(
     let deadline = vm.watchdog().arm(limit);
     // Arrivals seen; single-steps to go (past an arrival, or towards the NMI).
     let (mut seen, mut passing, mut steps, mut injected) = (0, false, None, false);
+    let mut point = 0;
     let verdict = loop {
         let exit = vm.run_once().unwrap();
         let inject = match exit {
@@ -123,6 +125,13 @@ fn run_with_nmi_at(
                 }
             }
             Exit::Debug { .. } => true,
+            Exit::Mmio { address: USER_POINT_ADDRESS, write: true } => {
+                point += 1;
+                if points.contains(&point) {
+                    vm.inject_nmi().unwrap();
+                }
+                false
+            }
             _ => {
                 if let Some(verdict) = vm.classify(&exit, deadline, limit) {
                     break verdict;
@@ -277,15 +286,17 @@ fn kvm_an_nmi_nested_in_a_user_nmis_handler_is_latched() {
     let Some(mut vm) = common::boot() else { return };
     let mut script = Script::new(Variant::LINUX, Workload::User, 1);
     script.action_count = 1;
-    script.actions[0] = Action { busy: 200, faults: fault::UD, ..Action::NONE };
-    // Two NMIs at point 1: the second waits until the #UD's IRETQ inside do_nmi unmasks NMIs,
-    // and kvm_pvm delivers it at the next VM entry or up to ~1024 instructions later: in
-    // do_nmi (latched: one call, two iterations) or back in ring 3 (a second call).
-    let (verdict, counters) = run_with_nmis(&mut vm, &script, &[(1, 2)]);
+    script.actions[0] = Action { faults: fault::UD, ..Action::NONE };
+    // An NMI at point 1 runs do_nmi on the thread stack; its #UD returns with the IRETQ at
+    // exception_iretq, which unmasks NMIs; a second NMI right after it (one step: the IRETQ and
+    // the instruction after it) comes from kernel mode, is a first NMI for the entry and finds
+    // do_nmi running: latched, and the running call runs a second iteration.
+    let (verdict, counters) =
+        run_with_nmi_at(&mut vm, &script, "exception_iretq", 1, Then::Steps(1), &[1]);
     assert_eq!(verdict, Verdict::Done);
-    assert_eq!(counters.nmi_iterations, 2, "{counters:?}");
-    assert!((1..=2).contains(&counters.do_nmi_calls), "{counters:?}");
-    assert_eq!(counters.invalid_opcodes, 1, "{counters:?}");
+    let expected =
+        Counters { do_nmi_calls: 1, nmi_iterations: 2, invalid_opcodes: 1, ..expected_counters(1) };
+    assert_eq!(counters, expected);
 }
 
 #[test]
@@ -315,7 +326,7 @@ fn kvm_nmis_in_the_system_call_gaps_with_rsp_on_the_nmi_stack_are_first_nmis() {
     for &variant in Variant::ALL {
         for (symbol, then) in sites {
             let script = Script::new(variant, Workload::User, 1);
-            let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, 2, then);
+            let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, 2, then, &[]);
             let site = format!("{} at {symbol}, then {then:?}", variant.name());
             assert_eq!(verdict, Verdict::Done, "{site}");
             let expected = Counters { do_nmi_calls: 1, nmi_iterations: 1, ..expected_counters(1) };
@@ -343,7 +354,7 @@ fn kvm_nmis_in_the_return_to_user_paths_are_handled_on_the_users_gs() {
         ("syscall_return_via_iret", 3, Then::Breakpoint(iret)),
     ];
     for (symbol, occurrence, then) in espfix.chain(others) {
-        let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, occurrence, then);
+        let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, occurrence, then, &[]);
         let site = format!("{symbol} #{occurrence}, then {then:?}");
         assert_eq!(verdict, Verdict::Done, "{site}");
         let expected = Counters {

@@ -22,7 +22,7 @@ use core::ptr::{addr_of, copy};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use super::entry::ENTRY_SYSCALL_64;
-use super::program::CHECKS;
+use super::program::{CHECK_NO_FAULT, CHECKS};
 use super::syscall::SIGNAL_MARKER;
 use super::{check_entry_from_user, check_return_to_user, is_user_rip};
 use crate::exceptions::{self, TrapFrame};
@@ -158,6 +158,9 @@ fn failed_check(trap: &TrapFrame) -> ! {
     let Some(&(what, number)) = CHECKS.get(index as usize) else {
         panic!("the user workload reports an unknown check {index}");
     };
+    if index >= u64::from(CHECK_NO_FAULT) {
+        invariant::violated(number, format_args!("the user workload's {what} (RAX {found:#x})"));
+    }
     invariant::violated(
         number,
         format_args!("the user workload's {what} is {found:#x}, expected {expected:#x}"),
