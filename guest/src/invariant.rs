@@ -14,7 +14,17 @@
 //! 5. `do_nmi`'s `regs` stay the interrupted context from the iteration's start to its end
 //!    (`nmi::checks`, the same shadow copy).
 //! 6. No unexpected exception or double fault; an exception's frame is intact when its handler
-//!    ends; the #PF handler sees the CR2 of its own fault (`exceptions`).
+//!    ends; the #PF handler sees the CR2 of its own fault (`exceptions`, `user::traps`).
+//!
+//! 7 to 9 are the host's. Two more for the user-mode half (design.md section 3b):
+//! 10. Privilege integrity: every return to ring 3 has a user CS, a user SS and a user RIP,
+//!     and ring 3 is entered from on the segments it was returned to (`user`); no user RIP
+//!     runs with a kernel CS (the user workload checks the privilege level of CS and SS); no
+//!     kernel RIP runs at CPL3 and ring 3 touches no kernel memory (a #PF from ring 3,
+//!     `user::traps`).
+//! 11. GS integrity: kernel code runs on the kernel's GS base (checked by the system-call
+//!     handler, exceptions from ring 3 and `do_nmi` for NMIs from ring 3, `percpu`), user code
+//!     on the user's (the user workload checks `gs:[0]`).
 
 use core::fmt;
 

@@ -301,7 +301,7 @@ pub mod fault {
 pub enum ScribbleArea {
     /// The first 32 gates (the exceptions and the NMI) of the IDT or of the NMI IDT.
     Idt = 0,
-    /// The GDT (null, code, data, TSS descriptor).
+    /// The GDT (null, kernel and user segments, TSS descriptor).
     Gdt = 1,
     /// The 64-bit TSS, IST pointers included.
     Tss = 2,

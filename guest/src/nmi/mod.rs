@@ -7,6 +7,7 @@
 //! changes (docs/entries.md).
 
 mod checks;
+mod from_user;
 mod handler;
 mod ist_user;
 mod pieces;

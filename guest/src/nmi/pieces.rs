@@ -53,7 +53,7 @@ use nmifuzz_abi::{NmiStackLayout, Script, option};
 
 use crate::gdt::{KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR};
 use crate::nmi::NmiRegs;
-use crate::{percpu, tss};
+use crate::tss;
 
 /// A label the host sees: a `.type`d symbol (the VMM's symbol table keeps typed symbols only),
 /// so that traces name it and schedules can inject relative to it.
@@ -77,7 +77,7 @@ macro_rules! asm_label {
 /// The first instruction is instrumentation, not Linux: it counts every delivery in a variable
 /// outside the NMI stack, so that `do_nmi` can check that no NMI is lost (invariant 4). An NMI
 /// from ring 3 branches to `<name>_from_user` ([`nmi_epilogue!`]), which switches to the
-/// thread stack and never nests.
+/// thread stack and never nests (`from_user.rs`).
 macro_rules! nmi_prologue {
     ($name:literal) => {
         concat!(
@@ -375,84 +375,17 @@ macro_rules! nmi_exit {
     };
 }
 
-/// The end of every variant: the entry from ring 3, `<name>_from_user`, and the symbol's
-/// size. Linux after 9b6e6a8334d5 ("Switch stacks on userspace NMI entry"):
-///
-/// ```text
-/// NMI stack                                 thread stack (gs:[top_of_stack])
-/// +-------------------------+ <- IST1 top   +-------------------------+ <- top
-/// | original SS .. RIP      | --copied-->   | SS .. RIP               | NmiRegs::frame
-/// +-------------------------+               +-------------------------+
-/// | temp storage for rdx    | <- RDX        | rax .. r15 (rdx from    | NmiRegs::regs
-/// +-------------------------+               |  the temp slot)         |
-/// | "NMI executing": never  |               +-------------------------+ <- RSP at the call,
-/// |  written on this path   |                                              16-byte aligned
-/// ```
-///
-/// `swapgs` (the kernel's GS), `cld`, keep the NMI stack's address in RDX and load the thread
-/// stack's top from the per-CPU area, *without pushing anything more on the NMI stack*: a
-/// push there would land in "NMI executing" (83c133cf11fb), where a later kernel-mode NMI would
-/// find garbage. Then the hardware frame is copied from RDX, the registers are pushed (RDX
-/// from its temp slot) to make `NmiRegs`, `do_nmi` runs, and the registers are popped back.
-/// The way out is the common return-to-user IRET path, `return_to_user_iret`: `swapgs`, and
-/// espfix64 if the interrupted SS is the 16-bit one.
-///
-/// Nothing here can nest: NMIs stay blocked until the final IRETQ, unless `do_nmi` takes an
-/// exception, whose IRETQ unblocks them. A nested NMI then comes from kernel mode, on the
-/// thread stack, takes the kernel path above as a first NMI (nothing of this path is on the
-/// NMI stack) and reaches `do_nmi` while it runs, which latches it (Linux's `nmi_state`).
-macro_rules! nmi_epilogue {
-    ($name:literal) => {
-        concat!(
-            $crate::nmi::pieces::asm_label!($name, "_from_user"),
-            "    swapgs                      /* the kernel's GS */\n",
-            "    cld\n",
-            "    mov rdx, rsp                /* the NMI stack: temp rdx, then the frame */\n",
-            "    mov rsp, gs:[16]            /* the thread stack's top (percpu::TOP_OF_STACK) */\n",
-            "    push qword ptr [rdx + 40]   /* NmiRegs::frame.ss */\n",
-            "    push qword ptr [rdx + 32]   /* NmiRegs::frame.rsp */\n",
-            "    push qword ptr [rdx + 24]   /* NmiRegs::frame.rflags */\n",
-            "    push qword ptr [rdx + 16]   /* NmiRegs::frame.cs */\n",
-            "    push qword ptr [rdx + 8]    /* NmiRegs::frame.rip */\n",
-            "    push rax                    /* NmiRegs::regs.rax ... */\n",
-            "    push rbx\n",
-            "    push rcx\n",
-            "    push qword ptr [rdx]        /* rdx, from the temp slot */\n",
-            "    push rsi\n",
-            "    push rdi\n",
-            "    push rbp\n",
-            "    push r8\n",
-            "    push r9\n",
-            "    push r10\n",
-            "    push r11\n",
-            "    push r12\n",
-            "    push r13\n",
-            "    push r14\n",
-            "    push r15                    /* ... NmiRegs::regs.r15: RSP at NmiRegs */\n",
-            "    /* On the thread stack and done with the NMI stack: no nesting damage from here. */\n",
-            "    mov rdi, rsp                /* do_nmi(regs) */\n",
-            "    call do_nmi\n",
-            $crate::regs::pop_general_regs!(),
-            "    jmp return_to_user_iret     /* swapgs, espfix64 if needed, IRETQ */\n",
-            "    .size ",
-            $name,
-            ", . - ",
-            $name,
-            "\n",
-            "    .popsection\n",
-        )
-    };
-}
-
 pub(crate) use {
     asm_label, nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df,
-    nmi_epilogue, nmi_exit, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
+    nmi_exit, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
+
+// The last piece, the entry from ring 3, has a file of its own.
+pub(crate) use super::from_user::nmi_epilogue;
 
 // The numbers written literally in the text above.
 const _: () = assert!(KERNEL_CODE_SELECTOR == 0x08 && KERNEL_DATA_SELECTOR == 0x10);
 const _: () = assert!(tss::NMI_STACK_SPAN == 16368);
-const _: () = assert!(percpu::TOP_OF_STACK == 16);
 const _: () = assert!(offset_of!(Script, options) == 12 && option::STRESS_UNMASK == 1);
 // The layout the host reads: temp rdx at RSP = T - 48, "NMI executing" just below it, "iret"
 // 40 bytes below that, "outermost" 40 bytes lower still, and NmiRegs right below "outermost"

@@ -55,7 +55,8 @@ const STACK_QWORDS: usize = 512;
 const NMI_STACK_RSP: u64 = NMI_STACK_SPAN + 8 - 64;
 
 /// What each failed check's index (ECX at `user_check_failed`) stands for: its name and the
-/// invariant it belongs to. The first twelve are the registers, in check order.
+/// invariant it belongs to. The first twelve are the registers, in check order; the last two
+/// ([`CHECK_NO_FAULT`], [`CHECK_EXIT`]) are code that must never run, with nothing expected.
 pub const CHECKS: [(&str, u8); 20] = [
     ("rbx", 2),
     ("rdx", 2),
@@ -75,14 +76,14 @@ pub const CHECKS: [(&str, u8); 20] = [
     ("gs:[0]", 11),
     ("system call result", 2),
     ("signal marker in rax", 2),
-    ("bad_return came back without a fault: cs", 10),
-    ("exit came back: rax", 2),
+    ("bad_return came back without its IRET faulting", 10),
+    ("exit system call came back", 2),
 ];
 const CHECK_RSP: u32 = 12;
 const CHECK_RESULT: u32 = 16;
 const CHECK_MARKER: u32 = 17;
-const CHECK_NO_FAULT: u32 = 18;
-const CHECK_EXIT: u32 = 19;
+pub const CHECK_NO_FAULT: u32 = 18;
+pub const CHECK_EXIT: u32 = 19;
 
 /// The values the registers keep, in [`CHECKS`] order.
 pub const KNOWN: [u64; 12] = [

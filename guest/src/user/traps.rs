@@ -4,7 +4,8 @@
 //! - **The `ud2` system call** (kvm_pvm, where SYSCALL stays at CPL3): a #UD from CPL3 on a
 //!   `ud2` in the user's code becomes what SYSCALL would have done. The frame is rewritten so
 //!   that the exception's IRETQ (same privilege, after a `swapgs` back to the user's GS) lands
-//!   on `entry_SYSCALL_64` with RCX = the RIP after the `ud2`, R11 = the user's RFLAGS,
+//!   on `entry_SYSCALL_64` with RCX = the RIP after the `ud2`, R11 = the user's RFLAGS (less
+//!   the RF that the CPU sets in every fault's RFLAGS image),
 //!   RFLAGS & ~SFMASK (and RF clear), CS 0x08, SS 0x10 and the user's own RSP: from there on the
 //!   NMI situation is the real one, kernel CS with a user-chosen RSP and DF clear.
 //! - **A bad IRET**: `fixup_bad_iret` (called by the exception entry for a #GP, #NP or #SS at
@@ -21,7 +22,7 @@ use core::ptr::{addr_of, copy};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use super::entry::ENTRY_SYSCALL_64;
-use super::program::CHECKS;
+use super::program::{CHECK_NO_FAULT, CHECKS};
 use super::syscall::SIGNAL_MARKER;
 use super::{check_entry_from_user, check_return_to_user, is_user_rip};
 use crate::exceptions::{self, TrapFrame};
@@ -87,9 +88,8 @@ pub fn user_exception(trap: &mut TrapFrame) {
 fn syscall(trap: &mut TrapFrame) {
     let frame = &mut trap.frame;
     trap.regs.rcx = frame.rip + exceptions::UD2.len() as u64;
-    // RF is set in the frame only because #UD is a fault (SDM Vol. 3A §18.3.1.1): the user's
-    // RFLAGS had it clear, and SYSCALL would save exactly those. With RF, the exit would also
-    // decline SYSRET for every system call.
+    // The CPU sets RF in the RFLAGS image of every fault (SDM Vol. 3A §18.3.1.1): the RFLAGS
+    // ring 3 ran with, which SYSCALL saves, had it clear.
     trap.regs.r11 = frame.rflags & !RESUME_FLAG;
     frame.rip = addr_of!(ENTRY_SYSCALL_64) as u64;
     frame.cs = u64::from(KERNEL_CODE_SELECTOR);
@@ -158,6 +158,9 @@ fn failed_check(trap: &TrapFrame) -> ! {
     let Some(&(what, number)) = CHECKS.get(index as usize) else {
         panic!("the user workload reports an unknown check {index}");
     };
+    if index >= u64::from(CHECK_NO_FAULT) {
+        invariant::violated(number, format_args!("the user workload's {what} (RAX {found:#x})"));
+    }
     invariant::violated(
         number,
         format_args!("the user workload's {what} is {found:#x}, expected {expected:#x}"),
