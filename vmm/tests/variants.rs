@@ -34,6 +34,15 @@ const EXPECTED: &[(Variant, &str)] = &[
         Variant::EARLY_CLEAR,
         "guest panic: invariant violated: do_nmi entered for an NMI that interrupted NMI handling",
     ),
+    // The NMI in the SYSCALL gap, taken for nested, never reaches do_nmi.
+    (
+        Variant::CVE_2015_3291,
+        "NMI deliveries were never followed by a do_nmi iteration [invariant 4]",
+    ),
+    // The espfix64 frame the nested NMI half rewrote: the user's RIP with the kernel's CS.
+    (Variant::CVE_2015_3290, "ended with a return to user_point_ss16+0x7 with RSP"),
+    // The IST exit's IRETQ to the revoked CS faults in kernel mode, on the NMI stack.
+    (Variant::CVE_2015_5157, "unexpected exception #NP (vector 11)"),
 ];
 
 fn corpus_file(variant: Variant) -> PathBuf {

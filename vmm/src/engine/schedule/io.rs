@@ -86,7 +86,7 @@ mod tests {
             (r#"{"format":2,"variant":"naive","injections":[]}"#, "format 2 is not supported"),
             (
                 r#"{"format":1,"variant":"nope","injections":[]}"#,
-                "valid variants: linux, early-clear, naive",
+                "valid variants: linux, cve-2015-3290, cve-2015-3291, cve-2015-5157, early-clear",
             ),
             (
                 r#"{"format":1,"variant":"naive","injections":[{"after":99999999999}]}"#,
