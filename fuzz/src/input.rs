@@ -553,13 +553,15 @@ mod tests {
         Arc::new(Points::new(InstructionTable::from_insns(insns), Vec::new()))
     }
 
-    /// The same with the user workload: 3 ring-3 points and a SYSCALL gap of 3 instructions.
+    /// The same with the user workload: 3 ring-3 points, a SYSCALL gap of 3 instructions and
+    /// an entry's user path of 2 (where no first NMI can go).
     fn table() -> Table {
         let base = loop_table();
         let mut ring3: Vec<(TableInsn, Region)> = (0..3)
             .map(|i| (insn(&format!("user_point_{i}"), 0x400_000 + 16 * i, 2), Region::UserPoint))
             .collect();
         ring3.extend((0..3).map(|i| (insn("entry_SYSCALL_64", 0x3000, 3 * i), Region::SyscallGap)));
+        ring3.extend((0..2).map(|i| (insn("nmi_naive_from_user", 0x5000, i), Region::NmiUserPath)));
         Arc::new(Points::new(InstructionTable::from_insns(base.insns().to_vec()), ring3))
     }
 
