@@ -26,7 +26,8 @@
 //!   fast mode runs without stepping;
 //! - one handler action per injection, each with `busy` in `0..=16` ([`GENERATED_BUSY`]) and,
 //!   with probability 1/2, 1 or 2 faults drawn from the allowed faults (none otherwise; by
-//!   default the exceptions and `revoke-cs`);
+//!   default the exceptions, and for the user workload `revoke-cs`, which does nothing to an
+//!   NMI that interrupted ring 0);
 //! - the stress option (`stress_unmask`) with probability 1/2;
 //! - the campaign's variant.
 //!
@@ -103,10 +104,32 @@ impl HasLen for NmiInput {
     }
 }
 
+/// The faults a campaign allows, and of those the ones that do something to each workload:
+/// `revoke-cs` does nothing to an NMI that interrupted ring 0, so loop schedules never draw it.
+#[derive(Clone, Debug)]
+struct AllowedFaults {
+    all: Vec<Fault>,
+    ring0: Vec<Fault>,
+}
+
+impl AllowedFaults {
+    fn new(faults: &[Fault]) -> Self {
+        let ring0 = faults.iter().copied().filter(|f| *f != Fault::RevokeCs).collect();
+        Self { all: faults.to_vec(), ring0 }
+    }
+
+    fn of(&self, workload: Workload) -> &[Fault] {
+        match workload {
+            Workload::Loop => &self.ring0,
+            Workload::User => &self.all,
+        }
+    }
+}
+
 /// Makes the initial inputs when the corpus is empty (see the module documentation).
 pub struct ScheduleGenerator {
     variant: String,
-    faults: Vec<Fault>,
+    faults: AllowedFaults,
     table: Table,
 }
 
@@ -114,7 +137,8 @@ impl ScheduleGenerator {
     /// A generator for `variant` whose actions use only `faults` and whose points come from
     /// `table` (the variant's instruction table).
     pub fn new(variant: &str, faults: &[Fault], table: &Table) -> Self {
-        Self { variant: variant.to_owned(), faults: faults.to_vec(), table: Arc::clone(table) }
+        let faults = AllowedFaults::new(faults);
+        Self { variant: variant.to_owned(), faults, table: Arc::clone(table) }
     }
 
     /// One schedule from `rand`.
@@ -128,7 +152,7 @@ impl ScheduleGenerator {
         let count = rand.between(1, 4);
         let injections =
             (0..count).map(|k| random_point(rand, &self.table, workload, k == 0)).collect();
-        let actions = (0..count).map(|_| self.action(rand)).collect();
+        let actions = (0..count).map(|_| self.action(rand, workload)).collect();
         Schedule {
             format: SCHEDULE_FORMAT,
             description: String::new(),
@@ -142,12 +166,13 @@ impl ScheduleGenerator {
         }
     }
 
-    fn action<R: Rand>(&self, rand: &mut R) -> HandlerAction {
+    fn action<R: Rand>(&self, rand: &mut R, workload: Workload) -> HandlerAction {
         let busy = rand.between(0, GENERATED_BUSY as usize) as u32;
         let mut faults = Vec::new();
-        if !self.faults.is_empty() && rand.coinflip(0.5) {
+        let allowed = self.faults.of(workload);
+        if !allowed.is_empty() && rand.coinflip(0.5) {
             for _ in 0..rand.between(1, 2) {
-                faults.push(self.faults[rand.below_or_zero(self.faults.len())]);
+                faults.push(allowed[rand.below_or_zero(allowed.len())]);
             }
         }
         HandlerAction { busy, faults }
@@ -353,30 +378,32 @@ impl<S: HasRand> Mutator<NmiInput, S> for ChangeBusy {
 }
 
 /// Adds, removes or replaces one fault of one action, drawing from the allowed faults
-/// (by default [`Fault::ALL`]). Adds an action when the schedule has none.
+/// (by default [`Fault::ALL`]; `revoke-cs` only in user schedules). Adds an action when the
+/// schedule has none.
 pub struct ChangeFaults {
-    faults: Vec<Fault>,
+    faults: AllowedFaults,
 }
 named!(@impl ChangeFaults);
 impl ChangeFaults {
     /// A mutator that adds only `faults` (an empty list: it only removes).
     pub fn new(faults: &[Fault]) -> Self {
-        Self { faults: faults.to_vec() }
+        Self { faults: AllowedFaults::new(faults) }
     }
 }
 impl<S: HasRand> Mutator<NmiInput, S> for ChangeFaults {
     fn mutate(&mut self, state: &mut S, input: &mut NmiInput) -> Result<MutationResult, Error> {
         let rand = state.rand_mut();
+        let allowed = self.faults.of(input.0.workload);
         let actions = &mut input.0.actions;
         if actions.is_empty() {
-            if self.faults.is_empty() {
+            if allowed.is_empty() {
                 return Ok(MutationResult::Skipped);
             }
             actions.push(HandlerAction::default());
         }
         let k = rand.below_or_zero(actions.len());
         let faults = &mut actions[k].faults;
-        let fresh = pick(rand, self.faults.len()).map(|i| self.faults[i]);
+        let fresh = pick(rand, allowed.len()).map(|i| allowed[i]);
         match (rand.below_or_zero(3), fresh) {
             (0, Some(fault)) if faults.len() < FUZZER_MAX_FAULTS => {
                 let at = rand.below_or_zero(faults.len() + 1);
@@ -551,13 +578,15 @@ mod tests {
         Arc::new(Points::new(InstructionTable::from_insns(insns), Vec::new()))
     }
 
-    /// The same with the user workload: 3 ring-3 points and a SYSCALL gap of 3 instructions.
+    /// The same with the user workload: 3 ring-3 points, a SYSCALL gap of 3 instructions and
+    /// an entry's user path of 2 (where no first NMI can go).
     fn table() -> Table {
         let base = loop_table();
         let mut ring3: Vec<(TableInsn, Region)> = (0..3)
             .map(|i| (insn(&format!("user_point_{i}"), 0x400_000 + 16 * i, 2), Region::UserPoint))
             .collect();
         ring3.extend((0..3).map(|i| (insn("entry_SYSCALL_64", 0x3000, 3 * i), Region::SyscallGap)));
+        ring3.extend((0..2).map(|i| (insn("nmi_naive_from_user", 0x5000, i), Region::NmiUserPath)));
         Arc::new(Points::new(InstructionTable::from_insns(base.insns().to_vec()), ring3))
     }
 
@@ -635,7 +664,9 @@ mod tests {
             for action in &s.actions {
                 assert!(action.busy <= GENERATED_BUSY && action.faults.len() <= 2);
                 saw_faults |= !action.faults.is_empty();
-                revoked |= action.faults.contains(&Fault::RevokeCs);
+                let revokes = action.faults.contains(&Fault::RevokeCs);
+                assert!(!revokes || s.workload == Workload::User, "revoke-cs at ring 0: {s:?}");
+                revoked |= revokes;
             }
         }
         assert!(saw_faults && saw_stress && saw_extra && saw_handler && revoked);

@@ -187,7 +187,8 @@ pub struct CampaignArgs {
     /// finding.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
-    /// The faults the handler actions may raise, comma-separated (`ud`, ...), `all` or `none`.
+    /// The faults the handler actions may raise, comma-separated (`ud`, `pf`, `bp`,
+    /// `revoke-cs`), `all` or `none`.
     /// Faults already in seeds are kept.
     #[arg(long, default_value = "all", value_parser = parse_faults)]
     pub faults: FaultList,

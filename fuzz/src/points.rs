@@ -42,7 +42,8 @@ pub struct Points {
     loop_first: Vec<usize>,
     /// Positions of the ring-3 points.
     user_points: Vec<usize>,
-    /// Positions of the ring-0 places around ring 3.
+    /// Positions of the ring-0 places around ring 3 that run without an NMI: the SYSCALL gaps
+    /// and the return to user.
     around_ring3: Vec<usize>,
 }
 
@@ -61,6 +62,8 @@ impl Points {
         for (position, insn) in points.table.insns().iter().enumerate() {
             match regions.get(&insn.address) {
                 Some(Region::UserPoint) => points.user_points.push(position),
+                // Only an NMI from user runs it: no first NMI can strike there.
+                Some(Region::NmiUserPath) => {}
                 Some(_) => points.around_ring3.push(position),
                 None if insn.symbol == WORKLOAD => points.loop_first.push(position),
                 None => {}

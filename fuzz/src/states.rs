@@ -71,6 +71,12 @@ pub struct Places {
 impl Places {
     /// The regions of `image` (loaded in `ram`) for the entry of `variant`.
     pub fn new(image: &GuestImage, ram: &GuestRam, variant: Variant) -> Self {
+        Self::with_ring3(image, variant, Regions::new(image, ram, variant))
+    }
+
+    /// The regions of `image` for the entry of `variant`, with `ring3` as the places around
+    /// ring 3.
+    fn with_ring3(image: &GuestImage, variant: Variant, ring3: Regions) -> Self {
         let sized = |name: &str| {
             image
                 .symbols()
@@ -86,7 +92,7 @@ impl Places {
             exception_path: vec![sized("exception_common"), sized("exception_dispatch")],
             workload: sized("workload_loop"),
             nmi_code: marker(nmifuzz_abi::NMI_CODE_START)..marker(nmifuzz_abi::NMI_CODE_END),
-            ring3: Regions::new(image, ram, variant),
+            ring3,
         }
     }
 
@@ -150,5 +156,51 @@ impl NmiObserver for StateMap<'_> {
             let index = self.places.index(state, self.map.len());
             self.map[index] = 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm::{Vm, VmConfig};
+
+    use super::*;
+
+    fn delivery(rip: u64) -> NmiState {
+        NmiState {
+            moment: Moment::Delivered,
+            rip,
+            depth: 1,
+            nmi_executing: Some(1),
+            undelivered: 0,
+        }
+    }
+
+    #[test]
+    fn nmis_around_ring3_are_states_of_their_own() {
+        if std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1") {
+            return;
+        }
+        let vm = Vm::new(&VmConfig::default(), vmm::EMBEDDED_GUEST.to_vec()).unwrap();
+        let (image, ram) = (vm.image(), vm.ram());
+        // Guest code outside every other place stands in for a gap, data for two "points".
+        let spans = [(Region::SyscallGap, vec!["workload_mismatch"])];
+        let ring3 = Regions::from_symbols(image, ram, &spans, "NMIFUZZ_SCRATCH");
+        let places = Places::with_ring3(image, Variant::LINUX, ring3);
+        let plain = Places::with_ring3(image, Variant::LINUX, Regions::default());
+        let gap = image.symbol("workload_mismatch").unwrap();
+        let point = image.symbol("NMIFUZZ_SCRATCH").unwrap();
+        let key = |places: &Places, rip| places.index(&delivery(rip), MAP_SIZE);
+        assert_eq!(places.place(gap), Place::AroundRing3(Region::SyscallGap));
+        assert_eq!(places.place(point), Place::UserPoint(0));
+        assert_eq!(plain.place(gap), Place::Elsewhere);
+        // The gap is one state wherever in it the NMI struck, and neither the point's nor
+        // that of code elsewhere.
+        assert_eq!(key(&places, gap), key(&places, gap + 2));
+        assert_ne!(key(&places, gap), key(&plain, gap));
+        assert_ne!(key(&places, gap), key(&places, point));
+        assert_ne!(key(&places, point), key(&plain, point));
+        // An IRETQ is keyed by where it returns to.
+        let iretq = |target| NmiState { moment: Moment::Iretq { target }, ..delivery(0) };
+        assert_ne!(places.index(&iretq(point), MAP_SIZE), places.index(&iretq(gap), MAP_SIZE));
     }
 }

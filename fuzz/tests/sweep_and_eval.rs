@@ -93,7 +93,9 @@ fn kvm_quick_eval_writes_table_plot_and_raw_data() {
     }
     // One campaign, one random and one sweep run per variant.
     assert_eq!(raw["results"].as_array().unwrap().len(), 3 * Variant::ALL.len());
-    // The naive entry dies at once whatever the method.
-    assert!(table.contains("| naive | campaign | 1/1 |"), "{table}");
+    // The naive entry dies at the sweep's first run. (Not asserted of the campaign: from an
+    // empty corpus in 6 s it finds naive at some seeds only, 2 of seeds 0-4 before the
+    // workload gene, 1 of seeds 0-3 after; seed 0 was one of the lucky ones.)
+    assert!(table.contains("| naive | sweep | 1/1 |"), "{table}");
     std::fs::remove_dir_all(dir).unwrap();
 }

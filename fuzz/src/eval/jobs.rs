@@ -29,7 +29,8 @@ pub fn run_job(args: &EvalJobArgs) -> Result<()> {
     Ok(())
 }
 
-/// The sweep, stopping at its first finding or at the limit.
+/// The sweep, stopping at its first finding or at the limit: the loop sweep with at most half
+/// of it, then the user sweep (which the variants of the user-mode half need).
 fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
     let mut target = Target::new()?;
     let sweep_args = SweepArgs {

@@ -1,8 +1,9 @@
 //! `nmifuzz eval`: how fast each method finds each variant's bug.
 //!
-//! For every variant, three methods: the LibAFL campaign and the random-timing baseline (several
-//! seeds each, one core each, a time limit per run), and the exhaustive sweep (deterministic,
-//! one run). Each run is a child process (`nmifuzz eval-job`), two at a time on this 2-core
+//! For every variant (the 2015 CVE variants of the user-mode half too: the campaign's and the
+//! baseline's generator draws the user workload half the time, the sweep has both), three
+//! methods: the LibAFL campaign and the random-timing baseline (several seeds each, one core
+//! each, a time limit per run), and the exhaustive sweep (deterministic, one run). Each run is a child process (`nmifuzz eval-job`), two at a time on this 2-core
 //! host. The results go to `docs/eval.json` (raw), `docs/eval.md` (table) and `docs/eval.svg`
 //! (plot).
 
