@@ -133,12 +133,26 @@ pub struct SweepArgs {
     /// runs grow with it.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_USER_ITERATIONS)))]
     pub user_iterations: u32,
+    /// Where the user sweep's first NMIs get second NMIs at every stop of their handling:
+    /// after ring 3 and in both SYSCALL gaps (`gaps`, the full sweep), or only after ring 3
+    /// (`ring3`, about a tenth of the runs: what CI affords).
+    #[arg(long, value_enum, default_value_t = UserPairs::Gaps)]
+    pub user_pairs: UserPairs,
     /// Stop at the first failing run.
     #[arg(long)]
     pub stop_on_first: bool,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The `--user-pairs` of `nmifuzz sweep`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UserPairs {
+    /// Second NMIs after first NMIs at the ring-3 points and in both SYSCALL gaps.
+    Gaps,
+    /// Second NMIs after first NMIs at the ring-3 points only.
+    Ring3,
 }
 
 /// The `--workload` of `nmifuzz sweep`.

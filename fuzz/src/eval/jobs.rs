@@ -13,7 +13,7 @@ use crate::executor::Limits;
 use crate::input::ScheduleGenerator;
 use crate::launch::{self, Clients, Setup};
 use crate::options::DEFAULT_TIMEOUT_MS;
-use crate::options::{EvalJobArgs, SweepArgs, SweepWorkload};
+use crate::options::{EvalJobArgs, SweepArgs, SweepWorkload, UserPairs};
 use crate::progress::Progress;
 use crate::sweep;
 use crate::target::{self, Target};
@@ -40,6 +40,7 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
         workload_iterations: 20,
         workload: SweepWorkload::Both,
         user_iterations: 1,
+        user_pairs: UserPairs::Gaps,
         stop_on_first: true,
         json: true,
     };

@@ -23,7 +23,7 @@ use serde::Serialize;
 use vmm::engine::Execution;
 use vmm::engine::schedule::{Schedule, Workload};
 
-use crate::options::{SweepArgs, SweepWorkload};
+use crate::options::{SweepArgs, SweepWorkload, UserPairs};
 use crate::progress::Progress;
 use crate::ring3::Region;
 use crate::target::Target;
@@ -150,6 +150,7 @@ pub fn sweep(
                         workload: Workload::User,
                         iterations: args.user_iterations,
                         regions: &regions,
+                        pairs_in_gaps: args.user_pairs == UserPairs::Gaps,
                     };
                     user::sweep(&mut sweeper, &plan)?;
                 }

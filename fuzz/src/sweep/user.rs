@@ -39,6 +39,8 @@ pub struct Plan<'a> {
     pub iterations: u32,
     /// Where the places are.
     pub regions: &'a Regions,
+    /// Whether first NMIs in the SYSCALL gaps get second NMIs too (always after ring 3).
+    pub pairs_in_gaps: bool,
 }
 
 /// A place: a stop of the measured run in a region, as the injection that strikes it.
@@ -124,7 +126,8 @@ pub(super) fn sweep(s: &mut Sweeper, plan: &Plan) -> Result<()> {
         s.part().singles += 1;
     }
     // 3. A second NMI at every stop of the handling of a first one after ring 3 or in a gap.
-    for place in places.iter().filter(|p| p.region.nests()) {
+    let nests = |p: &&Place| p.region.nests() && (plan.pairs_in_gaps || p.region.is_ring3());
+    for place in places.iter().filter(nests) {
         for action in pair_actions(place.region.is_ring3()) {
             if !s.go() {
                 return Ok(());
@@ -274,7 +277,13 @@ mod tests {
             stopped: false,
         };
         sweeper.summary.parts.push(Part { workload: "loop", complete: true, ..Part::default() });
-        let plan = Plan { variant, workload: Workload::Loop, iterations: 4, regions: &regions };
+        let plan = Plan {
+            variant,
+            workload: Workload::Loop,
+            iterations: 4,
+            regions: &regions,
+            pairs_in_gaps: true,
+        };
         sweep(&mut sweeper, &plan).unwrap();
         Some(sweeper.summary)
     }
