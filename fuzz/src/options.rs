@@ -452,6 +452,9 @@ pub struct EvalArgs {
     /// A 2-minute version: one seed, 6 s per run, a small sweep.
     #[arg(long)]
     pub quick: bool,
+    /// Evaluate only this variant (repeatable); every variant without it.
+    #[arg(long = "variant", value_parser = parse_variant)]
+    pub variants: Vec<String>,
     /// Where the table, plot and raw data go.
     #[arg(long, default_value = "docs")]
     pub output: PathBuf,

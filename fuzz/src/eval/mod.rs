@@ -120,7 +120,9 @@ struct RawData<'a> {
 pub fn run(args: &EvalArgs) -> Result<()> {
     let (seeds, limit) = if args.quick { (1, 6) } else { (args.seeds, args.time_limit) };
     let mut jobs = Vec::new();
-    for variant in Variant::ALL {
+    let chosen =
+        |v: &&Variant| args.variants.is_empty() || args.variants.iter().any(|n| n == v.name());
+    for variant in Variant::ALL.iter().filter(chosen) {
         for method in [Method::Campaign, Method::Random] {
             for seed in 0..u64::from(seeds) {
                 jobs.push((method, variant.name(), seed, limit));
@@ -282,7 +284,11 @@ fn write_outputs(
         table(rows, limit)
     );
     store::write_atomic(&dir.join("eval.md"), markdown.as_bytes())?;
-    let variants: Vec<String> = Variant::ALL.iter().map(|v| v.name().to_owned()).collect();
+    let variants: Vec<String> = Variant::ALL
+        .iter()
+        .filter(|v| rows.iter().any(|r| r.variant == v.name()))
+        .map(|v| v.name().to_owned())
+        .collect();
     let methods: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
     plot::draw(&dir.join("eval.svg"), &variants, &methods, rows, limit as f64)
 }
