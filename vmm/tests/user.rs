@@ -237,19 +237,33 @@ fn kvm_nmis_from_ring3_return_through_every_user_path() {
         let script = Script::new(variant, Workload::User, 2);
         let (verdict, counters) = run_with_nmis(&mut vm, &script, &nmis);
         assert_eq!(verdict, Verdict::Done, "{}", variant.name());
+        // cve-2015-5157's NMIs return from the NMI stack with a plain IRETQ, not through
+        // espfix64 (no leak to observe here; its bug is the IRETQ's fault).
+        let nmi_espfix = u64::from(variant != Variant::CVE_2015_5157);
         let expected = Counters {
             do_nmi_calls: 4,
             nmi_iterations: 4,
-            espfix_returns: 3,
+            espfix_returns: 2 + nmi_espfix,
             ..expected_counters(2)
         };
         assert_eq!(counters, expected, "{}", variant.name());
     }
 }
 
+/// Offset of `naive`'s `swapgs` on entry from ring 3: after `inc [rip + NMI_DELIVERIES]` (7
+/// bytes), `cld` (1), `test byte ptr [rsp + 8], 3` (5) and `jz` (2).
+const NAIVE_ENTRY_SWAPGS: u64 = 15;
+
 #[test]
-fn kvm_naive_runs_do_nmi_on_the_user_gs() {
-    let Some(mut vm) = common::boot() else { return };
+fn kvm_an_entry_without_swapgs_runs_do_nmi_on_the_user_gs() {
+    let swapgs = [0x0f, 0x01, 0xf8];
+    let elf = common::patched_guest("nmi_naive", NAIVE_ENTRY_SWAPGS, &[0x90; 3]);
+    let image = vmm::GuestImage::parse(vmm::EMBEDDED_GUEST.to_vec(), 16 << 20).unwrap();
+    let at = image.symbol("nmi_naive").unwrap() + NAIVE_ENTRY_SWAPGS;
+    let Some(mut vm) = common::boot_elf(elf) else { return };
+    let mut original = [0; 3];
+    common::boot().unwrap().ram().read(at, &mut original).unwrap();
+    assert_eq!(original, swapgs, "naive's entry swapgs moved");
     let script = Script::new(Variant::NAIVE, Workload::User, 1);
     let (verdict, _) = run_with_nmis(&mut vm, &script, &[(1, 1)]);
     let Verdict::GuestPanic(panic) = verdict else { panic!("expected a panic, got {verdict}") };
@@ -323,7 +337,8 @@ fn kvm_nmis_in_the_system_call_gaps_with_rsp_on_the_nmi_stack_are_first_nmis() {
         ("syscall_sysret_gap", Then::Steps(0)), // swapgs, on the kernel's GS
         ("syscall_sysret_gap", Then::Breakpoint(sysretq)), // sysretq, on the user's GS
     ];
-    for &variant in Variant::ALL {
+    // cve-2015-3291 loses exactly these NMIs: its bug.
+    for &variant in Variant::ALL.iter().filter(|v| **v != Variant::CVE_2015_3291) {
         for (symbol, then) in sites {
             let script = Script::new(variant, Workload::User, 1);
             let (verdict, counters) = run_with_nmi_at(&mut vm, &script, symbol, 2, then, &[]);
