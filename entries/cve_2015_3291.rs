@@ -30,39 +30,16 @@
 use core::arch::global_asm;
 
 use crate::nmi::pieces::{
-    nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_epilogue, nmi_exit, nmi_first,
-    nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
+    nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df,
+    nmi_epilogue, nmi_exit, nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
 };
-
-/// The stack check of Linux 3.3 to 4.1: the interrupted RSP alone.
-///
-/// ```text
-/// | original RSP       | <- RSP + 32: in [T - size, T] ?
-/// | ...                |
-/// | temp rdx           | <- RSP = T - 48
-/// ```
-macro_rules! nmi_check_stack_without_df {
-    ($name:literal) => {
-        concat!(
-            "    lea rdx, [rsp + 48]         /* the NMI stack's top (IST1) */\n",
-            "    cmp [rsp + 32], rdx         /* the interrupted RSP vs the top */\n",
-            "    ja 2f                       /* above the NMI stack: not nested */\n",
-            "    sub rdx, 16368              /* the NMI stack's bottom (tss::NMI_STACK_SPAN) */\n",
-            "    cmp [rsp + 32], rdx\n",
-            "    jae ",
-            $name,
-            "_nested     /* on the NMI stack: taken for an outer NMI's exit */\n",
-            "2:\n",
-        )
-    };
-}
 
 global_asm!(
     nmi_prologue!("nmi_cve_2015_3291"),
     nmi_check_repeat_window!("nmi_cve_2015_3291"),
     nmi_check_executing!("nmi_cve_2015_3291"),
-    // Instead of nmi_check_stack_and_df!: the RSP test alone.
-    nmi_check_stack_without_df!("nmi_cve_2015_3291"),
+    // The RSP test alone, without the DF half.
+    nmi_check_stack_and_df!("nmi_cve_2015_3291", without_df),
     nmi_not_nested!("nmi_cve_2015_3291"),
     nmi_nested!("nmi_cve_2015_3291"),
     nmi_first!("nmi_cve_2015_3291", "0"),
@@ -71,6 +48,3 @@ global_asm!(
     nmi_exit!("nmi_cve_2015_3291"),
     nmi_epilogue!("nmi_cve_2015_3291"),
 );
-
-// The NMI stack's span, written literally above.
-const _: () = assert!(crate::tss::NMI_STACK_SPAN == 16368);

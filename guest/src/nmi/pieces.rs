@@ -174,17 +174,34 @@ macro_rules! nmi_check_executing {
 macro_rules! nmi_check_stack_and_df {
     ($name:literal) => {
         concat!(
+            $crate::nmi::pieces::nmi_check_stack_and_df!(@on_the_nmi_stack),
+            "    test byte ptr [rsp + 25], 4 /* the interrupted RFLAGS.DF */\n",
+            "    jnz ",
+            $name,
+            "_nested      /* on the NMI stack with DF: an outer NMI's exit */\n",
+            "2:\n",
+        )
+    };
+    // The check of Linux 3.3 to 4.1, CVE-2015-3291's: the interrupted RSP alone
+    // (entries/cve_2015_3291.rs).
+    ($name:literal, without_df) => {
+        concat!(
+            $crate::nmi::pieces::nmi_check_stack_and_df!(@on_the_nmi_stack),
+            "    jmp ",
+            $name,
+            "_nested      /* on the NMI stack: taken for an outer NMI's exit */\n",
+            "2:\n",
+        )
+    };
+    // Falls through if the interrupted RSP lies on the NMI stack, else jumps to `2f`.
+    (@on_the_nmi_stack) => {
+        concat!(
             "    lea rdx, [rsp + 48]         /* the NMI stack's top (IST1) */\n",
             "    cmp [rsp + 32], rdx         /* the interrupted RSP vs the top */\n",
             "    ja 2f                       /* above the NMI stack: not nested */\n",
             "    sub rdx, 16368              /* the NMI stack's bottom (tss::NMI_STACK_SPAN) */\n",
             "    cmp [rsp + 32], rdx\n",
             "    jb 2f                       /* below the NMI stack: not nested */\n",
-            "    test byte ptr [rsp + 25], 4 /* the interrupted RFLAGS.DF */\n",
-            "    jnz ",
-            $name,
-            "_nested      /* on the NMI stack with DF: an outer NMI's exit */\n",
-            "2:\n",
         )
     };
 }
