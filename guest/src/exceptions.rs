@@ -8,7 +8,9 @@
 //! exception whose frame changed while its handler ran, or a #PF whose CR2 cannot be the
 //! address of its own fault.
 //!
-//! **From ring 3** (the user workload, `user::traps`) the entry does what Linux's
+//! **From ring 3** (the user workload, `user::traps::exception_dispatch_user`, kept apart from
+//! [`exception_dispatch`] so that the kernel's path and the fuzzer's table of it stay as they
+//! were) the entry does what Linux's
 //! `idtentry`/`error_entry` do: `swapgs` on entry, and on the way out the common
 //! return-to-user IRET path (`return_to_user_iret`, which swaps back and takes espfix64 when
 //! needed), or, for a `ud2` system call that the handler redirected to `entry_SYSCALL_64`, a
@@ -27,7 +29,7 @@ use crate::mailbox::{self, Counter};
 use crate::paging::{self, Fault};
 use crate::regs::{GeneralRegs, InterruptFrame, pop_general_regs, push_general_regs};
 use crate::tss::Ist;
-use crate::{cpu, panic, user};
+use crate::{cpu, panic};
 
 /// Vectors with their own handling or stack (SDM Vol. 3A Table 6-1).
 const DEBUG: u64 = 1;
@@ -215,9 +217,9 @@ exception_from_user:
     .type exception_from_user_saved, @function
 exception_from_user_saved:
     mov rbx, rsp                /* callee-saved: the TrapFrame, across the call */
-    mov rdi, rsp                /* exception_dispatch(frame) */
+    mov rdi, rsp                /* exception_dispatch_user(frame) */
     and rsp, -16
-    call exception_dispatch
+    call exception_dispatch_user
     mov rsp, rbx
 "#,
     pop_general_regs!(),
@@ -261,9 +263,6 @@ pub fn ist(vector: usize) -> Option<Ist> {
 /// Handles the exception described by `trap`; returning resumes at `trap.frame.rip`.
 #[unsafe(no_mangle)]
 extern "C" fn exception_dispatch(trap: &mut TrapFrame) {
-    if trap.frame.cs & 3 != 0 {
-        return user::traps::user_exception(trap);
-    }
     let rip = trap.frame.rip;
     // The frame as the handler found it: an NMI in the middle of the handler must leave it
     // intact (invariant 6).

@@ -115,8 +115,9 @@ fn kvm_empty_and_garbled_panic_records_say_so_and_where_the_mailbox_is() {
     assert!(shown.ends_with("(at <no location>)"), "no made-up line and column: {shown}");
 
     // Lengths no guest writes.
-    let panic_offset = std::mem::offset_of!(nmifuzz_abi::Mailbox, panic) as u64;
-    vm.ram_mut().write(mailbox + panic_offset + 20, &1000u32.to_le_bytes()).unwrap();
+    let message_len = std::mem::offset_of!(nmifuzz_abi::Mailbox, panic)
+        + std::mem::offset_of!(nmifuzz_abi::PanicRecord, message_len);
+    vm.ram_mut().write(mailbox + message_len as u64, &1000u32.to_le_bytes()).unwrap();
     assert_eq!(
         panic_report(&vm).message,
         format!(

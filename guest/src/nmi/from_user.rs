@@ -5,8 +5,11 @@
 
 use crate::percpu;
 
-/// The end of every variant: the entry from ring 3, `<name>_from_user`, and the symbol's
-/// size. Linux after 9b6e6a8334d5 ("Switch stacks on userspace NMI entry"):
+/// The end of every variant: the entry symbol's size, then the entry from ring 3,
+/// `<name>_from_user`, a typed label without a size of its own. The entry's size ends where its
+/// kernel-mode path ends, as before the user path existed, so the host's table of NMI code
+/// (`vmm::engine::table`, sized symbols only), which the fuzzer draws its points from, holds
+/// the kernel-mode path only; the user path is in the NMI code range all the same. Linux after 9b6e6a8334d5 ("Switch stacks on userspace NMI entry"):
 ///
 /// ```text
 /// NMI stack                                 thread stack (gs:[top_of_stack])
@@ -34,6 +37,11 @@ use crate::percpu;
 macro_rules! nmi_epilogue {
     ($name:literal) => {
         concat!(
+            "    .size ",
+            $name,
+            ", . - ",
+            $name,
+            "\n",
             $crate::nmi::pieces::asm_label!($name, "_from_user"),
             "    swapgs                      /* the kernel's GS */\n",
             "    cld\n",
@@ -64,11 +72,6 @@ macro_rules! nmi_epilogue {
             "    call do_nmi\n",
             $crate::regs::pop_general_regs!(),
             "    jmp return_to_user_iret     /* swapgs, espfix64 if needed, IRETQ */\n",
-            "    .size ",
-            $name,
-            ", . - ",
-            $name,
-            "\n",
             "    .popsection\n",
         )
     };

@@ -12,7 +12,7 @@ use nmifuzz_abi::{Action, fault};
 
 use super::{NmiRegs, checks};
 use crate::mailbox::{self, Counter};
-use crate::{cpu, gdt, idt, invariant, paging, percpu, scribble, script, tss, user};
+use crate::{cpu, gdt, idt, invariant, paging, scribble, script, tss, user};
 
 /// Linux's `nmi_state`: `do_nmi` is not running.
 const NOT_RUNNING: u64 = 0;
@@ -51,8 +51,7 @@ pub extern "C" fn do_nmi(regs: &mut NmiRegs) {
         invariant::violated(1, format_args!("do_nmi entered while running (depth 2)"));
     }
     if from_user {
-        percpu::check_kernel_gs("do_nmi (for an NMI from ring 3)");
-        user::check_entry_from_user(&regs.frame, "an NMI from ring 3");
+        user::check_nmi_from_user(&regs.frame);
     } else if tss::on_nmi_stack(regs.frame.rsp) && !user::in_syscall_gap(regs.frame.rip) {
         invariant::violated(
             1,

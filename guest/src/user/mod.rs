@@ -26,7 +26,7 @@
 mod entry;
 mod program;
 mod syscall;
-pub mod traps;
+mod traps;
 
 use core::ptr::{addr_of, addr_of_mut, write_volatile};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -118,7 +118,9 @@ pub fn is_user_rip(rip: u64) -> bool {
 
 /// Whether a kernel-mode `rip` is in one of the two places where ring-0 code runs on the
 /// user's RSP: the start of `entry_SYSCALL_64` and the end of the SYSRET exit. An NMI there
-/// arrives in kernel mode with an RSP the user chose, possibly on the NMI stack.
+/// arrives in kernel mode with an RSP the user chose, possibly on the NMI stack. Out of line,
+/// as [`check_nmi_from_user`].
+#[inline(never)]
 pub fn in_syscall_gap(rip: u64) -> bool {
     entry::gaps().iter().any(|gap| gap.contains(&rip))
 }
@@ -129,6 +131,16 @@ pub fn in_syscall_gap(rip: u64) -> bool {
 /// frames the CPU pushes on entry to ring 0 hold the guest's.
 static USER_CS: AtomicU64 = AtomicU64::new(0);
 static USER_SS: AtomicU64 = AtomicU64::new(0);
+
+/// `do_nmi`'s checks for an NMI from ring 3: the entry switched to the kernel's GS (invariant
+/// 11), and ring 3 ran on the segments the kernel returned it with (invariant 10). Out of line
+/// and outside the NMI code range, so that `do_nmi`'s kernel-mode path and the fuzzer's table
+/// of NMI code (`vmm::engine::table`) grow as little as possible.
+#[inline(never)]
+pub fn check_nmi_from_user(frame: &InterruptFrame) {
+    percpu::check_kernel_gs("do_nmi (for an NMI from ring 3)");
+    check_entry_from_user(frame, "an NMI from ring 3");
+}
 
 /// Invariant 10 at an entry from ring 3 (an exception, an NMI): ring 3 ran on the CS and SS
 /// the kernel last returned it with.
@@ -149,7 +161,8 @@ pub fn check_entry_from_user(frame: &InterruptFrame, path: &str) {
 
 /// Invariant 10 (privilege integrity) for a frame about to be IRETed or SYSRETed to ring 3 by
 /// `path`: user CS, user SS and a user RIP. Records the segments for
-/// [`check_entry_from_user`].
+/// [`check_entry_from_user`]. Out of line, as [`check_nmi_from_user`].
+#[inline(never)]
 #[track_caller]
 pub fn check_return_to_user(frame: &InterruptFrame, path: &str) {
     USER_CS.store(frame.cs, Ordering::Relaxed);

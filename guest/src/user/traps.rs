@@ -1,4 +1,4 @@
-//! Exceptions from ring 3, reached from `exception_dispatch` after the exception entry's
+//! Exceptions from ring 3, reached from the exception entry's ring-3 path after its
 //! `swapgs` (Linux's `error_entry`), and the repair of a faulting IRET to ring 3.
 //!
 //! - **The `ud2` system call** (kvm_pvm, where SYSCALL stays at CPL3): a #UD from CPL3 on a
@@ -46,8 +46,10 @@ unsafe extern "C" {
     static USER_SIGNAL_HANDLER: u8;
 }
 
-/// Handles an exception that `trap.frame` says came from ring 3.
-pub fn user_exception(trap: &mut TrapFrame) {
+/// Handles an exception that `trap.frame` says came from ring 3 (called by the exception
+/// entry's ring-3 path, on the kernel's GS); returning resumes at `trap.frame.rip`.
+#[unsafe(no_mangle)]
+extern "C" fn exception_dispatch_user(trap: &mut TrapFrame) {
     let rip = trap.frame.rip;
     if BAD_IRET.swap(false, Ordering::Relaxed) {
         return deliver_signal(trap);
