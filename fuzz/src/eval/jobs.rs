@@ -67,15 +67,21 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
 /// The random-timing baseline: schedules from the campaign's own generator (the same number
 /// of NMIs, the same points, random handler actions), executed by the same engine (the fast
 /// mode) with the same per-execution options, without feedback, until a finding or the limit.
+/// The campaign's default engine, as `nmifuzz run` uses it: campaign and random baseline run on
+/// the same one, so the comparison is about search alone.
+fn fast_options() -> vmm::engine::RunOptions {
+    vmm::engine::RunOptions {
+        mode: vmm::engine::Mode::Fast,
+        ..target::run_options(DEFAULT_TIMEOUT_MS)
+    }
+}
+
 fn random_job(args: &EvalJobArgs) -> Result<JobResult> {
     let mut target = Target::new()?;
     let table = std::sync::Arc::new(target.points(&args.variant)?);
     let generator = ScheduleGenerator::new(&args.variant, Fault::ALL, &table);
     let mut rand = StdRand::with_seed(args.seed);
-    let options = vmm::engine::RunOptions {
-        mode: vmm::engine::Mode::Fast,
-        ..target::run_options(DEFAULT_TIMEOUT_MS)
-    };
+    let options = fast_options();
     let start = Instant::now();
     let deadline = start + super::limit(args);
     let (mut execs, mut first) = (0, None);
@@ -125,7 +131,7 @@ fn campaign_job(args: &EvalJobArgs) -> Result<JobResult> {
         artifacts: artifacts.clone(),
         faults: Fault::ALL.to_vec(),
         seed: args.seed,
-        options: target::run_options(DEFAULT_TIMEOUT_MS),
+        options: fast_options(),
         limits,
     };
     let report = launch::run_campaign(Setup { config, clients: Clients::Single })?;
