@@ -43,6 +43,8 @@ const NMI_VECTOR: u64 = 2;
 const RFLAGS_RF: u64 = 1 << 16;
 /// MSR_KERNEL_GS_BASE, which `swapgs` exchanges with the GS base (SDM Vol. 4, Table 2-2).
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// Most stack segments [`Vm::iretq_keeps_segments`] remembers.
+const MAX_STACK_SEGMENTS: usize = 8;
 /// `swapgs` is `0f 01 f8`.
 const SWAPGS_LEN: u64 = 3;
 
@@ -318,7 +320,10 @@ impl Vm {
     /// kvm_pvm system call) loads the snapshot's.
     pub fn iretq_keeps_segments(&mut self, frame: &IretFrame) -> bool {
         let sregs = self.vcpu.sync_regs_mut().sregs;
-        if !self.stack_segments.contains(&sregs.ss) {
+        // A handful is all a guest has (kernel, null); a guest scribbling its GDT gets no more.
+        if !self.stack_segments.contains(&sregs.ss)
+            && self.stack_segments.len() < MAX_STACK_SEGMENTS
+        {
             self.stack_segments.push(sregs.ss);
         }
         frame.cs == u64::from(sregs.cs.selector)
