@@ -50,27 +50,32 @@ pub(super) enum UserEntry {
     Syscall,
 }
 
-/// The breakpoints of an excursion, DR0 to DR3, and what each stands for.
+/// What an excursion's DR0 to DR3 watch, in that order.
+const EXCURSION_ENTRIES: [UserEntry; 4] = [
+    UserEntry::Exception { vector: super::WATCHED_VECTORS[UD_INDEX] },
+    UserEntry::Exception { vector: super::WATCHED_VECTORS[PF_INDEX] },
+    UserEntry::Nmi,
+    UserEntry::Syscall,
+];
+
+/// The breakpoints of an excursion, DR0 to DR3 ([`EXCURSION_ENTRIES`]).
 pub(super) fn excursion_breakpoints(
     facts: &GuestFacts,
     nmi_entry: Option<u64>,
 ) -> [Option<u64>; 4] {
-    [
-        Some(facts.exception_entries[UD_INDEX]),
-        Some(facts.exception_entries[PF_INDEX]),
-        nmi_entry,
-        facts.syscall_entry,
-    ]
+    EXCURSION_ENTRIES.map(|entry| match entry {
+        UserEntry::Exception { vector } => super::WATCHED_VECTORS
+            .iter()
+            .position(|&v| v == vector)
+            .map(|i| facts.exception_entries[i]),
+        UserEntry::Nmi => nmi_entry,
+        UserEntry::Syscall => facts.syscall_entry,
+    })
 }
 
-/// Which of [`excursion_breakpoints`] DR`index` is.
+/// Which of [`EXCURSION_ENTRIES`] DR`index` (0 to 3) is.
 pub(super) fn user_entry(index: usize) -> UserEntry {
-    match index {
-        0 => UserEntry::Exception { vector: super::WATCHED_VECTORS[UD_INDEX] },
-        1 => UserEntry::Exception { vector: super::WATCHED_VECTORS[PF_INDEX] },
-        2 => UserEntry::Nmi,
-        _ => UserEntry::Syscall,
-    }
+    EXCURSION_ENTRIES[index]
 }
 
 /// Positions of #UD and #PF in [`super::WATCHED_VECTORS`].
