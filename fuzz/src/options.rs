@@ -182,6 +182,9 @@ pub struct ChaosArgs {
     /// themselves take about 0.5 s here); the watchdog ends a run reaching it with a timeout.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
+    /// The engine that executes the soak's inputs (see `nmifuzz run --engine`).
+    #[arg(long, value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
     /// Print one JSON object instead of progress lines and a summary.
     #[arg(long)]
     pub json: bool,

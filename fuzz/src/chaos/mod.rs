@@ -30,8 +30,8 @@ use anyhow::{Context, Result};
 use nmifuzz_abi::{SCRIPT_ACTION_SLOTS, Variant};
 use serde::Serialize;
 use vmm::Verdict;
-use vmm::engine::Execution;
 use vmm::engine::schedule::{Plan, Schedule};
+use vmm::engine::{Execution, RunOptions};
 
 use self::inputs::{Inputs, Kind};
 use crate::options::ChaosArgs;
@@ -90,7 +90,7 @@ struct Summary {
 pub fn run(args: &ChaosArgs) -> Result<bool> {
     let variant = Variant::from_name(&args.variant).expect("checked by the option parser");
     let mut target = Target::new()?;
-    let options = run_options(args.timeout_ms);
+    let options = RunOptions { mode: args.engine.mode(), ..run_options(args.timeout_ms) };
     let limit = options.limits.wall;
     let sanity = Sanity::new(&mut target, variant)?;
     let image = target.vm().image().clone();
