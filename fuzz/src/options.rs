@@ -185,6 +185,11 @@ pub struct ChaosArgs {
     /// The engine that executes the soak's inputs (see `nmifuzz run --engine`).
     #[arg(long, value_enum, default_value_t = Engine::Fast)]
     pub engine: Engine,
+    /// Keep the soak's progress in this file (rewritten atomically every 1,000 runs) and, if
+    /// it exists, resume the soak it holds: a stopped soak goes on where it was. The file
+    /// must belong to the same soak (variant, seed, engine, timeout).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
     /// Print one JSON object instead of progress lines and a summary.
     #[arg(long)]
     pub json: bool,

@@ -1,0 +1,83 @@
+//! Checkpoints of a chaos soak (`nmifuzz chaos --checkpoint FILE`), so that a soak longer than
+//! one sitting can be stopped (any signal, SIGKILL included) and resumed where it was.
+//!
+//! The inputs are one deterministic stream drawn from the seed, so a soak is fully described
+//! by *which* soak it is ([`Soak`]: variant, seed, engine, wall-clock limit) and its summary
+//! after its last completed run. The file is rewritten atomically after every
+//! [`super::SANITY_EVERY`] runs, just after the plain reproducer's replay, and at the end: a
+//! stopped soak loses at most the runs since then, which the resumed one makes again from
+//! the same inputs. Each process that works on the soak is one [`super::Segment`] of its
+//! summary, with its own resident-memory figures: memory is a property of one process.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::Summary;
+use crate::store::write_atomic;
+
+/// The checkpoint file's format; a file of another format is refused.
+const FORMAT: u32 = 1;
+
+/// Which soak a checkpoint belongs to: everything that decides its inputs and their verdicts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Soak {
+    pub variant: String,
+    pub seed: u64,
+    /// `fast` or `stepped`.
+    pub engine: String,
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Display for Soak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--variant {} --seed {} --engine {} --timeout-ms {}",
+            self.variant, self.seed, self.engine, self.timeout_ms
+        )
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    format: u32,
+    soak: Soak,
+    summary: Summary,
+}
+
+/// The summary stored in `path` for `soak`, or `None` if there is no file yet. A file that
+/// is not a checkpoint, or belongs to another soak, is an error naming it.
+pub fn load(path: &Path, soak: &Soak) -> Result<Option<Summary>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let checkpoint: Checkpoint = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a chaos checkpoint", path.display()))?;
+    if checkpoint.format != FORMAT {
+        bail!(
+            "{} is a chaos checkpoint of format {}, this nmifuzz reads format {FORMAT}",
+            path.display(),
+            checkpoint.format
+        );
+    }
+    if checkpoint.soak != *soak {
+        bail!(
+            "{} is the checkpoint of another soak ({}), not of this one ({soak}): give another \
+             file, or the same options",
+            path.display(),
+            checkpoint.soak
+        );
+    }
+    Ok(Some(checkpoint.summary))
+}
+
+/// Replaces `path` with `summary` of `soak`, atomically.
+pub fn save(path: &Path, soak: &Soak, summary: &Summary) -> Result<()> {
+    let checkpoint = Checkpoint { format: FORMAT, soak: soak.clone(), summary: summary.clone() };
+    let json = serde_json::to_vec(&checkpoint).expect("a summary serializes");
+    write_atomic(path, &json).with_context(|| format!("cannot write {}", path.display()))
+}
