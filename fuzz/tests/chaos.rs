@@ -36,27 +36,38 @@ fn chaos(args: &[&str]) -> (Option<i32>, serde_json::Value) {
     wait_chaos(spawn_chaos(args))
 }
 
-/// Ten thousand executions as two soaks of 5,000 with different seeds, one per core, each with
-/// its own VM: about 5 minutes on the 2-vCPU kvm_pvm development host.
+/// Ten thousand executions as two soaks with different seeds, one per core, each with its own
+/// VM: 6,000 on the fast engine (what campaigns run) and 4,000 on the stepped one, about 3
+/// minutes on the 2-vCPU kvm_pvm development host.
 #[test]
 fn kvm_ten_thousand_chaos_executions_end_in_verdicts_without_vmm_errors_or_hangs() {
     if kvm_tests_skipped() {
         return;
     }
     let started = Instant::now();
-    let children: Vec<_> =
-        ["5", "6"].iter().map(|seed| spawn_chaos(&["--runs", "5000", "--seed", seed])).collect();
+    let soaks = [("5", "6000", "fast"), ("6", "4000", "stepped")];
+    let children: Vec<_> = soaks
+        .iter()
+        .map(|(seed, runs, engine)| {
+            spawn_chaos(&["--runs", runs, "--seed", seed, "--engine", engine])
+        })
+        .collect();
     let summaries: Vec<_> = children.into_iter().map(wait_chaos).collect();
     eprintln!("chaos: took {:?}", started.elapsed());
     let mut verdicts = std::collections::BTreeMap::<String, u64>::new();
     let mut inputs = std::collections::BTreeMap::<String, u64>::new();
-    for (code, summary) in &summaries {
+    for ((code, summary), (_, runs, _)) in summaries.iter().zip(soaks) {
         eprintln!("{summary:#}");
-        assert_eq!(summary["runs"], 5_000);
+        let runs: u64 = runs.parse().unwrap();
+        assert_eq!(summary["runs"], runs);
         assert_eq!(summary["vmm_errors"], 0, "{summary:#}");
         assert_eq!(summary["hangs"], 0, "{summary:#}");
         assert_eq!(*code, Some(0), "no VMM error and no hang exits 0");
-        assert_eq!(summary["sanity_replays"], 5, "the plain reproducer every 1,000 runs");
+        assert_eq!(
+            summary["sanity_replays"],
+            runs / 1_000,
+            "the plain reproducer every 1,000 runs"
+        );
         for (kind, n) in summary["verdicts"].as_object().unwrap() {
             *verdicts.entry(kind.clone()).or_default() += n.as_u64().unwrap();
         }
@@ -95,6 +106,56 @@ fn kvm_chaos_is_deterministic_for_a_seed() {
     let guest = first["guest_ram_rss_end_kib"].as_u64().unwrap();
     assert!(guest > 0 && guest <= 16 << 10, "{first:#}");
     assert!(first["rss_end_kib"].as_u64().unwrap() > guest, "{first:#}");
+}
+
+/// A soak stopped after 150 runs and resumed from its checkpoint makes the very runs of one
+/// that never stopped, as two segments; a finished soak only reports itself again, and the
+/// checkpoint of another soak is refused, naming the file.
+#[test]
+fn kvm_a_resumed_chaos_soak_makes_the_runs_of_an_unbroken_one() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("nmifuzz-chaos-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let checkpoint = dir.join("soak.json");
+    let checkpoint = checkpoint.to_str().unwrap();
+    // A generous limit, so that no run that ends by itself comes near the watchdog.
+    let soak = ["--seed", "9", "--timeout-ms", "3000"];
+    let unbroken = spawn_chaos(&[&soak[..], &["--runs", "300"]].concat());
+    let (code, half) = chaos(&[&soak[..], &["--runs", "150", "--checkpoint", checkpoint]].concat());
+    assert_eq!(code, Some(0), "{half:#}");
+    assert_eq!(half["runs"], 150);
+    let resume = [&soak[..], &["--runs", "300", "--checkpoint", checkpoint]].concat();
+    let (code, resumed) = chaos(&resume);
+    let (_, unbroken) = wait_chaos(unbroken);
+    assert_eq!(code, Some(0), "{resumed:#}");
+    assert_eq!(resumed["runs"], 300);
+    assert_eq!(resumed["inputs"], unbroken["inputs"], "{resumed:#}\n{unbroken:#}");
+    assert_eq!(resumed["verdicts"], unbroken["verdicts"], "{resumed:#}\n{unbroken:#}");
+    let segments: Vec<_> = resumed["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["first_run"].as_u64().unwrap(), s["last_run"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(segments, [(1, 150), (151, 300)]);
+    let (code, again) = chaos(&resume);
+    assert_eq!(code, Some(0));
+    assert_eq!(again["verdicts"], resumed["verdicts"]);
+    assert_eq!(again["elapsed_secs"], resumed["elapsed_secs"], "nothing ran again");
+    let other = Command::new(env!("CARGO_BIN_EXE_nmifuzz"))
+        .args(["chaos", "--runs", "300", "--seed", "10", "--checkpoint", checkpoint])
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{checkpoint} is the checkpoint of another soak")),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
