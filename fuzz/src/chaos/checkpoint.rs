@@ -2,8 +2,9 @@
 //! one sitting can be stopped (any signal, SIGKILL included) and resumed where it was.
 //!
 //! The inputs are one deterministic stream drawn from the seed, so a soak is fully described
-//! by *which* soak it is ([`Soak`]: variant, seed, engine, wall-clock limit) and its summary
-//! after its last completed run. The file is rewritten atomically after every
+//! by *which* soak it is ([`Soak`]: variant, seed, engine, wall-clock limit, and the nmifuzz
+//! build, whose inputs and guest the verdicts are of) and its summary after its last completed
+//! run. The file is rewritten atomically after every
 //! [`super::SANITY_EVERY`] runs, just after the plain reproducer's replay, and at the end: a
 //! stopped soak loses at most the runs since then, which the resumed one makes again from
 //! the same inputs. Each process that works on the soak is one [`super::Segment`] of its
@@ -18,7 +19,7 @@ use super::Summary;
 use crate::store::write_atomic;
 
 /// The checkpoint file's format; a file of another format is refused.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Which soak a checkpoint belongs to: everything that decides its inputs and their verdicts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,14 +29,23 @@ pub struct Soak {
     /// `fast` or `stepped`.
     pub engine: String,
     pub timeout_ms: u64,
+    /// The FNV-1a hash of the nmifuzz executable ([`this_build`]): another build may draw
+    /// other inputs or run another guest, and a soak is a measurement of one build.
+    pub build: String,
+}
+
+/// The identity of the running nmifuzz build: the FNV-1a hash of its executable.
+pub fn this_build() -> Result<String> {
+    let exe = std::fs::read("/proc/self/exe").context("cannot read /proc/self/exe")?;
+    Ok(format!("{:016x}", vmm::hash::fnv1a(&exe)))
 }
 
 impl std::fmt::Display for Soak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "--variant {} --seed {} --engine {} --timeout-ms {}",
-            self.variant, self.seed, self.engine, self.timeout_ms
+            "--variant {} --seed {} --engine {} --timeout-ms {}, nmifuzz build {}",
+            self.variant, self.seed, self.engine, self.timeout_ms, self.build
         )
     }
 }
@@ -67,7 +77,7 @@ pub fn load(path: &Path, soak: &Soak) -> Result<Option<Summary>> {
     if checkpoint.soak != *soak {
         bail!(
             "{} is the checkpoint of another soak ({}), not of this one ({soak}): give another \
-             file, or the same options",
+             file, or the same options and the same nmifuzz executable",
             path.display(),
             checkpoint.soak
         );

@@ -61,6 +61,7 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
             .get_name()
             .to_owned(),
         timeout_ms: args.timeout_ms,
+        build: checkpoint::this_build()?,
     };
     let resumed = match &args.checkpoint {
         Some(path) => checkpoint::load(path, &soak)?,
