@@ -3,8 +3,9 @@
 //!
 //! Every execution must end in a verdict. Two things count against the VMM:
 //! - **VMM errors**: the engine returned an `Err` instead of a verdict, or a plain reproducer,
-//!   replayed after every [`SANITY_EVERY`] chaos runs, no longer gives the verdict, instruction
-//!   count and trace hash it gave on the fresh VM (so the VM did not stay usable);
+//!   replayed after every [`SANITY_EVERY`] chaos runs on the stepped engine and on the soak's
+//!   own, no longer gives the verdict, instruction count and trace hash it gave on the fresh VM
+//!   (so the VM did not stay usable);
 //! - **hangs**: executions the VMM did not end in time, returning more than [`OVERRUN_GRACE`]
 //!   after their wall-clock limit: the watchdog failed to stop the guest.
 //!
@@ -33,7 +34,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use nmifuzz_abi::Variant;
 use vmm::engine::schedule::Schedule;
-use vmm::engine::{Execution, RunOptions};
+use vmm::engine::{Execution, Mode, RunOptions};
 
 use self::checkpoint::Soak;
 use self::inputs::Inputs;
@@ -70,7 +71,7 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
     let mut target = Target::new()?;
     let options = RunOptions { mode: args.engine.mode(), ..run_options(args.timeout_ms) };
     let limit = options.limits.wall;
-    let sanity = Sanity::new(&mut target, variant)?;
+    let sanity = Sanity::new(&mut target, variant, options.mode)?;
     let image = target.vm().image().clone();
     let guest_ram = target.vm().ram().host_address();
     let mut inputs = Inputs::new(args.seed, variant, &image);
@@ -115,15 +116,16 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
     Ok(summary.failed())
 }
 
-/// The plain reproducer and what it gave on the fresh VM.
+/// The plain reproducer and what it gave on the fresh VM, on the stepped engine (the
+/// reference) and on the soak's own, if that is another: a VM the soak broke shows in either.
 struct Sanity {
     schedule: Schedule,
-    expected: Execution,
+    expected: Vec<(RunOptions, Execution)>,
 }
 
 impl Sanity {
-    /// Runs the reproducer for `variant` once to learn its usual result.
-    fn new(target: &mut Target, variant: Variant) -> Result<Self> {
+    /// Runs the reproducer for `variant` once per engine to learn its usual results.
+    fn new(target: &mut Target, variant: Variant, soak: Mode) -> Result<Self> {
         let (json, name) = if variant == Variant::NAIVE {
             (NAIVE_REPRODUCER, "corpus/naive.json")
         } else {
@@ -131,33 +133,47 @@ impl Sanity {
         };
         let mut schedule = Schedule::from_json(json.as_bytes(), name.as_ref())?;
         schedule.variant = variant.name().to_owned();
-        let expected = target
-            .execute(&schedule, &run_options(crate::options::DEFAULT_TIMEOUT_MS), &mut [])
-            .with_context(|| format!("the plain reproducer {name} does not run"))?;
+        let mut modes = vec![Mode::Stepped];
+        if soak != Mode::Stepped {
+            modes.push(soak);
+        }
+        let expected = modes
+            .into_iter()
+            .map(|mode| {
+                let options =
+                    RunOptions { mode, ..run_options(crate::options::DEFAULT_TIMEOUT_MS) };
+                let execution = target
+                    .execute(&schedule, &options, &mut [])
+                    .with_context(|| format!("the plain reproducer {name} does not run"))?;
+                Ok((options, execution))
+            })
+            .collect::<Result<_>>()?;
         Ok(Self { schedule, expected })
     }
 
-    /// Replays the reproducer; an error says how the result differs from the usual one.
+    /// Replays the reproducer on each engine; an error says how a result differs from the
+    /// usual one.
     fn check(&self, target: &mut Target) -> Result<(), String> {
-        let options = run_options(crate::options::DEFAULT_TIMEOUT_MS);
-        let got = target
-            .execute(&self.schedule, &options, &mut [])
-            .map_err(|e| format!("the plain reproducer fails to run: {e:#}"))?;
-        let (want, got) = (&self.expected, &got);
-        if got.outcome.verdict != want.outcome.verdict
-            || got.instructions != want.instructions
-            || got.trace_hash != want.trace_hash
-        {
-            return Err(format!(
-                "the plain reproducer gave `{}` ({} instructions, trace {:016x}) instead of `{}` \
-                 ({} instructions, trace {:016x})",
-                got.outcome.verdict,
-                got.instructions,
-                got.trace_hash,
-                want.outcome.verdict,
-                want.instructions,
-                want.trace_hash
-            ));
+        for (options, want) in &self.expected {
+            let got = target
+                .execute(&self.schedule, options, &mut [])
+                .map_err(|e| format!("the plain reproducer fails to run: {e:#}"))?;
+            if got.outcome.verdict != want.outcome.verdict
+                || got.instructions != want.instructions
+                || got.trace_hash != want.trace_hash
+            {
+                return Err(format!(
+                    "the plain reproducer gave `{}` ({} instructions, trace {:016x}) instead of \
+                     `{}` ({} instructions, trace {:016x}) on the {:?} engine",
+                    got.outcome.verdict,
+                    got.instructions,
+                    got.trace_hash,
+                    want.outcome.verdict,
+                    want.instructions,
+                    want.trace_hash,
+                    options.mode
+                ));
+            }
         }
         Ok(())
     }
