@@ -38,7 +38,7 @@ use vmm::engine::{Execution, Mode, RunOptions};
 
 use self::checkpoint::Soak;
 use self::inputs::Inputs;
-use self::summary::Summary;
+use self::summary::{Summary, Took, thread_cpu_time};
 use crate::options::ChaosArgs;
 use crate::progress::Progress;
 use crate::target::{Target, run_options};
@@ -96,9 +96,10 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
     let elapsed_before = summary.elapsed_secs();
     for run in done + 1..=args.runs {
         let (kind, plan) = inputs.next();
-        let began = Instant::now();
+        let (began, cpu) = (Instant::now(), thread_cpu_time());
         let result = target.execute_plan(&plan, &options);
-        summary.record(run, kind, &plan, result, began.elapsed(), limit);
+        let took = Took { wall: began.elapsed(), cpu: thread_cpu_time().saturating_sub(cpu) };
+        summary.record(run, kind, &plan, result, took, limit);
         if run % SANITY_EVERY == 0 || run == args.runs {
             if run % SANITY_EVERY == 0 {
                 summary.sanity_replayed(run, sanity.check(&mut target));

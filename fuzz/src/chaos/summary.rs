@@ -128,9 +128,10 @@ impl Summary {
         kind: Kind,
         plan: &Plan,
         result: Result<Execution>,
-        took: Duration,
+        took: Took,
         limit: Duration,
     ) {
+        let Took { wall: took, cpu } = took;
         self.runs += 1;
         *self.inputs.entry(kind_name(kind).to_owned()).or_default() += 1;
         *self.input_secs.entry(kind_name(kind).to_owned()).or_default() += took.as_secs_f64();
@@ -154,7 +155,14 @@ impl Summary {
         }
         if took > limit + OVERRUN_GRACE {
             self.hangs += 1;
-            keep(&mut self.details, describe(run, kind, plan, &format!("hang: took {took:?}")));
+            // Whether the thread ran at all says whether the VMM overran or the host did not
+            // run it (a loaded machine): a hang either way, told apart for whoever reads it.
+            let what = format!(
+                "hang: took {took:?}, of which the VMM's thread ran {cpu:?} (user and system), \
+                 ending in `{}`",
+                verdict.kind()
+            );
+            keep(&mut self.details, describe(run, kind, plan, &what));
         }
     }
 
@@ -266,6 +274,28 @@ fn kind_name(kind: Kind) -> &'static str {
 /// `name: count` pairs, comma-separated.
 fn counts(map: &BTreeMap<String, u64>) -> String {
     map.iter().map(|(name, count)| format!("{name}: {count}")).collect::<Vec<_>>().join(", ")
+}
+
+/// How long one execution took: wall-clock time, and the CPU time of the thread that ran it
+/// (guest time included: KVM_RUN counts as the thread's system time).
+#[derive(Clone, Copy, Debug)]
+pub struct Took {
+    pub wall: Duration,
+    pub cpu: Duration,
+}
+
+/// The calling thread's CPU time so far, user and system (zero if unreadable).
+pub fn thread_cpu_time() -> Duration {
+    // SAFETY: a zeroed rusage is valid, and getrusage only writes to it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage for the duration of the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// The resident part of the mapping that starts at `address` in this process, in KiB, from
