@@ -15,15 +15,15 @@ use std::collections::BTreeSet;
 use anyhow::{Context, Result, bail};
 use vmm::engine::decode::InsnCache;
 use vmm::engine::schedule::{
-    Fault, HandlerAction, Injection, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule, Trigger,
-    Workload,
+    Fault, HandlerAction, Injection, Origin, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule,
+    Trigger, Workload,
 };
 use vmm::engine::symbolic::{injection_stop, point_at_count, point_between, symbolic_injections};
 use vmm::engine::trace::Event;
 use vmm::engine::{Execution, Mode, RunOptions};
 
-use super::Sweeper;
-use crate::options::SweepArgs;
+use super::{Part, Shared, Sweeper, Tally, jobs};
+use crate::options::{SweepArgs, ThirdWindow};
 use crate::target::Target;
 
 /// Where the first NMI lands: instructions after the start of the run. Spread over the
@@ -46,84 +46,127 @@ fn actions() -> Vec<HandlerAction> {
     actions
 }
 
-/// The loop sweep, until its end or until the sweeper says stop.
-pub(super) fn sweep(s: &mut Sweeper, args: &SweepArgs) -> Result<()> {
-    let placements = &FIRST_PLACEMENTS[..args.placements as usize];
-    let origin = s.target.origin();
-    let fast = RunOptions { mode: Mode::Fast, ..RunOptions::default() };
+/// One unit of the loop sweep: one handler action with one placement of the first NMI, whose
+/// handling lasts `length` instructions.
+struct Unit {
+    action: HandlerAction,
+    first: u64,
+    length: u64,
+}
+
+impl std::fmt::Display for Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "first NMI after {}, do_nmi {:?}", self.first, self.action)
+    }
+}
+
+/// The schedule of `unit`'s sweep with `injections`.
+fn schedule(args: &SweepArgs, unit: &Unit, injections: Vec<Injection>, origin: Origin) -> Schedule {
+    Schedule {
+        format: SCHEDULE_FORMAT,
+        description: format!("sweep: {unit}"),
+        variant: args.variant.clone(),
+        workload: Workload::Loop,
+        workload_iterations: args.workload_iterations,
+        stress_unmask: false,
+        actions: vec![unit.action.clone()],
+        injections,
+        origin: Some(origin),
+    }
+}
+
+/// The loop sweep, until its end or until the jobs stop: returns its units' tallies, in the
+/// order of [`actions`] and then of the placements.
+pub(super) fn sweep(
+    target: &mut Target,
+    shared: &Shared,
+    part: &mut Part,
+    args: &SweepArgs,
+) -> Result<Vec<Tally>> {
+    // Every unit's handling is measured first, here (a stepped run each), so that the jobs can
+    // take the biggest units first.
+    let mut units = Vec::new();
     for action in actions() {
-        for &first in placements {
-            let schedule = |injections: Vec<Injection>| Schedule {
-                format: SCHEDULE_FORMAT,
-                description: format!("sweep: first NMI after {first}, do_nmi {action:?}"),
-                variant: args.variant.clone(),
-                workload: Workload::Loop,
-                workload_iterations: args.workload_iterations,
-                stress_unmask: false,
-                actions: vec![action.clone()],
-                injections,
-                origin: Some(origin.clone()),
-            };
-            let measured =
-                schedule(vec![Injection::After(first), Injection::After(SCHEDULE_MAX_DELAY)]);
-            let length = handling_length(s.target, &measured)
-                .with_context(|| format!("measuring the handling of {action:?} at {first}"))?;
-            s.part().handling_lengths.push(length);
-            s.progress.inc_length(length + 2);
-            // Pass 1: two NMIs, the second at every boundary of the first's handling. Each run
-            // is traced to find where a third NMI should go.
-            let mut thirds = Vec::new();
-            for second in 0..=length + 1 {
-                if !s.go() {
-                    return Ok(());
-                }
-                let pair = schedule(vec![Injection::After(first), Injection::After(second)]);
-                let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
-                let execution = s.target.execute(&pair, &traced, &mut [])?;
-                if !execution.outcome.verdict.is_finding() {
-                    let offsets = third_offsets(s.target, &execution, args.third_window);
-                    // A triple with no symbolic form runs in the after form, which the fast
-                    // mode steps: exact, only slower.
-                    let triples: Vec<_> = offsets
-                        .into_iter()
-                        .map(|third| (second, third, symbolic_triple(s.target, &execution, third)))
-                        .collect();
-                    s.progress.inc_length(triples.len() as u64);
-                    thirds.extend(triples);
-                }
-                s.record(&execution, pair);
-            }
-            // Pass 2: a third NMI after each nested second one, as symbolic points on the fast
-            // mode; a finding is re-run on the stepped engine and recorded as it judges it.
-            for (second, third, injections) in thirds {
-                if !s.go() {
-                    return Ok(());
-                }
-                let after_form = || {
-                    schedule(vec![
-                        Injection::After(first),
-                        Injection::After(second),
-                        Injection::After(third),
-                    ])
-                };
-                let mut triple = injections.map_or_else(after_form, schedule);
-                let mut execution = s.target.execute(&triple, &fast, &mut [])?;
-                if execution.outcome.verdict.is_finding() {
-                    triple = after_form();
-                    execution = s.target.execute(&triple, &RunOptions::default(), &mut [])?;
-                }
-                s.record(&execution, triple);
-            }
+        for &first in &FIRST_PLACEMENTS[..args.placements as usize] {
+            let mut unit = Unit { action: action.clone(), first, length: 0 };
+            let measured = [Injection::After(first), Injection::After(SCHEDULE_MAX_DELAY)];
+            let measured = schedule(args, &unit, measured.to_vec(), target.origin());
+            unit.length =
+                handling_length(target, &measured).with_context(|| format!("measuring {unit}"))?;
+            part.handling_lengths.push(unit.length);
+            shared.progress.inc_length(unit.length + 2);
+            units.push(unit);
         }
+    }
+    // A unit's pairs are its handling's instructions, and its triples grow with them.
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(units[i].length));
+    jobs::run(target, shared, &units, &order, |s, unit| sweep_unit(s, args, unit))
+}
+
+/// One unit: two NMIs, the second at every boundary of the first's handling, then a third
+/// after each nested second one.
+fn sweep_unit(s: &mut Sweeper, args: &SweepArgs, unit: &Unit) -> Result<()> {
+    let origin = s.target.origin();
+    let schedule = |injections| schedule(args, unit, injections, origin.clone());
+    let first = unit.first;
+    let fast = RunOptions { mode: Mode::Fast, ..RunOptions::default() };
+    // Pass 1: two NMIs, the second at every boundary of the first's handling. Each run is
+    // traced to find where a third NMI should go.
+    let mut thirds = Vec::new();
+    for second in 0..=unit.length + 1 {
+        if !s.go() {
+            return Ok(());
+        }
+        let pair = schedule(vec![Injection::After(first), Injection::After(second)]);
+        let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
+        let execution = s.target.execute(&pair, &traced, &mut [])?;
+        if !execution.outcome.verdict.is_finding() {
+            let offsets = third_offsets(s.target, &execution, args.third_window);
+            // A triple with no symbolic form runs in the after form, which the fast mode
+            // steps: exact, only slower.
+            let triples: Vec<_> = offsets
+                .into_iter()
+                .map(|third| (second, third, symbolic_triple(s.target, &execution, third)))
+                .collect();
+            s.shared.progress.inc_length(triples.len() as u64);
+            thirds.extend(triples);
+        }
+        s.part().pairs += 1;
+        s.record(&execution, pair);
+    }
+    // Pass 2: a third NMI after each nested second one, as symbolic points on the fast mode;
+    // a finding is re-run on the stepped engine and recorded as it judges it.
+    for (second, third, injections) in thirds {
+        if !s.go() {
+            return Ok(());
+        }
+        let after_form = || {
+            schedule(vec![
+                Injection::After(first),
+                Injection::After(second),
+                Injection::After(third),
+            ])
+        };
+        let mut triple = injections.map_or_else(after_form, schedule);
+        let mut execution = s.target.execute(&triple, &fast, &mut [])?;
+        if execution.outcome.verdict.is_finding() {
+            triple = after_form();
+            execution = s.target.execute(&triple, &RunOptions::default(), &mut [])?;
+        }
+        s.part().triples += 1;
+        s.record(&execution, triple);
     }
     Ok(())
 }
 
 /// Where a third NMI goes, in instructions after the second, for a run whose second NMI
-/// nested: `1..=window`, and `0..window` after every IRETQ between the second injection and the
-/// end of the first NMI's handling. Empty if the second NMI did not nest.
-fn third_offsets(target: &Target, execution: &Execution, window: u64) -> Vec<u64> {
-    if window == 0 {
+/// nested; empty if it did not. With a window of N instructions: `1..=N`, and `0..N` after
+/// every IRETQ between the second injection and the end of the first NMI's handling (where
+/// NMIs open again and repeats begin). With `all`: every boundary from the one after the
+/// second injection to the one where the first NMI's interrupted context resumes.
+fn third_offsets(target: &Target, execution: &Execution, window: ThirdWindow) -> Vec<u64> {
+    if window == ThirdWindow::Within(0) {
         return Vec::new();
     }
     let trace = &execution.trace;
@@ -140,9 +183,21 @@ fn third_offsets(target: &Target, execution: &Execution, window: u64) -> Vec<u64
     if !nested {
         return Vec::new();
     }
+    // A nested second NMI was injected while the first was handled (depth 1 at `start`), so
+    // the first stop back at depth 0 is where the handling ends.
+    let handling = trace[start..].iter().take_while(|s| s.depth > 0);
+    let window = match window {
+        ThirdWindow::Within(n) => n,
+        ThirdWindow::All => {
+            let Some(resumed) = trace[start..].iter().find(|s| s.depth == 0) else {
+                return Vec::new();
+            };
+            return (1..=resumed.index - second_at).collect();
+        }
+    };
     let mut insns = InsnCache::default();
     let mut offsets: BTreeSet<u64> = (1..=window).collect();
-    for step in trace[start..].iter().take_while(|s| s.depth > 0) {
+    for step in handling {
         if insns.get(target.vm().ram(), step.rip).is_ok_and(|i| i.is_iretq) {
             let after = step.index + 1 - second_at;
             offsets.extend(after..after + window);
