@@ -11,6 +11,9 @@
 //! `--workload loop` or `--workload user` runs one of them; the default, `both`, runs the loop
 //! sweep and then the user sweep, which it leaves out (saying so) on a guest without the user
 //! workload. A correct entry passes every run; a broken one must fail at least one.
+//!
+//! `--jobs N` sweeps N units of a workload's sweep at a time, each job on a VM of its own
+//! ([`jobs`]); the summary is the same whatever N is, but for its seconds.
 
 mod jobs;
 mod nested;

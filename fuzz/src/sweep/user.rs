@@ -290,7 +290,7 @@ fn run_fast(s: &mut Sweeper, schedule: Schedule) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Instant;
 
     use vmm::engine::trace::Injected;
@@ -303,8 +303,12 @@ mod tests {
     /// in for the places around ring 3 (this guest may have no user workload yet, and the
     /// engine's ring-3 support may not be there): the start of `workload_phase_bp` as the
     /// "ring-3 point", the #PF phase of the loop as a "gap" (no second NMIs there: the test
-    /// stays short) and the exception return as the "return to user".
-    fn stand_in_sweep(variant: &str, stop_on_first: bool) -> Option<Summary> {
+    /// stays short) and the exception return as the "return to user". On `jobs` VMs.
+    pub(in crate::sweep) fn stand_in_sweep(
+        variant: &str,
+        stop_on_first: bool,
+        jobs: u64,
+    ) -> Option<Summary> {
         if std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1") {
             return None;
         }
@@ -316,7 +320,7 @@ mod tests {
         ];
         let regions = Regions::from_symbols(image, ram, &spans, "workload_phase_bp");
         let progress = Progress::new(0, "runs", false);
-        let shared = Shared::new(1, &progress, Instant::now(), None, stop_on_first);
+        let shared = Shared::new(jobs, &progress, Instant::now(), None, stop_on_first);
         let mut summary = Summary::default();
         summary.parts.push(Part { workload: "loop", complete: true, ..Part::default() });
         let plan = Plan {
@@ -335,7 +339,7 @@ mod tests {
     #[test]
     fn kvm_the_stand_in_sweep_places_singles_and_pairs_and_linux_survives() {
         let start = Instant::now();
-        let Some(summary) = stand_in_sweep("linux", false) else { return };
+        let Some(summary) = stand_in_sweep("linux", false, 1) else { return };
         let part = &summary.parts[0];
         eprintln!("{} runs in {:.1} s: {part:?}", summary.runs, start.elapsed().as_secs_f64());
         assert!(summary.findings.is_empty(), "{:?}", summary.findings);
@@ -357,7 +361,7 @@ mod tests {
 
     #[test]
     fn kvm_the_stand_in_sweep_kills_naive() {
-        let Some(summary) = stand_in_sweep("naive", true) else { return };
+        let Some(summary) = stand_in_sweep("naive", true, 1) else { return };
         assert_eq!(summary.findings.len(), 1, "{summary:?}");
         assert!(summary.first_finding.is_some());
         let finding = summary.findings.values().next().unwrap();
