@@ -67,6 +67,12 @@ impl<'a> Shared<'a> {
         }
     }
 
+    /// `self`, with `signatures` (the findings of the parts swept before) announced already.
+    pub fn announced(self, signatures: impl IntoIterator<Item = String>) -> Self {
+        self.announced.lock().expect("not poisoned").extend(signatures);
+        self
+    }
+
     /// Whether `unit` must stop before its next run, whatever it found itself.
     fn stopped(&self, unit: usize) -> bool {
         self.failed.load(Ordering::Relaxed)

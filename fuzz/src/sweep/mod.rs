@@ -186,7 +186,8 @@ pub fn sweep(
             }
             other => other,
         };
-        let shared = Shared::new(args.jobs, progress, start, part_deadline, args.stop_on_first);
+        let shared = Shared::new(args.jobs, progress, start, part_deadline, args.stop_on_first)
+            .announced(summary.findings.keys().cloned());
         let part = summary.part();
         let tallies = match workload {
             Workload::Loop => nested::sweep(target, &shared, part, args)?,
