@@ -142,8 +142,8 @@ pub struct SweepArgs {
     /// Stop at the first failing run.
     #[arg(long)]
     pub stop_on_first: bool,
-    /// Sweeps at a time, each with its own VM on a thread of its own (default: one per core).
-    /// The summary is the same whatever the number, but for its seconds.
+    /// Jobs sweeping at a time, each with a VM of its own on a thread of its own (default: one
+    /// per core, at most 64). The summary is the same whatever the number, but for its seconds.
     #[arg(long, default_value_t = default_jobs(), value_parser = clap::value_parser!(u64).range(1..=64))]
     pub jobs: u64,
     /// Print the summary as one JSON object.
