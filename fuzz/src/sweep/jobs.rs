@@ -14,7 +14,7 @@
 //!   which is where a single job would have stopped. So the first finding, its runs and every
 //!   finding kept are a single job's; only the work wasted by later units differs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -48,6 +48,8 @@ pub struct Shared<'a> {
 }
 
 impl<'a> Shared<'a> {
+    /// What `jobs` jobs share while they sweep one part: they count into `progress`, time
+    /// their findings from `start` (of the whole sweep) and stop at `deadline`.
     pub fn new(
         jobs: u64,
         progress: &'a Progress,
@@ -85,7 +87,7 @@ impl<'a> Shared<'a> {
 #[derive(Debug)]
 pub struct Tally {
     pub(super) part: Part,
-    pub(super) findings: std::collections::BTreeMap<String, Finding>,
+    pub(super) findings: BTreeMap<String, Finding>,
     /// The unit's runs up to and including its first finding, and the sweep's seconds then.
     pub(super) first_finding: Option<(u64, f64)>,
 }
@@ -100,6 +102,7 @@ pub struct Sweeper<'a> {
 }
 
 impl<'a> Sweeper<'a> {
+    /// Unit `unit` (its index in unit order), about to be swept on `target`.
     pub fn new(target: &'a mut Target, shared: &'a Shared<'a>, unit: usize) -> Self {
         let part = Part { complete: true, ..Part::default() };
         let tally = Tally { part, findings: Default::default(), first_finding: None };
