@@ -120,9 +120,10 @@ pub struct SweepArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
     pub placements: u64,
     /// Window of the third NMI: every instruction 1..=N after a nested second NMI, and N
-    /// instructions after each IRETQ that follows it in the first NMI's handling (0: no third).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=1000))]
-    pub third_window: u64,
+    /// instructions after each IRETQ that follows it in the first NMI's handling (0: no third);
+    /// `all`: every instruction from the second NMI until the first NMI's handling ends.
+    #[arg(long, value_name = "N|all", default_value_t = ThirdWindow::Within(8), value_parser = parse_third_window)]
+    pub third_window: ThirdWindow,
     /// Iterations of the workload loop.
     #[arg(long, default_value_t = 20)]
     pub workload_iterations: u32,
@@ -141,9 +142,52 @@ pub struct SweepArgs {
     /// Stop at the first failing run.
     #[arg(long)]
     pub stop_on_first: bool,
+    /// Jobs sweeping at a time, each with a VM of its own on a thread of its own (default: one
+    /// per core, at most 64). The summary is the same whatever the number, but for its seconds.
+    #[arg(long, default_value_t = default_jobs(), value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub jobs: u64,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One sweep job per core this process may use, at most the 64 `--jobs` allows.
+fn default_jobs() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64).min(64)
+}
+
+/// The `--third-window` of `nmifuzz sweep`: where the loop sweep puts a third NMI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThirdWindow {
+    /// `N` instructions after a nested second NMI and after each IRETQ that follows it.
+    Within(u64),
+    /// Every instruction from the second NMI until the first NMI's handling ends.
+    All,
+}
+
+impl std::fmt::Display for ThirdWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Within(n) => write!(f, "{n}"),
+            Self::All => f.write_str("all"),
+        }
+    }
+}
+
+/// The largest numeric `--third-window`: past a few hundred instructions, `all` is the bound.
+const MAX_THIRD_WINDOW: u64 = 1000;
+
+/// Parses `--third-window`: a number of instructions (0 to 1000) or `all`.
+pub fn parse_third_window(text: &str) -> Result<ThirdWindow, String> {
+    match text {
+        "all" => Ok(ThirdWindow::All),
+        number => match number.parse::<u64>() {
+            Ok(n) if n <= MAX_THIRD_WINDOW => Ok(ThirdWindow::Within(n)),
+            _ => Err(format!(
+                "`{text}` is neither a number of instructions (0 to {MAX_THIRD_WINDOW}) nor `all`"
+            )),
+        },
+    }
 }
 
 /// The `--user-pairs` of `nmifuzz sweep`.
@@ -482,4 +526,44 @@ pub struct EvalJobArgs {
     pub time_limit: u64,
     #[arg(long)]
     pub quick: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn sweep_args(args: &[&str]) -> Result<SweepArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["nmifuzz", "sweep"].iter().chain(args))?;
+        match cli.command {
+            Command::Sweep(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn third_window_takes_a_number_or_all_and_names_the_flag_otherwise() {
+        assert_eq!(sweep_args(&[]).unwrap().third_window, ThirdWindow::Within(8));
+        let window = |w| sweep_args(&["--third-window", w]).map(|a| a.third_window);
+        assert_eq!(window("0").unwrap(), ThirdWindow::Within(0));
+        assert_eq!(window("1000").unwrap(), ThirdWindow::Within(1000));
+        assert_eq!(window("all").unwrap(), ThirdWindow::All);
+        for bad in ["foo", "1001", "8.5", "ALL"] {
+            let error = window(bad).unwrap_err().to_string();
+            assert!(error.contains("--third-window"), "{bad}: {error}");
+            assert!(error.contains("nor `all`"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn jobs_default_to_the_cores_and_stay_in_range() {
+        let jobs = sweep_args(&[]).unwrap().jobs;
+        assert!((1..=64).contains(&jobs), "{jobs}");
+        assert_eq!(sweep_args(&["--jobs", "3"]).unwrap().jobs, 3);
+        for bad in ["0", "65"] {
+            let error = sweep_args(&["--jobs", bad]).unwrap_err().to_string();
+            assert!(error.contains("--jobs"), "{bad}: {error}");
+        }
+    }
 }

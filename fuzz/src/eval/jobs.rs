@@ -13,7 +13,7 @@ use crate::executor::Limits;
 use crate::input::ScheduleGenerator;
 use crate::launch::{self, Clients, Setup};
 use crate::options::DEFAULT_TIMEOUT_MS;
-use crate::options::{EvalJobArgs, SweepArgs, SweepWorkload, UserPairs};
+use crate::options::{EvalJobArgs, SweepArgs, SweepWorkload, ThirdWindow, UserPairs};
 use crate::progress::Progress;
 use crate::sweep;
 use crate::target::{self, Target};
@@ -36,12 +36,14 @@ fn sweep_job(args: &EvalJobArgs) -> Result<JobResult> {
     let sweep_args = SweepArgs {
         variant: args.variant.clone(),
         placements: 1,
-        third_window: if args.quick { 2 } else { 8 },
+        third_window: ThirdWindow::Within(if args.quick { 2 } else { 8 }),
         workload_iterations: 20,
         workload: SweepWorkload::Both,
         user_iterations: 1,
         user_pairs: UserPairs::Gaps,
         stop_on_first: true,
+        // One core per eval job: the eval runs jobs side by side.
+        jobs: 1,
         json: true,
     };
     let start = Instant::now();

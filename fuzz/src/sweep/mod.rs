@@ -11,7 +11,11 @@
 //! `--workload loop` or `--workload user` runs one of them; the default, `both`, runs the loop
 //! sweep and then the user sweep, which it leaves out (saying so) on a guest without the user
 //! workload. A correct entry passes every run; a broken one must fail at least one.
+//!
+//! `--jobs N` sweeps N units of a workload's sweep at a time, each job on a VM of its own
+//! ([`jobs`]); the summary is the same whatever N is, but for its seconds.
 
+mod jobs;
 mod nested;
 mod user;
 
@@ -19,8 +23,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Result;
+pub use jobs::{Shared, Sweeper, Tally};
 use serde::Serialize;
-use vmm::engine::Execution;
 use vmm::engine::schedule::{Schedule, Workload};
 
 use crate::options::{SweepArgs, SweepWorkload, UserPairs};
@@ -28,7 +32,8 @@ use crate::progress::Progress;
 use crate::ring3::Region;
 use crate::target::Target;
 
-/// The summary, also the `--json` object.
+/// The summary, also the `--json` object. Whatever `--jobs` is, it is the same but for its
+/// seconds (the jobs' units are merged in unit order, see [`jobs`]).
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub variant: String,
@@ -36,15 +41,23 @@ pub struct Summary {
     pub seconds: f64,
     /// Whether every planned run was made (not cut by a deadline or the first finding).
     pub complete: bool,
-    /// Runs and seconds up to and including the first failing run.
+    /// The first failing run in the sweep's order: the runs up to and including it in that
+    /// order, and the seconds from the start of the sweep until a job made it. With one job
+    /// that is the first failing run made; with several, the runs are still counted in the
+    /// sweep's order (a single job's count, not the runs all jobs had made by then), and
+    /// another job may have failed a run of a later unit earlier.
     pub first_finding: Option<(u64, f64)>,
+    /// With `--stop-on-first` and several jobs: runs the other jobs made in units after the
+    /// first finding's before they stopped. They are left out of `runs` and `findings`, which
+    /// a single job would never have made.
+    pub runs_after_first: u64,
     /// Each workload's sweep, in the order they ran.
     pub parts: Vec<Part>,
     /// Findings per verdict signature, with the first verdict and schedule of each.
     pub findings: BTreeMap<String, Finding>,
 }
 
-/// The sweep of one workload.
+/// The sweep of one workload (and the counters of one unit of it, see [`Tally`]).
 #[derive(Debug, Default, Serialize)]
 pub struct Part {
     /// `loop` or `user`.
@@ -63,10 +76,32 @@ pub struct Part {
     pub unplaced: u64,
     /// The user sweep: runs with one NMI.
     pub singles: u64,
-    /// The user sweep: runs with two NMIs.
+    /// Runs with two NMIs.
     pub pairs: u64,
+    /// The loop sweep: runs with three NMIs.
+    pub triples: u64,
     /// The user sweep: second NMIs per region they struck.
     pub seconds_by_region: BTreeMap<Region, u64>,
+}
+
+impl Part {
+    /// Adds the runs and counters of `unit`, one of this part's units, after those already
+    /// added.
+    fn add(&mut self, unit: Part) {
+        self.runs += unit.runs;
+        self.complete &= unit.complete;
+        self.handling_lengths.extend(unit.handling_lengths);
+        for (region, n) in unit.places {
+            *self.places.entry(region).or_default() += n;
+        }
+        self.unplaced += unit.unplaced;
+        self.singles += unit.singles;
+        self.pairs += unit.pairs;
+        self.triples += unit.triples;
+        for (region, n) in unit.seconds_by_region {
+            *self.seconds_by_region.entry(region).or_default() += n;
+        }
+    }
 }
 
 /// One distinct finding of a sweep.
@@ -76,6 +111,37 @@ pub struct Finding {
     pub message: String,
     pub count: u64,
     pub example: Schedule,
+}
+
+impl Summary {
+    /// Adds the tallies of the units of the part under way (the last one), in unit order: the
+    /// order a single job sweeps them in. With `stop_on_first`, the units after the first one
+    /// with a finding are left out, and so is everything after that first finding.
+    pub fn merge(&mut self, tallies: Vec<Tally>, stop_on_first: bool) {
+        for tally in tallies {
+            if stop_on_first && self.first_finding.is_some() {
+                self.runs_after_first += tally.part.runs;
+                self.part().complete = false;
+                continue;
+            }
+            if let Some((runs, seconds)) = tally.first_finding {
+                self.first_finding.get_or_insert((self.runs + runs, seconds));
+            }
+            self.runs += tally.part.runs;
+            self.part().add(tally.part);
+            for (signature, finding) in tally.findings {
+                self.findings
+                    .entry(signature)
+                    .and_modify(|f| f.count += finding.count)
+                    .or_insert(finding);
+            }
+        }
+    }
+
+    /// The sweep of the workload under way.
+    fn part(&mut self) -> &mut Part {
+        self.parts.last_mut().expect("a part is pushed before it is swept")
+    }
 }
 
 /// Runs the sweep as `nmifuzz sweep`; returns whether anything was found.
@@ -92,8 +158,9 @@ pub fn run(args: &SweepArgs) -> Result<bool> {
     Ok(!summary.findings.is_empty())
 }
 
-/// The sweep itself, until its end, the first finding (`args.stop_on_first`) or `deadline`.
-/// With both workloads and a deadline, the loop sweep has at most half the time.
+/// The sweep itself, on `target` and `args.jobs - 1` more VMs, until its end, the first
+/// finding (`args.stop_on_first`) or `deadline`. With both workloads and a deadline, the loop
+/// sweep has at most half the time.
 pub fn sweep(
     target: &mut Target,
     args: &SweepArgs,
@@ -101,49 +168,39 @@ pub fn sweep(
     progress: &Progress,
 ) -> Result<Summary> {
     let start = Instant::now();
-    let summary = Summary { variant: args.variant.clone(), ..Summary::default() };
-    let mut sweeper = Sweeper {
-        target,
-        summary,
-        progress,
-        start,
-        deadline,
-        stop_on_first: args.stop_on_first,
-        stopped: false,
-    };
+    let mut summary = Summary { variant: args.variant.clone(), ..Summary::default() };
     let workloads = match args.workload {
         SweepWorkload::Loop => vec![Workload::Loop],
         SweepWorkload::User => vec![Workload::User],
         SweepWorkload::Both => vec![Workload::Loop, Workload::User],
     };
     for (k, workload) in workloads.iter().enumerate() {
-        if sweeper.stopped {
+        if args.stop_on_first && summary.first_finding.is_some() {
             break;
         }
         let part_start = Instant::now();
-        sweeper.summary.parts.push(Part {
-            workload: workload.name(),
-            complete: true,
-            ..Part::default()
-        });
-        sweeper.deadline = match deadline {
+        summary.parts.push(Part { workload: workload.name(), complete: true, ..Part::default() });
+        let part_deadline = match deadline {
             Some(d) if k + 1 < workloads.len() => {
                 Some(part_start + d.saturating_duration_since(part_start) / 2)
             }
             other => other,
         };
-        match workload {
-            Workload::Loop => nested::sweep(&mut sweeper, args)?,
+        let shared = Shared::new(args.jobs, progress, start, part_deadline, args.stop_on_first)
+            .announced(summary.findings.keys().cloned());
+        let part = summary.part();
+        let tallies = match workload {
+            Workload::Loop => nested::sweep(target, &shared, part, args)?,
             Workload::User => {
-                let regions = sweeper.target.regions(&args.variant)?;
+                let regions = target.regions(&args.variant)?;
                 if !regions.has_user_points() {
                     let why = "the guest has no user workload (no ring-3 points)";
                     if args.workload == SweepWorkload::User {
                         anyhow::bail!("cannot sweep the user workload: {why}");
                     }
-                    let part = sweeper.part();
                     part.skipped = Some(why.into());
                     part.complete = false;
+                    Vec::new()
                 } else {
                     let plan = user::Plan {
                         variant: &args.variant,
@@ -152,76 +209,16 @@ pub fn sweep(
                         regions: &regions,
                         pairs_in_gaps: args.user_pairs == UserPairs::Gaps,
                     };
-                    user::sweep(&mut sweeper, &plan)?;
+                    user::sweep(target, &shared, part, &plan)?
                 }
             }
-        }
-        sweeper.part().seconds = part_start.elapsed().as_secs_f64();
+        };
+        summary.merge(tallies, args.stop_on_first);
+        summary.part().seconds = part_start.elapsed().as_secs_f64();
     }
-    let mut summary = sweeper.summary;
     summary.complete = summary.parts.iter().all(|p| p.complete || p.skipped.is_some());
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
-}
-
-/// What the sweeps share while they run: the target, the summary they add to, and when to
-/// stop.
-pub struct Sweeper<'a> {
-    target: &'a mut Target,
-    summary: Summary,
-    progress: &'a Progress,
-    start: Instant,
-    deadline: Option<Instant>,
-    stop_on_first: bool,
-    /// Set by the first finding with `stop_on_first`.
-    stopped: bool,
-}
-
-impl Sweeper<'_> {
-    /// The sweep of the workload under way.
-    fn part(&mut self) -> &mut Part {
-        self.summary.parts.last_mut().expect("a part is pushed before it is swept")
-    }
-
-    /// Whether the next run may go: not after the first finding (with `stop_on_first`) nor
-    /// past the deadline. A run that may not go leaves the part incomplete.
-    fn go(&mut self) -> bool {
-        if self.stopped || self.deadline.is_some_and(|d| Instant::now() >= d) {
-            self.part().complete = false;
-            return false;
-        }
-        true
-    }
-
-    /// Counts one run; returns whether it was a finding (and stops the sweep at the first one
-    /// with `stop_on_first`).
-    fn record(&mut self, execution: &Execution, schedule: Schedule) -> bool {
-        self.summary.runs += 1;
-        self.part().runs += 1;
-        self.progress.inc(1);
-        let verdict = &execution.outcome.verdict;
-        if !verdict.is_finding() {
-            return false;
-        }
-        let (runs, elapsed) = (self.summary.runs, self.start.elapsed().as_secs_f64());
-        self.summary.first_finding.get_or_insert((runs, elapsed));
-        let progress = self.progress;
-        let entry = self.summary.findings.entry(verdict.signature()).or_insert_with(|| {
-            progress.note(&format!("found: {verdict}"));
-            Finding {
-                kind: verdict.kind(),
-                message: verdict.to_string(),
-                count: 0,
-                example: schedule,
-            }
-        });
-        entry.count += 1;
-        progress.set_message(format!("{} findings", self.summary.findings.len()));
-        if self.stop_on_first {
-            self.stopped = true;
-        }
-        true
-    }
 }
 
 fn print_summary(summary: &Summary) {
@@ -261,8 +258,16 @@ fn print_summary(summary: &Summary) {
             if part.unplaced > 0 {
                 print!("; {} stops had no symbolic point", part.unplaced);
             }
+        } else {
+            print!("; {} paired and {} tripled runs", part.pairs, part.triples);
         }
         println!();
+    }
+    if summary.runs_after_first > 0 {
+        println!(
+            "  (and {} runs of other jobs after the first finding, not counted)",
+            summary.runs_after_first
+        );
     }
     if summary.findings.is_empty() {
         println!("no findings");

@@ -20,14 +20,16 @@
 
 use anyhow::{Context, Result, bail};
 use vmm::engine::schedule::{
-    Fault, HandlerAction, Injection, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule, Workload,
+    Fault, HandlerAction, Injection, Origin, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY, Schedule,
+    Workload,
 };
 use vmm::engine::symbolic::{injection_stop, point_between, symbolic_injections};
 use vmm::engine::trace::{Event, Step};
 use vmm::engine::{Execution, Mode, RunOptions};
 
-use super::Sweeper;
+use super::{Part, Shared, Sweeper, Tally, jobs};
 use crate::ring3::{Region, Regions};
+use crate::target::Target;
 
 /// What the user sweep sweeps.
 pub struct Plan<'a> {
@@ -82,10 +84,35 @@ fn faults_alone(ring3: bool) -> Vec<HandlerAction> {
         .collect()
 }
 
-/// The user sweep, until its end or until the sweeper says stop.
-pub(super) fn sweep(s: &mut Sweeper, plan: &Plan) -> Result<()> {
-    let origin = s.target.origin();
-    let schedule = |action: &HandlerAction, injections: Vec<Injection>, what: &str| Schedule {
+/// One unit of the user sweep.
+enum Unit<'p> {
+    /// The single NMIs at a place, one per action of [`single_actions`].
+    Singles(&'p Place),
+    /// A first NMI at a place with an action of [`pair_actions`], and a second at every stop
+    /// of its handling.
+    Pairs(&'p Place, HandlerAction),
+}
+
+impl std::fmt::Display for Unit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Singles(place) => write!(f, "single NMIs at {}", place.at),
+            Self::Pairs(place, action) => {
+                write!(f, "second NMIs after a first at {}, do_nmi {action:?}", place.at)
+            }
+        }
+    }
+}
+
+/// The schedule of the plan with `action` and `injections`, described as `what`.
+fn schedule(
+    plan: &Plan,
+    origin: &Origin,
+    action: &HandlerAction,
+    injections: Vec<Injection>,
+    what: &str,
+) -> Schedule {
+    Schedule {
         format: SCHEDULE_FORMAT,
         description: format!("user sweep: {what}, do_nmi {action:?}"),
         variant: plan.variant.to_owned(),
@@ -95,11 +122,22 @@ pub(super) fn sweep(s: &mut Sweeper, plan: &Plan) -> Result<()> {
         actions: vec![action.clone()],
         injections,
         origin: Some(origin.clone()),
-    };
-    let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
+    }
+}
+
+/// The user sweep, until its end or until the jobs stop: finds the places on `target`, then
+/// returns the tallies of its units, the places' singles and then their pairs.
+pub(super) fn sweep(
+    target: &mut Target,
+    shared: &Shared,
+    part: &mut Part,
+    plan: &Plan,
+) -> Result<Vec<Tally>> {
     // 1. The places, from a run without NMIs.
-    let base = schedule(&HandlerAction::default(), vec![Injection::After(SCHEDULE_MAX_DELAY)], "");
-    let execution = s.target.execute(&base, &traced, &mut [])?;
+    let base = [Injection::After(SCHEDULE_MAX_DELAY)];
+    let base = schedule(plan, &target.origin(), &HandlerAction::default(), base.to_vec(), "");
+    let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
+    let execution = target.execute(&base, &traced, &mut [])?;
     if execution.outcome.verdict.is_finding() {
         bail!(
             "the {} workload already fails without NMIs: {}",
@@ -107,60 +145,74 @@ pub(super) fn sweep(s: &mut Sweeper, plan: &Plan) -> Result<()> {
             execution.outcome.verdict
         );
     }
-    let places = places(s, plan.regions, &execution.trace);
+    let places = places(target, part, plan.regions, &execution.trace);
     for place in &places {
-        *s.part().places.entry(place.region).or_default() += 1;
+        *part.places.entry(place.region).or_default() += 1;
     }
-    let singles: Vec<(&Place, HandlerAction)> = places
-        .iter()
-        .flat_map(|p| single_actions(p.region.is_ring3()).into_iter().map(move |a| (p, a)))
-        .collect();
-    s.progress.inc_length(singles.len() as u64);
-    // 2. One NMI at each place.
-    for (place, action) in singles {
+    let singles: usize = places.iter().map(|p| single_actions(p.region.is_ring3()).len()).sum();
+    shared.progress.inc_length(singles as u64);
+    let mut units: Vec<Unit> = places.iter().map(Unit::Singles).collect();
+    // 2. After a first NMI after ring 3 or in a gap, a second at every stop of its handling.
+    let nests = |p: &&Place| p.region.nests() && (plan.pairs_in_gaps || p.region.is_ring3());
+    for place in places.iter().filter(nests) {
+        let actions = pair_actions(place.region.is_ring3());
+        units.extend(actions.into_iter().map(|action| Unit::Pairs(place, action)));
+    }
+    // The units are many and alike, and their sizes unknown until their handling is measured:
+    // the jobs take them in order.
+    let order: Vec<usize> = (0..units.len()).collect();
+    jobs::run(target, shared, &units, &order, |s, unit| match unit {
+        Unit::Singles(place) => sweep_singles(s, plan, place),
+        Unit::Pairs(place, action) => sweep_pairs(s, plan, place, action),
+    })
+}
+
+/// One NMI at `place`, with each handler action.
+fn sweep_singles(s: &mut Sweeper, plan: &Plan, place: &Place) -> Result<()> {
+    let origin = s.target.origin();
+    for action in single_actions(place.region.is_ring3()) {
         if !s.go() {
             return Ok(());
         }
-        let single = schedule(&action, vec![place.first.clone()], &format!("NMI at {}", place.at));
+        let what = format!("NMI at {}", place.at);
+        let single = schedule(plan, &origin, &action, vec![place.first.clone()], &what);
         run_fast(s, single)?;
         s.part().singles += 1;
     }
-    // 3. A second NMI at every stop of the handling of a first one after ring 3 or in a gap.
-    let nests = |p: &&Place| p.region.nests() && (plan.pairs_in_gaps || p.region.is_ring3());
-    for place in places.iter().filter(nests) {
-        for action in pair_actions(place.region.is_ring3()) {
-            if !s.go() {
-                return Ok(());
-            }
-            let what = format!("first NMI at {}", place.at);
-            let measured = schedule(
-                &action,
-                vec![place.first.clone(), Injection::After(SCHEDULE_MAX_DELAY)],
-                &what,
-            );
-            let execution = s
-                .target
-                .execute(&measured, &traced, &mut [])
-                .with_context(|| format!("measuring the handling of {action:?} at {}", place.at))?;
-            if execution.outcome.verdict.is_finding() {
-                // The single NMI with this action already failed, and was recorded.
-                continue;
-            }
-            let seconds = seconds(s, plan.regions, &execution);
-            s.part().handling_lengths.push(handling_length(&execution.trace));
-            s.progress.inc_length(seconds.len() as u64);
-            for (region, second) in seconds {
-                if !s.go() {
-                    return Ok(());
-                }
-                let pair = schedule(&action, vec![place.first.clone(), second], &what);
-                run_fast(s, pair)?;
-                let part = s.part();
-                part.pairs += 1;
-                if let Some(region) = region {
-                    *part.seconds_by_region.entry(region).or_default() += 1;
-                }
-            }
+    Ok(())
+}
+
+/// A first NMI at `place` with `action`, its handling measured by one stepped run, and a
+/// second NMI at every stop of that handling.
+fn sweep_pairs(s: &mut Sweeper, plan: &Plan, place: &Place, action: &HandlerAction) -> Result<()> {
+    if !s.go() {
+        return Ok(());
+    }
+    let (origin, what) = (s.target.origin(), format!("first NMI at {}", place.at));
+    let measured = [place.first.clone(), Injection::After(SCHEDULE_MAX_DELAY)];
+    let measured = schedule(plan, &origin, action, measured.to_vec(), &what);
+    let traced = RunOptions { keep_trace: true, ..RunOptions::default() };
+    let execution = s
+        .target
+        .execute(&measured, &traced, &mut [])
+        .with_context(|| format!("measuring the handling of {action:?} at {}", place.at))?;
+    if execution.outcome.verdict.is_finding() {
+        // The single NMI with this action already failed, and was recorded.
+        return Ok(());
+    }
+    let seconds = seconds(s.target, plan.regions, &execution);
+    s.part().handling_lengths.push(handling_length(&execution.trace));
+    s.shared.progress.inc_length(seconds.len() as u64);
+    for (region, second) in seconds {
+        if !s.go() {
+            return Ok(());
+        }
+        let pair = schedule(plan, &origin, action, vec![place.first.clone(), second], &what);
+        run_fast(s, pair)?;
+        let part = s.part();
+        part.pairs += 1;
+        if let Some(region) = region {
+            *part.seconds_by_region.entry(region).or_default() += 1;
         }
     }
     Ok(())
@@ -168,11 +220,10 @@ pub(super) fn sweep(s: &mut Sweeper, plan: &Plan) -> Result<()> {
 
 /// The stops of `trace` (the run without NMIs) in a region, each as a symbolic injection
 /// counted from the start; stops without one are counted as unplaced.
-fn places(s: &mut Sweeper, regions: &Regions, trace: &[Step]) -> Vec<Place> {
+fn places(target: &mut Target, part: &mut Part, regions: &Regions, trace: &[Step]) -> Vec<Place> {
     let mut places = Vec::new();
     for (at, step) in trace.iter().enumerate() {
         let Some(region) = regions.classify(step.rip) else { continue };
-        let target = &mut *s.target;
         let first = point_between(trace, 0, at, |address| target.anchorable(address))
             .and_then(|trigger| symbolic_injections(&[trigger], target.vm().image()));
         match first {
@@ -181,7 +232,7 @@ fn places(s: &mut Sweeper, regions: &Regions, trace: &[Step]) -> Vec<Place> {
                 at: target.vm().image().symbolize(step.rip),
                 first: injections.remove(0),
             }),
-            None => s.part().unplaced += 1,
+            None => part.unplaced += 1,
         }
     }
     places
@@ -192,13 +243,12 @@ fn places(s: &mut Sweeper, regions: &Regions, trace: &[Step]) -> Vec<Place> {
 /// the region it strikes: `after: 0` at the first's own stop, then a symbolic point at each
 /// later stop until the interrupted context resumes. Empty if the first NMI never returned.
 fn seconds(
-    s: &mut Sweeper,
+    target: &mut Target,
     regions: &Regions,
     execution: &Execution,
 ) -> Vec<(Option<Region>, Injection)> {
     let trace = &execution.trace;
     let Some((first, resumed)) = handling(trace) else { return Vec::new() };
-    let target = &mut *s.target;
     let mut seconds = vec![(regions.classify(trace[first].rip), Injection::After(0))];
     for at in first + 1..=resumed {
         let second = point_between(trace, first + 1, at, |a| target.anchorable(a))
@@ -240,22 +290,25 @@ fn run_fast(s: &mut Sweeper, schedule: Schedule) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Instant;
 
     use vmm::engine::trace::Injected;
 
     use super::*;
     use crate::progress::Progress;
-    use crate::sweep::{Part, Summary};
-    use crate::target::Target;
+    use crate::sweep::Summary;
 
     /// The user sweep of `variant` over the loop workload, with the loop's own symbols standing
     /// in for the places around ring 3 (this guest may have no user workload yet, and the
     /// engine's ring-3 support may not be there): the start of `workload_phase_bp` as the
     /// "ring-3 point", the #PF phase of the loop as a "gap" (no second NMIs there: the test
-    /// stays short) and the exception return as the "return to user".
-    fn stand_in_sweep(variant: &str, stop_on_first: bool) -> Option<Summary> {
+    /// stays short) and the exception return as the "return to user". On `jobs` VMs.
+    pub(in crate::sweep) fn stand_in_sweep(
+        variant: &str,
+        stop_on_first: bool,
+        jobs: u64,
+    ) -> Option<Summary> {
         if std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1") {
             return None;
         }
@@ -267,16 +320,9 @@ mod tests {
         ];
         let regions = Regions::from_symbols(image, ram, &spans, "workload_phase_bp");
         let progress = Progress::new(0, "runs", false);
-        let mut sweeper = Sweeper {
-            target: &mut target,
-            summary: Summary::default(),
-            progress: &progress,
-            start: Instant::now(),
-            deadline: None,
-            stop_on_first,
-            stopped: false,
-        };
-        sweeper.summary.parts.push(Part { workload: "loop", complete: true, ..Part::default() });
+        let shared = Shared::new(jobs, &progress, Instant::now(), None, stop_on_first);
+        let mut summary = Summary::default();
+        summary.parts.push(Part { workload: "loop", complete: true, ..Part::default() });
         let plan = Plan {
             variant,
             workload: Workload::Loop,
@@ -284,14 +330,16 @@ mod tests {
             regions: &regions,
             pairs_in_gaps: true,
         };
-        sweep(&mut sweeper, &plan).unwrap();
-        Some(sweeper.summary)
+        let part = summary.parts.last_mut().unwrap();
+        let tallies = sweep(&mut target, &shared, part, &plan).unwrap();
+        summary.merge(tallies, stop_on_first);
+        Some(summary)
     }
 
     #[test]
     fn kvm_the_stand_in_sweep_places_singles_and_pairs_and_linux_survives() {
         let start = Instant::now();
-        let Some(summary) = stand_in_sweep("linux", false) else { return };
+        let Some(summary) = stand_in_sweep("linux", false, 1) else { return };
         let part = &summary.parts[0];
         eprintln!("{} runs in {:.1} s: {part:?}", summary.runs, start.elapsed().as_secs_f64());
         assert!(summary.findings.is_empty(), "{:?}", summary.findings);
@@ -313,7 +361,7 @@ mod tests {
 
     #[test]
     fn kvm_the_stand_in_sweep_kills_naive() {
-        let Some(summary) = stand_in_sweep("naive", true) else { return };
+        let Some(summary) = stand_in_sweep("naive", true, 1) else { return };
         assert_eq!(summary.findings.len(), 1, "{summary:?}");
         assert!(summary.first_finding.is_some());
         let finding = summary.findings.values().next().unwrap();
