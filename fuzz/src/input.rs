@@ -530,6 +530,7 @@ impl<S: HasRand> Mutator<NmiInput, S> for ToggleWorkload {
 macro_rules! nmi_mutations {
     ($faults:expr, $table:expr) => {
         libafl_bolts::tuples::tuple_list!(
+            $crate::regenerate::Regenerate::new($faults, $table),
             $crate::input::InsertInjection::new($table),
             $crate::input::RemoveInjection,
             $crate::input::DuplicateInjection,

@@ -16,6 +16,7 @@ mod new_entry;
 mod options;
 mod points;
 mod progress;
+mod regenerate;
 mod replay;
 mod ring3;
 mod shmem;
