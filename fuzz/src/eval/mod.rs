@@ -178,7 +178,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         (&a.variant, a.method.name(), a.seed).cmp(&(&b.variant, b.method.name(), b.seed))
     });
     let rows = aggregate(&results);
-    write_outputs(&args.output, &results, &rows, seeds, limit)?;
+    write_outputs(&args.output, &results, &rows, seeds, limit, args.jobs)?;
     print!("{}", table(&rows, limit));
     Ok(())
 }
@@ -273,6 +273,7 @@ fn write_outputs(
     rows: &[Row],
     seeds: u32,
     limit: u64,
+    jobs: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let host = host_description();
@@ -280,7 +281,7 @@ fn write_outputs(
     store::write_atomic(&dir.join("eval.json"), serde_json::to_string_pretty(&raw)?.as_bytes())?;
     let markdown = format!(
         "# nmifuzz evaluation\n\nMeasured on {host}; {seeds} seed(s) per method, {limit} s per run, \
-         two runs at a time on two cores.\n\n{}\n![time to first finding](eval.svg)\n",
+         {jobs} run(s) at a time, each on its own core.\n\n{}\n![time to first finding](eval.svg)\n",
         table(rows, limit)
     );
     store::write_atomic(&dir.join("eval.md"), markdown.as_bytes())?;
