@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::Summary;
+use crate::options::ChaosArgs;
 use crate::store::write_atomic;
 
 /// The checkpoint file's format; a file of another format is refused.
@@ -34,8 +35,25 @@ pub struct Soak {
     pub build: String,
 }
 
+impl Soak {
+    /// The soak `args` ask for, made by this nmifuzz build.
+    pub fn of(args: &ChaosArgs) -> Result<Self> {
+        let engine = clap::ValueEnum::to_possible_value(&args.engine)
+            .expect("every engine has a name")
+            .get_name()
+            .to_owned();
+        Ok(Self {
+            variant: args.variant.clone(),
+            seed: args.seed,
+            engine,
+            timeout_ms: args.timeout_ms,
+            build: this_build()?,
+        })
+    }
+}
+
 /// The identity of the running nmifuzz build: the FNV-1a hash of its executable.
-pub fn this_build() -> Result<String> {
+fn this_build() -> Result<String> {
     let exe = std::fs::read("/proc/self/exe").context("cannot read /proc/self/exe")?;
     Ok(format!("{:016x}", vmm::hash::fnv1a(&exe)))
 }

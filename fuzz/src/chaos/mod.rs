@@ -54,18 +54,14 @@ const PLAIN_REPRODUCER: &str = include_str!("../../../corpus/single-nmi-in-workl
 /// Runs the soak; returns whether it failed (a VMM error or a hang).
 pub fn run(args: &ChaosArgs) -> Result<bool> {
     let variant = Variant::from_name(&args.variant).expect("checked by the option parser");
-    let soak = Soak {
-        variant: args.variant.clone(),
-        seed: args.seed,
-        engine: clap::ValueEnum::to_possible_value(&args.engine)
-            .expect("every engine has a name")
-            .get_name()
-            .to_owned(),
-        timeout_ms: args.timeout_ms,
-        build: checkpoint::this_build()?,
+    // Only a checkpointed soak needs to know which soak it is (hashing the executable
+    // included).
+    let checkpoint = match &args.checkpoint {
+        Some(path) => Some((path, Soak::of(args)?)),
+        None => None,
     };
-    let resumed = match &args.checkpoint {
-        Some(path) => checkpoint::load(path, &soak)?,
+    let resumed = match &checkpoint {
+        Some((path, soak)) => checkpoint::load(path, soak)?,
         None => None,
     };
     let mut target = Target::new()?;
@@ -93,20 +89,20 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
         progress.note(&format!("chaos: resuming after run {done} of {}", args.runs));
     }
     let start = Instant::now();
-    let elapsed_before = summary.elapsed_secs();
     for run in done + 1..=args.runs {
         let (kind, plan) = inputs.next();
         let (began, cpu) = (Instant::now(), thread_cpu_time());
         let result = target.execute_plan(&plan, &options);
         let took = Took { wall: began.elapsed(), cpu: thread_cpu_time().saturating_sub(cpu) };
         summary.record(run, kind, &plan, result, took, limit);
-        if run % SANITY_EVERY == 0 || run == args.runs {
-            if run % SANITY_EVERY == 0 {
-                summary.sanity_replayed(run, sanity.check(&mut target));
-            }
-            summary.end_segment(elapsed_before + start.elapsed().as_secs_f64(), guest_ram);
-            if let Some(path) = &args.checkpoint {
-                checkpoint::save(path, &soak, &summary)?;
+        let sanity_due = run % SANITY_EVERY == 0;
+        if sanity_due {
+            summary.sanity_replayed(run, sanity.check(&mut target));
+        }
+        if sanity_due || run == args.runs {
+            summary.end_segment(start.elapsed().as_secs_f64(), guest_ram);
+            if let Some((path, soak)) = &checkpoint {
+                checkpoint::save(path, soak, &summary)?;
             }
             progress.note(&summary.progress_line(start.elapsed(), done, guest_ram));
         }

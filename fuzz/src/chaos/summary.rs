@@ -12,6 +12,7 @@ use vmm::engine::Execution;
 use vmm::engine::schedule::Plan;
 
 use super::inputs::Kind;
+
 /// How late after its wall-clock limit an execution may return before it counts as a hang.
 const OVERRUN_GRACE: Duration = Duration::from_secs(1);
 /// Most VMM errors and hangs kept with their details in the summary.
@@ -80,11 +81,6 @@ impl Summary {
         self.runs
     }
 
-    /// Seconds of all segments so far.
-    pub fn elapsed_secs(&self) -> f64 {
-        self.elapsed_secs
-    }
-
     /// Counts the replay of the plain reproducer after run `run`: a problem is a VMM error.
     pub fn sanity_replayed(&mut self, run: u64, result: Result<(), String>) {
         self.sanity_replays += 1;
@@ -106,18 +102,17 @@ impl Summary {
         });
     }
 
-    /// Brings this process's segment and the totals up to now: `elapsed_secs` in all.
-    pub fn end_segment(&mut self, elapsed_secs: f64, guest_ram: u64) {
-        let before: f64 = self.segments.iter().rev().skip(1).map(|s| s.elapsed_secs).sum();
+    /// Brings this process's segment, `segment_secs` old, and the totals up to now.
+    pub fn end_segment(&mut self, segment_secs: f64, guest_ram: u64) {
         self.rss_end_kib = rss_kib();
         self.guest_ram_rss_end_kib = mapping_rss_kib(guest_ram);
-        self.elapsed_secs = elapsed_secs;
-        self.runs_per_sec = self.runs as f64 / elapsed_secs.max(1e-9);
         let segment = self.segments.last_mut().expect("a segment is open");
         segment.last_run = self.runs;
         segment.rss_end_kib = self.rss_end_kib;
         segment.guest_ram_rss_end_kib = self.guest_ram_rss_end_kib;
-        segment.elapsed_secs = elapsed_secs - before;
+        segment.elapsed_secs = segment_secs;
+        self.elapsed_secs = self.segments.iter().map(|s| s.elapsed_secs).sum();
+        self.runs_per_sec = self.runs as f64 / self.elapsed_secs.max(1e-9);
     }
 
     /// Counts the result of chaos run number `run`, which took `took` with a wall-clock
