@@ -132,8 +132,7 @@ fn sigint_and_sigkill_mid_campaign_leave_a_corpus_that_resumes() {
     }
     let dir = workdir("kill");
     let corpus = passing_corpus(&dir);
-    let args =
-        ["run", "corpus-dir", "--variant", "naive", "--faults", "none", "--max-total-time", "100"];
+    let args = passing_run(&["--max-total-time", "100"]);
 
     // SIGINT: stops after the current execution, prints the summary, exits 72 (libFuzzer's).
     let child = spawn_quiet(&dir, &args);
@@ -155,8 +154,7 @@ fn sigint_and_sigkill_mid_campaign_leave_a_corpus_that_resumes() {
     assert!(after_int.iter().all(|p| after_kill.contains(p)));
 
     // Resume: loads everything (no junk warnings: no partial file), adds no duplicate.
-    let o =
-        run(&dir, &["run", "corpus-dir", "--variant", "naive", "--faults", "none", "--runs", "5"]);
+    let o = run(&dir, &passing_run(&["--runs", "5"]));
     assert_eq!(o.status.code(), Some(0));
     assert!(!stderr(&o).contains("WARNING"), "{}", stderr(&o));
     assert!(stdout(&o).contains(&format!("INFO: {} seeds from corpus-dir", after_kill.len())));
@@ -173,25 +171,8 @@ fn two_cores_run_two_clients_that_share_inputs() {
     let dir = workdir("cores");
     passing_corpus(&dir);
     let port = free_port();
-    let o = run(
-        &dir,
-        &[
-            "run",
-            "corpus-dir",
-            "--variant",
-            "naive",
-            "--faults",
-            "none",
-            "--cores",
-            "2",
-            "--broker-port",
-            &port,
-            "--max-total-time",
-            "20",
-            "--seed",
-            "5",
-        ],
-    );
+    let args = ["--cores", "2", "--broker-port", &port, "--max-total-time", "20", "--seed", "5"];
+    let o = run(&dir, &passing_run(&args));
     assert_eq!(o.status.code(), Some(0));
     let out = stdout(&o);
     let executions = |client: &str| -> u64 {
@@ -245,8 +226,7 @@ fn bad_inputs_are_named() {
     let corpus = passing_corpus(&dir);
     fs::write(corpus.join("notes.txt"), "not a schedule").unwrap();
     fs::write(corpus.join("broken.json"), "{\"format\": 1,").unwrap();
-    let o =
-        run(&dir, &["run", "corpus-dir", "--variant", "naive", "--faults", "none", "--runs", "3"]);
+    let o = run(&dir, &passing_run(&["--runs", "3"]));
     assert_eq!(o.status.code(), Some(0));
     let err = stderr(&o);
     assert!(
@@ -302,23 +282,8 @@ fn ctrl_c_stops_every_client_of_a_two_core_campaign() {
     let dir = workdir("cores-int");
     let corpus = passing_corpus(&dir);
     let port = free_port();
-    let child = spawn_group(
-        &dir,
-        &[
-            "run",
-            "corpus-dir",
-            "--variant",
-            "naive",
-            "--faults",
-            "none",
-            "--cores",
-            "2",
-            "--broker-port",
-            &port,
-            "--max-total-time",
-            "100",
-        ],
-    );
+    let args = ["--cores", "2", "--broker-port", &port, "--max-total-time", "100"];
+    let child = spawn_group(&dir, &passing_run(&args));
     wait_for_entries(&corpus, 4, Duration::from_secs(60));
     let started = Instant::now();
     signal_group(&child, libc::SIGINT); // Ctrl-C reaches every process of the job

@@ -54,9 +54,6 @@ fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-const RUN: [&str; 8] =
-    ["run", "corpus-dir", "--variant", "naive", "--faults", "none", "--max-total-time", "60"];
-
 #[test]
 fn sigkill_during_run_loses_no_entry_and_the_next_run_resumes() {
     if !kvm() {
@@ -69,7 +66,7 @@ fn sigkill_during_run_loses_no_entry_and_the_next_run_resumes() {
     let mut torn_writes = 0; // kills between writing a temporary file and renaming it
     for kill in 0..KILLS {
         let delay = Duration::from_millis(rng.below(50..1500));
-        let o = kill_after(&dir, &RUN, delay);
+        let o = kill_after(&dir, &passing_run(&["--max-total-time", "60"]), delay);
         // That run loaded what the one before it left: every file whole.
         assert!(!stderr(&o).contains("WARNING"), "kill {kill}: {}", stderr(&o));
         let now = schedules_in(&corpus); // every file parses, none duplicates another
@@ -82,8 +79,7 @@ fn sigkill_during_run_loses_no_entry_and_the_next_run_resumes() {
     }
     eprintln!("{} entries after {KILLS} kills, {torn_writes} left mid-write", entries.len());
     // The next run resumes on all of them and cleans up what the killed runs left half-done.
-    let o =
-        run(&dir, &["run", "corpus-dir", "--variant", "naive", "--faults", "none", "--runs", "5"]);
+    let o = run(&dir, &passing_run(&["--runs", "5"]));
     assert_eq!(o.status.code(), Some(0));
     assert!(!stderr(&o).contains("WARNING"), "{}", stderr(&o));
     assert!(stdout(&o).contains(&format!("INFO: {} seeds from corpus-dir", entries.len())));
@@ -113,21 +109,7 @@ fn sigkill_during_cmin_in_place_keeps_the_cover_whole() {
     }
     let dir = workdir("kill-cmin");
     let corpus = passing_corpus(&dir);
-    let o = run(
-        &dir,
-        &[
-            "run",
-            "corpus-dir",
-            "--variant",
-            "naive",
-            "--faults",
-            "none",
-            "--runs",
-            "80",
-            "--seed",
-            "2",
-        ],
-    );
+    let o = run(&dir, &passing_run(&["--runs", "80", "--seed", "2"]));
     assert_eq!(o.status.code(), Some(0));
     let original = contents(&corpus);
     let (removed, edges) = cmin_plan(&dir);
@@ -157,8 +139,7 @@ fn sigkill_during_cmin_in_place_keeps_the_cover_whole() {
     assert_eq!(contents(&corpus).len(), original.len() - removed.len());
     let (none, edges_after) = cmin_plan(&dir);
     assert_eq!((none.len(), edges_after), (0, edges));
-    let o =
-        run(&dir, &["run", "corpus-dir", "--variant", "naive", "--faults", "none", "--runs", "5"]);
+    let o = run(&dir, &passing_run(&["--runs", "5"]));
     assert_eq!(o.status.code(), Some(0));
     assert!(!stderr(&o).contains("WARNING"), "{}", stderr(&o));
     fs::remove_dir_all(dir).unwrap();

@@ -13,18 +13,7 @@ use common::*;
 /// `nmifuzz run corpus-dir` on the naive variant, fault-free (so it passes), `--cores CORES`
 /// with its broker on `port`, then `extra`.
 fn cores_run<'a>(cores: &'a str, port: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "run",
-        "corpus-dir",
-        "--variant",
-        "naive",
-        "--faults",
-        "none",
-        "--cores",
-        cores,
-        "--broker-port",
-        port,
-    ];
+    let mut args = passing_run(&["--cores", cores, "--broker-port", port]);
     args.extend_from_slice(extra);
     args
 }

@@ -77,6 +77,14 @@ pub fn passing_corpus(dir: &Path) -> PathBuf {
     corpus
 }
 
+/// `nmifuzz run` on [`passing_corpus`]: `naive` without faults, which that seed passes, then
+/// `extra`.
+pub fn passing_run<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "corpus-dir", "--variant", "naive", "--faults", "none"];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// The visible files of `dir`, each checked to be a whole schedule; fails on duplicates.
 pub fn schedules_in(dir: &Path) -> Vec<PathBuf> {
     let mut contents = HashSet::new();
