@@ -151,7 +151,7 @@ pub struct SweepArgs {
     pub json: bool,
 }
 
-/// One sweep job per core this process may use, at most the 64 `--jobs` allows.
+/// One job per core this process may use, at most the 64 `--jobs` allows.
 fn default_jobs() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64).min(64)
 }
@@ -229,6 +229,11 @@ pub struct ChaosArgs {
     /// The engine that executes the soak's inputs (see `nmifuzz run --engine`).
     #[arg(long, value_enum, default_value_t = Engine::Fast)]
     pub engine: Engine,
+    /// Jobs running the soak at a time, each with a VM of its own on a thread of its own
+    /// (default: one per core, at most 64). The summary is the same whatever the number, but
+    /// for its seconds and memory.
+    #[arg(long, default_value_t = default_jobs(), value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub jobs: u64,
     /// Keep the soak's progress in this file (rewritten atomically every 1,000 runs) and, if
     /// it exists, resume the soak it holds: a stopped soak goes on where it was. The file
     /// must belong to the same soak (variant, seed, engine, timeout).

@@ -20,10 +20,18 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Maps `size` bytes of zeroed memory and registers them with `vm` with dirty logging on.
+    /// Maps `size` bytes of zeroed memory, all of it resident, and registers them with `vm`
+    /// with dirty logging on.
     pub fn new(vm: &VmFd, size: u64) -> Result<Self> {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::Memory(format!("cannot map {size:#x} bytes: {e}")))?;
+        // Every page is made resident now rather than when the guest first touches it: a run
+        // that reaches pages no run reached before (a hostile guest running through data or
+        // scribbling page tables) then costs no host page faults, and the process's resident
+        // memory stays what it was at boot, so that any growth of it is the VMM's own.
+        for page in (0..size).step_by(PAGE_SIZE as usize) {
+            mem.write_obj(0u8, GuestAddress(page)).map_err(|e| Error::Memory(e.to_string()))?;
+        }
         let host =
             mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
         let region = kvm_userspace_memory_region {
@@ -44,13 +52,6 @@ impl GuestRam {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// Where the mapping starts in this process: the line of `/proc/self/smaps` that shows how
-    /// much of guest memory is resident (pages the guest has touched), apart from the VMM's own.
-    pub fn host_address(&self) -> u64 {
-        self.mem.get_host_address(GuestAddress(0)).expect("the mapping starts at guest address 0")
-            as u64
     }
 
     /// The mapping, for the ELF loader.

@@ -1,13 +1,13 @@
 //! Checkpoints of a chaos soak (`nmifuzz chaos --checkpoint FILE`), so that a soak longer than
 //! one sitting can be stopped (any signal, SIGKILL included) and resumed where it was.
 //!
-//! The inputs are one deterministic stream drawn from the seed, so a soak is fully described
+//! Each run's input depends only on the seed and the run's number, so a soak is fully described
 //! by *which* soak it is ([`Soak`]: variant, seed, engine, wall-clock limit, and the nmifuzz
 //! build, whose inputs and guest the verdicts are of) and its summary after its last completed
 //! run. The file is rewritten atomically after every
 //! [`super::SANITY_EVERY`] runs, just after the plain reproducer's replay, and at the end: a
 //! stopped soak loses at most the runs since then, which the resumed one makes again from
-//! the same inputs. Each process that works on the soak is one [`super::Segment`] of its
+//! the same inputs, with any number of jobs. Each process that works on the soak is one [`super::Segment`] of its
 //! summary, with its own resident-memory figures: memory is a property of one process.
 
 use std::path::Path;

@@ -1,4 +1,6 @@
-//! The hostile inputs of `nmifuzz chaos`, drawn deterministically from one random stream.
+//! The hostile inputs of `nmifuzz chaos`, drawn deterministically: each run's from a random
+//! stream of its own, seeded by the soak's seed and the run's number, so that any job can make
+//! any run and a resumed soak starts at its next run without drawing the ones before.
 //!
 //! Each input is a [`Plan`], the engine's own form, so that chaos can send the guest what no
 //! schedule file can say: script bytes that never went through validation, and the chaos-only
@@ -29,6 +31,7 @@ use vmm::engine::schedule::{
     MAX_WORKLOAD_ITERATIONS, Plan, Point, SCHEDULE_FORMAT, SCHEDULE_MAX_DELAY,
     SCHEDULE_MAX_INJECTIONS, Schedule,
 };
+use vmm::hash::Fnv1a;
 use zerocopy::{FromBytes, IntoBytes};
 
 /// The kinds of chaos input.
@@ -70,19 +73,25 @@ const FINITE_WORKLOADS: [Workload; 9] = [
 
 /// Draws chaos inputs for one guest and variant.
 pub struct Inputs<'a> {
+    seed: u64,
+    /// The stream of the run being drawn.
     rand: StdRand,
     variant: Variant,
     image: &'a GuestImage,
 }
 
 impl<'a> Inputs<'a> {
-    /// A stream of inputs for `variant` on `image`, the same for the same `seed`.
+    /// The inputs of the soak `seed` for `variant` on `image`: the same for the same seed.
     pub fn new(seed: u64, variant: Variant, image: &'a GuestImage) -> Self {
-        Self { rand: StdRand::with_seed(seed), variant, image }
+        Self { seed, rand: StdRand::with_seed(seed), variant, image }
     }
 
-    /// The next input and its kind.
-    pub fn next(&mut self) -> (Kind, Plan) {
+    /// The input of run number `run`, and its kind.
+    pub fn at(&mut self, run: u64) -> (Kind, Plan) {
+        let mut stream = Fnv1a::new();
+        stream.write(&self.seed.to_le_bytes());
+        stream.write(&run.to_le_bytes());
+        self.rand = StdRand::with_seed(stream.finish());
         let kind = Kind::draw(&mut self.rand);
         let plan = match kind {
             Kind::RawScript => self.raw_script(),

@@ -18,18 +18,21 @@
 //!
 //! The exit status is 0 without VMM errors and hangs, 1 otherwise.
 //!
-//! Resident memory is reported whole and, apart, for guest memory: a chaos guest touches pages
-//! of its 16 MiB it never touched before (scribbled page tables, runs through data), and each
-//! stays resident. That growth is bounded by the guest's size and is no leak of the VMM.
+//! Resident memory is reported whole and, apart, for guest memory. Guest memory is resident
+//! from boot (the VMM makes all of it resident when it maps it), 16 MiB a VM whatever the guest touches, so growth of the
+//! whole is the VMM's own.
 //!
 //! A soak can be longer than one sitting: with `--checkpoint FILE` it is stopped and resumed
-//! (see [`checkpoint`]), each process being one [`Segment`] of it.
+//! (see [`checkpoint`]), each process being one [`Segment`] of it. With `--jobs N` it runs on
+//! N VMs at a time, to the same summary (see [`jobs`]).
 
 mod checkpoint;
 mod inputs;
+mod jobs;
 mod summary;
 
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nmifuzz_abi::Variant;
@@ -37,8 +40,7 @@ use vmm::engine::schedule::Schedule;
 use vmm::engine::{Execution, Mode, RunOptions};
 
 use self::checkpoint::Soak;
-use self::inputs::Inputs;
-use self::summary::{Summary, Took, thread_cpu_time};
+use self::summary::Summary;
 use crate::options::ChaosArgs;
 use crate::progress::Progress;
 use crate::target::{Target, run_options};
@@ -57,20 +59,13 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
     // Only a checkpointed soak needs to know which soak it is (hashing the executable
     // included).
     let checkpoint = match &args.checkpoint {
-        Some(path) => Some((path, Soak::of(args)?)),
+        Some(path) => Some((path.as_path(), Soak::of(args)?)),
         None => None,
     };
     let resumed = match &checkpoint {
         Some((path, soak)) => checkpoint::load(path, soak)?,
         None => None,
     };
-    let mut target = Target::new()?;
-    let options = RunOptions { mode: args.engine.mode(), ..run_options(args.timeout_ms) };
-    let limit = options.limits.wall;
-    let sanity = Sanity::new(&mut target, variant, options.mode)?;
-    let image = target.vm().image().clone();
-    let guest_ram = target.vm().ram().host_address();
-    let mut inputs = Inputs::new(args.seed, variant, &image);
     let mut summary = resumed.unwrap_or_else(|| Summary::new(&args.variant, args.seed));
     let done = summary.runs();
     if done >= args.runs {
@@ -78,39 +73,65 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
         summary.report(args.json)?;
         return Ok(summary.failed());
     }
-    // The inputs are one stream: a resumed soak draws the ones already run and goes on.
-    for _ in 0..done {
-        inputs.next();
-    }
-    summary.start_segment(done + 1, guest_ram);
+    let options = RunOptions { mode: args.engine.mode(), ..run_options(args.timeout_ms) };
+    let soak = jobs::Soak { seed: args.seed, variant, options, first: done + 1, last: args.runs };
     let progress = Progress::new(args.runs, "runs", !args.json);
     progress.inc(done);
     if done > 0 {
         progress.note(&format!("chaos: resuming after run {done} of {}", args.runs));
     }
-    let start = Instant::now();
-    for run in done + 1..=args.runs {
-        let (kind, plan) = inputs.next();
-        let (began, cpu) = (Instant::now(), thread_cpu_time());
-        let result = target.execute_plan(&plan, &options);
-        let took = Took { wall: began.elapsed(), cpu: thread_cpu_time().saturating_sub(cpu) };
-        summary.record(run, kind, &plan, result, took, limit);
-        let sanity_due = run % SANITY_EVERY == 0;
-        if sanity_due {
-            summary.sanity_replayed(run, sanity.check(&mut target));
-        }
-        if sanity_due || run == args.runs {
-            summary.end_segment(start.elapsed().as_secs_f64(), guest_ram);
-            if let Some((path, soak)) = &checkpoint {
-                checkpoint::save(path, soak, &summary)?;
-            }
-            progress.note(&summary.progress_line(start.elapsed(), done, guest_ram));
-        }
-        progress.inc(1);
-    }
+    let mut recorder = Recorder {
+        summary: &mut summary,
+        checkpoint,
+        progress: &progress,
+        limit: options.limits.wall,
+        last: args.runs,
+        done,
+        start: Instant::now(),
+    };
+    jobs::run(&soak, args.jobs, &mut recorder)?;
     progress.finish();
     summary.report(args.json)?;
     Ok(summary.failed())
+}
+
+/// Counts the soak's runs into its summary, in run order, and keeps its checkpoint.
+struct Recorder<'a> {
+    summary: &'a mut Summary,
+    checkpoint: Option<(&'a Path, Soak)>,
+    progress: &'a Progress,
+    /// An execution's wall-clock limit.
+    limit: Duration,
+    /// The soak's last run.
+    last: u64,
+    /// The runs made before this process.
+    done: u64,
+    start: Instant,
+}
+
+impl jobs::Recorder for Recorder<'_> {
+    fn started(&mut self, jobs: u64, guest_ram_kib: u64) {
+        self.summary.start_segment(self.done + 1, jobs, guest_ram_kib);
+        self.start = Instant::now();
+    }
+
+    fn record(&mut self, ran: jobs::Ran) -> Result<()> {
+        let jobs::Ran { run, kind, plan, result, took, sanity } = ran;
+        self.summary.record(run, kind, &plan, result, took, self.limit);
+        if let Some(sanity) = sanity {
+            self.summary.sanity_replayed(run, sanity);
+        }
+        if run.is_multiple_of(SANITY_EVERY) || run == self.last {
+            self.summary.end_segment(self.start.elapsed().as_secs_f64());
+            if let Some((path, soak)) = &self.checkpoint {
+                checkpoint::save(path, soak, self.summary)?;
+            }
+            let line = self.summary.progress_line(self.start.elapsed(), self.done);
+            self.progress.note(&line);
+        }
+        self.progress.inc(1);
+        Ok(())
+    }
 }
 
 /// The plain reproducer and what it gave on the fresh VM, on the stepped engine (the

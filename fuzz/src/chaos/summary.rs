@@ -48,9 +48,8 @@ pub struct Summary {
     /// the last segment, when the soak was resumed.
     rss_start_kib: u64,
     rss_end_kib: u64,
-    /// Of it, guest memory: pages the guest has touched, bounded by its size (16 MiB).
-    guest_ram_rss_start_kib: u64,
-    guest_ram_rss_end_kib: u64,
+    /// Of it, guest memory: every VM's, resident from boot and through the soak.
+    guest_ram_kib: u64,
     /// Seconds of all segments.
     elapsed_secs: f64,
     runs_per_sec: f64,
@@ -63,10 +62,11 @@ pub struct Summary {
 pub struct Segment {
     first_run: u64,
     last_run: u64,
+    /// Its jobs, each with a VM.
+    jobs: u64,
     rss_start_kib: u64,
     rss_end_kib: u64,
-    guest_ram_rss_start_kib: u64,
-    guest_ram_rss_end_kib: u64,
+    guest_ram_kib: u64,
     elapsed_secs: f64,
 }
 
@@ -90,26 +90,26 @@ impl Summary {
         }
     }
 
-    /// Opens this process's segment, which starts at run `first_run`.
-    pub fn start_segment(&mut self, first_run: u64, guest_ram: u64) {
+    /// Opens this process's segment, which starts at run `first_run` with `jobs` VMs whose
+    /// guest memory is `guest_ram_kib` in all.
+    pub fn start_segment(&mut self, first_run: u64, jobs: u64, guest_ram_kib: u64) {
         self.rss_start_kib = rss_kib();
-        self.guest_ram_rss_start_kib = mapping_rss_kib(guest_ram);
+        self.guest_ram_kib = guest_ram_kib;
         self.segments.push(Segment {
             first_run,
+            jobs,
             rss_start_kib: self.rss_start_kib,
-            guest_ram_rss_start_kib: self.guest_ram_rss_start_kib,
+            guest_ram_kib,
             ..Segment::default()
         });
     }
 
     /// Brings this process's segment, `segment_secs` old, and the totals up to now.
-    pub fn end_segment(&mut self, segment_secs: f64, guest_ram: u64) {
+    pub fn end_segment(&mut self, segment_secs: f64) {
         self.rss_end_kib = rss_kib();
-        self.guest_ram_rss_end_kib = mapping_rss_kib(guest_ram);
         let segment = self.segments.last_mut().expect("a segment is open");
         segment.last_run = self.runs;
         segment.rss_end_kib = self.rss_end_kib;
-        segment.guest_ram_rss_end_kib = self.guest_ram_rss_end_kib;
         segment.elapsed_secs = segment_secs;
         self.elapsed_secs = self.segments.iter().map(|s| s.elapsed_secs).sum();
         self.runs_per_sec = self.runs as f64 / self.elapsed_secs.max(1e-9);
@@ -162,7 +162,7 @@ impl Summary {
     }
 
     /// The line after each checkpoint: `elapsed` since this process made run `done + 1`.
-    pub fn progress_line(&self, elapsed: Duration, done: u64, guest_ram: u64) -> String {
+    pub fn progress_line(&self, elapsed: Duration, done: u64) -> String {
         format!(
             "#{} runs  {:.0} runs/s  vmm_errors: {}  hangs: {}  timeouts: {}  rss: {} KiB (guest \
              memory {} KiB)  verdicts: {}",
@@ -172,7 +172,7 @@ impl Summary {
             self.hangs,
             self.timeouts,
             rss_kib(),
-            mapping_rss_kib(guest_ram),
+            self.guest_ram_kib,
             counts(&self.verdicts)
         )
     }
@@ -201,25 +201,22 @@ impl Summary {
         println!("  timeouts:   {} (guests the watchdog stopped)", self.timeouts);
         println!("  sanity replays: {} of the plain reproducer", self.sanity_replays);
         println!(
-            "  RSS:        {} KiB at start, {} KiB at the end; of it guest memory {} KiB, {} KiB",
-            self.rss_start_kib,
-            self.rss_end_kib,
-            self.guest_ram_rss_start_kib,
-            self.guest_ram_rss_end_kib
+            "  RSS:        {} KiB at start, {} KiB at the end; of it guest memory {} KiB",
+            self.rss_start_kib, self.rss_end_kib, self.guest_ram_kib
         );
         println!("  time:       {:.1} s, {:.0} runs/s", self.elapsed_secs, self.runs_per_sec);
         if self.segments.len() > 1 {
             for s in &self.segments {
                 println!(
-                    "  segment:    runs {}..={} in {:.1} s, RSS {} KiB → {} KiB (guest memory {} \
-                     KiB → {} KiB)",
+                    "  segment:    runs {}..={} in {:.1} s on {} jobs, RSS {} KiB → {} KiB (guest \
+                     memory {} KiB)",
                     s.first_run,
                     s.last_run,
                     s.elapsed_secs,
+                    s.jobs,
                     s.rss_start_kib,
                     s.rss_end_kib,
-                    s.guest_ram_rss_start_kib,
-                    s.guest_ram_rss_end_kib
+                    s.guest_ram_kib
                 );
             }
         }
@@ -291,19 +288,6 @@ pub fn thread_cpu_time() -> Duration {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
     time(usage.ru_utime) + time(usage.ru_stime)
-}
-
-/// The resident part of the mapping that starts at `address` in this process, in KiB, from
-/// /proc/self/smaps (0 if unreadable).
-fn mapping_rss_kib(address: u64) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let start = format!("{address:x}-");
-    smaps
-        .lines()
-        .skip_while(|line| !line.starts_with(&start))
-        .find_map(|line| line.strip_prefix("Rss:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// This process's resident set size in KiB, from /proc/self/status (0 if unreadable).
