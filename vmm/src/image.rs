@@ -160,15 +160,28 @@ impl GuestImage {
             .ok_or_else(|| Error::MissingSymbol(name.to_owned()))
     }
 
-    /// The closest symbol at or below `addr` that contains it (sizeless assembly labels contain
-    /// everything up to the next symbol), and the offset into it.
+    /// The closest symbol at or below `addr` that contains it, and the offset into it. A sized
+    /// symbol contains its `size` bytes; a sizeless assembly label contains everything from
+    /// its address up to the next symbol's, or to the end of the image for the last one, so
+    /// that an address far outside the guest (a wild RIP) is named by no symbol.
     pub fn locate(&self, addr: u64) -> Option<(&Symbol, u64)> {
-        let below = &self.symbols[..self.symbols.partition_point(|s| s.address <= addr)];
+        let above = self.symbols.partition_point(|s| s.address <= addr);
+        let below = &self.symbols[..above];
+        let nearest = below.last()?.address;
+        let inside_image = above < self.symbols.len() || addr < self.end();
         below
             .iter()
             .rev()
-            .find(|s| s.size == 0 || addr < s.address + s.size)
+            .find(|s| match s.size {
+                0 => s.address == nearest && inside_image,
+                size => addr - s.address < size,
+            })
             .map(|s| (s, addr - s.address))
+    }
+
+    /// The end of the highest loadable segment.
+    fn end(&self) -> u64 {
+        self.segments.iter().map(|&(paddr, _, memsz)| paddr + memsz).max().unwrap_or(0)
     }
 
     /// `symbol+0xoff` for `addr`, or the bare hex address if no symbol covers it.
@@ -184,4 +197,36 @@ impl GuestImage {
 /// The image fingerprint: the shared FNV-1a of [`crate::hash`].
 fn fnv1a(bytes: &[u8]) -> u64 {
     crate::hash::fnv1a(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EMBEDDED_GUEST;
+
+    fn guest() -> GuestImage {
+        GuestImage::parse(EMBEDDED_GUEST.to_vec(), 16 << 20).expect("the embedded guest parses")
+    }
+
+    #[test]
+    fn a_sizeless_label_ends_at_the_next_symbol_and_the_last_at_the_image_end() {
+        let image = guest();
+        let labels: Vec<_> = image.symbols().iter().filter(|s| s.size == 0).collect();
+        let label = labels.first().expect("the entry has assembly labels");
+        assert_eq!(image.symbolize(label.address), label.name);
+        assert_eq!(image.symbolize(label.address + 1), format!("{}+0x1", label.name));
+        // Past the image's end, beyond every symbol, no label claims an address.
+        let wild = image.end() + 0x1000_0000;
+        assert_eq!(image.locate(wild).map(|(s, _)| s.name.as_str()), None);
+        assert_eq!(image.symbolize(wild), format!("{wild:#x}"));
+        // In the padding after a function, before the next symbol, no label further down
+        // claims the address either.
+        let gap = image
+            .symbols()
+            .windows(2)
+            .find(|w| w[0].size > 0 && w[0].address + w[0].size < w[1].address)
+            .map(|w| w[0].address + w[0].size)
+            .expect("functions are aligned, with padding between some of them");
+        assert_eq!(image.symbolize(gap), format!("{gap:#x}"));
+    }
 }
