@@ -3,7 +3,7 @@
 //! and no hang, and the plain reproducer keeps its verdict throughout.
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn kvm_tests_skipped() -> bool {
     std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1")
@@ -165,6 +165,19 @@ fn kvm_a_resumed_chaos_soak_makes_the_runs_of_an_unbroken_one() {
         stderr.contains(&format!("{checkpoint} is the checkpoint of another soak")),
         "{stderr}"
     );
+    // A checkpoint that cannot be written fails the soak before its first run, naming it.
+    let unwritable = dir.join("no-such-dir").join("soak.json");
+    let unwritable = unwritable.to_str().unwrap();
+    let started = Instant::now();
+    let failed = Command::new(env!("CARGO_BIN_EXE_nmifuzz"))
+        .args(["chaos", "--runs", "100000", "--checkpoint", unwritable])
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("cannot write {unwritable}")), "{stderr}");
+    // Its first 1,000 runs, where the first checkpoint used to be, take over 10 s here.
+    assert!(started.elapsed() < Duration::from_secs(5), "it ran: {stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

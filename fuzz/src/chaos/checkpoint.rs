@@ -4,8 +4,8 @@
 //! Each run's input depends only on the seed and the run's number, so a soak is fully described
 //! by *which* soak it is ([`Soak`]: variant, seed, engine, wall-clock limit, and the nmifuzz
 //! build, whose inputs and guest the verdicts are of) and its summary after its last completed
-//! run. The file is rewritten atomically after every
-//! [`super::SANITY_EVERY`] runs, just after the plain reproducer's replay, and at the end: a
+//! run. The file is written atomically before the first run (a path that cannot be written
+//! fails the soak at once), after every [`super::SANITY_EVERY`] runs and at the end: a
 //! stopped soak loses at most the runs since then, which the resumed one makes again from
 //! the same inputs, with any number of jobs. Each process that works on the soak is one [`super::Segment`] of its
 //! summary, with its own resident-memory figures: memory is a property of one process.

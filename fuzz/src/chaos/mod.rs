@@ -73,6 +73,11 @@ pub fn run(args: &ChaosArgs) -> Result<bool> {
         summary.report(args.json)?;
         return Ok(summary.failed());
     }
+    // Written once before the first run, so that a checkpoint that cannot be written fails
+    // the soak now rather than after its first 1,000 runs.
+    if let Some((path, soak)) = &checkpoint {
+        checkpoint::save(path, soak, &summary)?;
+    }
     let options = RunOptions { mode: args.engine.mode(), ..run_options(args.timeout_ms) };
     let soak = jobs::Soak { seed: args.seed, variant, options, first: done + 1, last: args.runs };
     let progress = Progress::new(args.runs, "runs", !args.json);
