@@ -60,6 +60,30 @@ pub enum Exit {
     Other(String),
 }
 
+/// What a report says of an exit: addresses and ports in hex, as the guest's code has them.
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::IoOut { port, value, size } => {
+                write!(f, "out of {value:#x} ({size} bytes) to port {port:#x}")
+            }
+            Self::IoIn { port } => write!(f, "in from port {port:#x}"),
+            Self::Debug { pc, dr6 } => write!(f, "debug stop before {pc:#x} (DR6 {dr6:#x})"),
+            Self::Hlt => f.write_str("HLT"),
+            Self::Shutdown => f.write_str("shutdown (triple fault)"),
+            Self::EmulationFailure { bytes } => write!(f, "emulation failure (bytes {bytes:02x?})"),
+            Self::Int3Performed => f.write_str("ring-0 int3 performed by the VMM"),
+            Self::InternalError { suberror } => write!(f, "KVM internal error {suberror}"),
+            Self::Mmio { address, write } => {
+                let access = if *write { "write" } else { "read" };
+                write!(f, "MMIO {access} at {address:#x}, where there is no guest memory")
+            }
+            Self::Interrupted => f.write_str("KVM_RUN interrupted"),
+            Self::Other(name) => f.write_str(name),
+        }
+    }
+}
+
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (linux/kvm.h): `insn_bytes` is valid.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
@@ -109,4 +133,17 @@ fn internal_error(vcpu: &mut VcpuFd) -> Exit {
         Vec::new()
     };
     Exit::EmulationFailure { bytes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_read_with_hex_addresses() {
+        let mmio = Exit::Mmio { address: 0x3a_9f00_0008, write: true };
+        assert_eq!(mmio.to_string(), "MMIO write at 0x3a9f000008, where there is no guest memory");
+        let out = Exit::IoOut { port: 0x3f8, value: 0x41, size: 1 };
+        assert_eq!(out.to_string(), "out of 0x41 (1 bytes) to port 0x3f8");
+    }
 }

@@ -93,7 +93,7 @@ fn kvm_unexpected_exit() {
     };
     let verdict = run(&mut vm, Workload::Loop, 10, &[]);
     let Verdict::UnexpectedExit { description } = &verdict else { panic!("{verdict}") };
-    assert!(description.starts_with("Hlt"), "{description}");
+    assert!(description.starts_with("HLT at workload_loop"), "{description}");
 }
 
 #[test]

@@ -296,6 +296,6 @@ impl Engine {
 /// A verdict for an exit the engine has no use for.
 fn unexpected(vm: &Vm, exit: &crate::exit::Exit) -> Verdict {
     Verdict::UnexpectedExit {
-        description: format!("{exit:?} at {}", vm.image().symbolize(vm.regs().rip)),
+        description: format!("{exit} at {}", vm.image().symbolize(vm.regs().rip)),
     }
 }

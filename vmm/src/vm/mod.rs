@@ -451,9 +451,7 @@ pub(crate) fn classify_exit(
             Some(Verdict::Timeout { limit, rip, symbol: symbol() })
         }
         Exit::Interrupted => None,
-        other => {
-            Some(Verdict::UnexpectedExit { description: format!("{other:?} at {}", symbol()) })
-        }
+        other => Some(Verdict::UnexpectedExit { description: format!("{other} at {}", symbol()) }),
     }
 }
 
