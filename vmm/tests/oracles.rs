@@ -120,6 +120,18 @@ fn kvm_nmis_left_blocked_when_the_probe_nmi_goes_nowhere() {
 }
 
 #[test]
+fn kvm_a_probe_nmi_that_never_returns_is_a_timeout_not_blocked_nmis() {
+    // No scheduled NMI: the run passes every check up to DONE, and the probe NMI enters an
+    // entry that spins until the watchdog. NMIs are not blocked there; the run did not end.
+    let Some(mut vm) = common::boot_elf(common::patched_guest("nmi_naive", 0, &SPIN)) else {
+        return;
+    };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[]);
+    let Verdict::Timeout { symbol, .. } = &verdict else { panic!("{verdict}") };
+    assert_eq!(symbol, "nmi_naive", "{verdict}");
+}
+
+#[test]
 fn kvm_count_mismatch_when_the_guest_does_not_count_an_iteration() {
     // The iteration starts (the VMM sees it) but the guest's counter increment, the first
     // instruction there, is gone.

@@ -2,7 +2,7 @@
 //! KVM_RUN, returns to interrupted contexts, iteration starts, and the oracles at DONE with the
 //! probe NMI after it. Every mode goes through these, so they judge every mode alike.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nmifuzz_abi::{Report, port};
 
@@ -96,20 +96,34 @@ impl Engine {
         IretFrame { rip: word(0), cs: word(1), rflags: word(2), rsp: word(3), ss: word(4) }
     }
 
-    /// The oracles at DONE, then the probe NMI.
-    pub(super) fn finish_done(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Result<Verdict> {
+    /// The oracles at DONE, then the probe NMI, within the run's `deadline` (its wall-clock
+    /// `limit` from the start).
+    pub(super) fn finish_done(
+        &mut self,
+        vm: &mut Vm,
+        run: &mut Run<'_>,
+        deadline: Instant,
+        limit: Duration,
+    ) -> Result<Verdict> {
         let counters = vm.mailbox()?.counters;
         run.done_counters = Some(counters);
         let masked = vm.sync_state().events.nmi.masked != 0;
         if let Some(verdict) = run.books.at_done(&counters, masked) {
             return Ok(verdict);
         }
-        self.probe(vm, run, counters.do_nmi_calls)
+        self.probe(vm, run, counters.do_nmi_calls, deadline, limit)
     }
 
     /// Injects one more NMI after DONE and lets the guest run to its final HLT, without
     /// stepping or breakpoints: a guest whose NMIs are not blocked calls `do_nmi` once more.
-    fn probe(&mut self, vm: &mut Vm, run: &mut Run<'_>, calls_at_done: u64) -> Result<Verdict> {
+    fn probe(
+        &mut self,
+        vm: &mut Vm,
+        run: &mut Run<'_>,
+        calls_at_done: u64,
+        deadline: Instant,
+        limit: Duration,
+    ) -> Result<Verdict> {
         run.stepping = false;
         self.traps.set(vm, false)?;
         vm.set_debug(GuestDebug::default())?;
@@ -124,18 +138,20 @@ impl Engine {
                     if Report::from_code(value) == Some(Report::Panic) =>
                 {
                     return Ok(vm
-                        .classify(&exit, Instant::now(), Default::default())
+                        .classify(&exit, deadline, limit)
                         .unwrap_or_else(|| unexpected(vm, &exit)));
                 }
                 // Console output, and an `int3` of the probe's do_nmi action that
                 // `Vm::run_once` already performed.
                 Exit::IoOut { port: port::CONSOLE | port::PING, .. } => {}
                 Exit::Int3Performed => {}
+                Exit::Interrupted if Instant::now() < deadline => {}
+                // The guest ran on after the probe NMI until the run's limit: a timeout, as
+                // anywhere else in the run (it says nothing of whether NMIs are blocked).
                 Exit::Interrupted => {
-                    return Ok(Verdict::NmiLeftBlocked {
-                        message: "the guest never came back to its final HLT after the probe NMI"
-                            .into(),
-                    });
+                    return Ok(vm
+                        .classify(&exit, deadline, limit)
+                        .unwrap_or_else(|| unexpected(vm, &exit)));
                 }
                 other => return Ok(unexpected(vm, &other)),
             }

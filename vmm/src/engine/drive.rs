@@ -154,7 +154,7 @@ impl Engine {
                 }
                 run.note(Event::Report { code: value });
                 if Report::from_code(value) == Some(Report::Done) {
-                    return self.finish_done(vm, run).map(Some);
+                    return self.finish_done(vm, run, deadline, options.limits.wall).map(Some);
                 }
                 return Ok(vm.classify(exit, deadline, options.limits.wall));
             }
