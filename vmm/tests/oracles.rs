@@ -120,7 +120,7 @@ fn kvm_nmis_left_blocked_when_the_probe_nmi_goes_nowhere() {
 }
 
 #[test]
-fn kvm_a_probe_nmi_that_never_returns_is_a_timeout_not_blocked_nmis() {
+fn kvm_what_the_probe_nmi_runs_into_is_judged_as_in_the_rest_of_the_run() {
     // No scheduled NMI: the run passes every check up to DONE, and the probe NMI enters an
     // entry that spins until the watchdog. NMIs are not blocked there; the run did not end.
     let Some(mut vm) = common::boot_elf(common::patched_guest("nmi_naive", 0, &SPIN)) else {
@@ -129,6 +129,17 @@ fn kvm_a_probe_nmi_that_never_returns_is_a_timeout_not_blocked_nmis() {
     let verdict = run(&mut vm, Workload::Loop, 10, &[]);
     let Verdict::Timeout { symbol, .. } = &verdict else { panic!("{verdict}") };
     assert_eq!(symbol, "nmi_naive", "{verdict}");
+    // An entry that jumps to the triple-fault workload's code: a triple fault, as anywhere.
+    let image = vmm::GuestImage::parse(vmm::EMBEDDED_GUEST.to_vec(), 16 << 20).unwrap();
+    let entry = image.symbol("nmi_naive").unwrap();
+    let target = image.symbol("guest::workload::triple_fault").unwrap();
+    let rel = i32::try_from(target as i64 - (entry as i64 + 5)).unwrap();
+    let jmp = [&[0xe9][..], &rel.to_le_bytes()].concat();
+    let Some(mut vm) = common::boot_elf(common::patched_guest("nmi_naive", 0, &jmp)) else {
+        return;
+    };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[]);
+    assert!(matches!(verdict, Verdict::TripleFault { .. }), "{verdict}");
 }
 
 #[test]

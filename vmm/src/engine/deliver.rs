@@ -134,26 +134,22 @@ impl Engine {
             run.exits += 1;
             match exit {
                 Exit::Hlt => break,
+                // Of the guest's reports, only a panic can come after DONE.
                 Exit::IoOut { port: port::REPORT, value, .. }
-                    if Report::from_code(value) == Some(Report::Panic) =>
+                    if Report::from_code(value) != Some(Report::Panic) =>
                 {
-                    return Ok(vm
-                        .classify(&exit, deadline, limit)
-                        .unwrap_or_else(|| unexpected(vm, &exit)));
+                    return Ok(unexpected(vm, &exit));
                 }
-                // Console output, and an `int3` of the probe's do_nmi action that
-                // `Vm::run_once` already performed.
-                Exit::IoOut { port: port::CONSOLE | port::PING, .. } => {}
-                Exit::Int3Performed => {}
-                Exit::Interrupted if Instant::now() < deadline => {}
-                // The guest ran on after the probe NMI until the run's limit: a timeout, as
-                // anywhere else in the run (it says nothing of whether NMIs are blocked).
-                Exit::Interrupted => {
-                    return Ok(vm
-                        .classify(&exit, deadline, limit)
-                        .unwrap_or_else(|| unexpected(vm, &exit)));
+                // Anything else as anywhere in a run: console output, an `int3` that
+                // `Vm::run_once` performed and an early watchdog kick go on; a panic, a
+                // triple fault, an emulation error or the watchdog at the deadline (the guest
+                // ran on after the probe NMI: a timeout, which says nothing of whether NMIs
+                // are blocked) end the run.
+                _ => {
+                    if let Some(verdict) = vm.classify(&exit, deadline, limit) {
+                        return Ok(verdict);
+                    }
                 }
-                other => return Ok(unexpected(vm, &other)),
             }
         }
         let calls = vm.mailbox()?.counters.do_nmi_calls;
