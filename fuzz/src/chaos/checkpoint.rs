@@ -7,8 +7,9 @@
 //! run. The file is written atomically before the first run (a path that cannot be written
 //! fails the soak at once), after every [`super::SANITY_EVERY`] runs and at the end: a
 //! stopped soak loses at most the runs since then, which the resumed one makes again from
-//! the same inputs, with any number of jobs. Each process that works on the soak is one [`super::Segment`] of its
-//! summary, with its own resident-memory figures: memory is a property of one process.
+//! the same inputs, with any number of jobs. Each process that works on the soak is one
+//! [`super::Segment`] of its summary, with its own resident-memory figures: memory is a
+//! property of one process.
 
 use std::path::Path;
 

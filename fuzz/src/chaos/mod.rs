@@ -18,9 +18,9 @@
 //!
 //! The exit status is 0 without VMM errors and hangs, 1 otherwise.
 //!
-//! Resident memory is reported whole and, apart, for guest memory. Guest memory is resident
-//! from boot (the VMM makes all of it resident when it maps it), 16 MiB a VM whatever the guest touches, so growth of the
-//! whole is the VMM's own.
+//! Resident memory is reported whole and, apart, for guest memory. The VMM makes all of guest
+//! memory resident when it maps it, 16 MiB a VM whatever the guest touches, so any growth of
+//! the whole is the VMM's own.
 //!
 //! A soak can be longer than one sitting: with `--checkpoint FILE` it is stopped and resumed
 //! (see [`checkpoint`]), each process being one [`Segment`] of it. With `--jobs N` it runs on
