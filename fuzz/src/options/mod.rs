@@ -190,7 +190,8 @@ pub struct ChaosArgs {
     pub jobs: u64,
     /// Keep the soak's progress in this file (rewritten atomically every 1,000 runs) and, if
     /// it exists, resume the soak it holds: a stopped soak goes on where it was. The file
-    /// must belong to the same soak (variant, seed, engine, timeout).
+    /// must belong to the same soak (variant, seed, engine, timeout and nmifuzz executable);
+    /// `--jobs` may differ.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Print one JSON object instead of progress lines and a summary.
