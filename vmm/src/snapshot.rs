@@ -4,7 +4,11 @@
 //! reset costs in proportion to what the run touched, not to the size of guest memory. The
 //! vCPU's registers, system registers and events are restored through `kvm_run`'s sync-regs
 //! area, which KVM applies on the next KVM_RUN without an ioctl of its own; the FPU and the
-//! debug registers have no sync-regs form and are restored with their ioctls.
+//! debug registers have no sync-regs form and are restored with their ioctls. A run whose
+//! last exit left an instruction for KVM to finish (an `in`, a read of memory with nothing
+//! behind it) has it finished before the restore, by [`crate::Vm::reset`]: KVM finishes it
+//! at the next entry by writing back the registers it decoded it with, which would otherwise
+//! land over the snapshot's (RIP one `in` further, on kvm_pvm, where ring 0 is emulated).
 //!
 //! The guest never changes XCR0, and its MSRs are not part of the snapshot: EFER and the GS
 //! base are system registers; STAR, LSTAR and SFMASK are set at boot and never change; and

@@ -19,7 +19,7 @@ use zerocopy::IntoBytes;
 
 pub use self::debug::GuestDebug;
 pub use self::perform::IretFrame;
-use self::ready::{boot_to_ready, flush_pending_io};
+use self::ready::{boot_to_ready, finish_instruction, flush_pending_io};
 use crate::boot;
 use crate::error::{Error, Result};
 use crate::exit::{self, Exit};
@@ -88,6 +88,9 @@ pub struct Vm {
     console: Vec<u8>,
     /// The snapshot's vCPU state waits in the sync-regs area for the next KVM_RUN.
     reset_pending: bool,
+    /// The last exit left an instruction for KVM to finish at the next entry (an `in`, a read
+    /// of memory with nothing behind it): see [`finish_instruction`].
+    unfinished: bool,
     /// What KVM_SET_GUEST_DEBUG was last given.
     debug: GuestDebug,
     /// Wall-clock time spent inside KVM_RUN by [`Vm::run_once`], for overhead measurements.
@@ -144,6 +147,7 @@ impl Vm {
             mailbox_address,
             console,
             reset_pending: false,
+            unfinished: false,
             debug: GuestDebug::default(),
             kvm_run_time: Duration::ZERO,
             stack_segments,
@@ -179,6 +183,11 @@ impl Vm {
     /// copied back.
     pub fn reset(&mut self) -> Result<usize> {
         self.console.clear();
+        // Finished now, its write-back lands on the old run's registers and its memory writes
+        // in the dirty log; finished at the next KVM_RUN, it would clobber the snapshot's RIP.
+        if std::mem::take(&mut self.unfinished) {
+            finish_instruction(&mut self.vcpu)?;
+        }
         let pages = self.snapshot.restore(&self.vm, &mut self.vcpu, &mut self.ram)?;
         self.reset_pending = true;
         Ok(pages)
@@ -269,6 +278,9 @@ impl Vm {
         self.kvm_run_time += start.elapsed();
         let exit = exit?;
         self.reset_pending = false;
+        // An `out` needs no finishing: KVM's emulator completes it before the exit, and stock
+        // KVM's fast path skips it at the next entry only if RIP is still at it.
+        self.unfinished = matches!(exit, Exit::IoIn { .. } | Exit::Mmio { .. });
         match exit {
             Exit::IoOut { port: port::CONSOLE, value, .. }
                 if self.console.len() < CONSOLE_LIMIT =>
