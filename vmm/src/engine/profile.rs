@@ -276,8 +276,6 @@ struct IretqStop {
     rip: u64,
 }
 
-/// Resets, single-steps into a run up to an ordinary instruction, injects an NMI there and
-/// steps to the NMI handler's IRETQ.
 /// Probe 2, one trial: an NMI latched while the handler's IRETQ is next; does it arrive right
 /// after the IRETQ, interrupting its return target before it runs?
 fn latched_nmi_arrives_at_iret(
@@ -297,6 +295,8 @@ fn latched_nmi_arrives_at_iret(
     Ok(false)
 }
 
+/// Resets, single-steps into a run up to an ordinary instruction, injects an NMI there and
+/// steps to the NMI handler's IRETQ.
 fn start_nmi_and_step_to_iretq(vm: &mut Vm, insns: &mut InsnCache) -> Result<IretqStop> {
     vm.reset()?;
     vm.write_script(&Script::new(Variant::NAIVE, Workload::Loop, 20))?;
