@@ -10,7 +10,19 @@
 //! [DEMAND_BASE, + 4 KiB * n)  ->  DEMAND_FRAMES[i], once the #PF handler mapped page i
 //! [USER_POINT_ADDRESS, + 2 MiB) -> the same, no memory there: U/S = 1, the user workload's
 //!                                 points, whose writes are MMIO exits
+//! [ESPFIX_BASE, + 4 GiB)      ->  the espfix64 page, at every 64 KiB (the first 4 KiB of
+//!                                 each), supervisor-only: espfix64's aliases
 //! ```
+//!
+//! **espfix64's aliases** (Linux's `espfix_64.c`). An IRET to a 16-bit SS loads only SP and
+//! leaves RSP[63:16] as they were, so espfix64 IRETs from a stack whose RSP[31:16] already are
+//! the user's: the same physical page appears at every 64 KiB of a 4 GiB window whose base has
+//! bits [31:0] clear, so `espfix_stack | (user RSP & 0xffff0000)` always points at the copied
+//! frame. Four PDPT entries share one page directory, all of whose entries share one page table,
+//! every sixteenth entry of which maps the page. The user then sees its own RSP[31:0], and
+//! RSP[63:32] of the window (the leak Linux accepts). Linux maps the aliases read-only and turns
+//! a fault on that IRETQ into a #GP through its #DF handler; here they are writable, so such a
+//! fault pushes its frame below the copied one, on the same page.
 //!
 //! Ring 3 may touch only the user page: its PD entry has U/S = 1, and so do the PML4 and PDPT
 //! entries above it (the CPU ANDs U/S over every level, SDM Vol. 3A §4.6.1). Every other page
@@ -31,9 +43,9 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use nmifuzz_abi::{SCRIPT_ACTION_SLOTS, USER_POINT_ADDRESS};
 
-use crate::cpu;
 use crate::panic::fail;
 use crate::scribble::Region;
+use crate::{cpu, percpu};
 
 /// Bytes of guest memory the identity map covers: the VMM's default guest memory.
 const IDENTITY_BYTES: u64 = 16 << 20;
@@ -56,6 +68,13 @@ pub const DEMAND_PAGES: usize = 1 + SCRIPT_ACTION_SLOTS;
 /// The workload's demand page.
 pub const WORKLOAD_PAGE: usize = 0;
 
+/// The base of espfix64's aliases: 512 GiB, the second PML4 entry; bits [31:0] are clear.
+pub const ESPFIX_BASE: u64 = 1 << 39;
+/// The aliases' window: every value of RSP[31:16].
+const ESPFIX_WINDOW: u64 = 4 << 30;
+/// One alias every 64 KiB: every sixteenth page-table entry.
+const ESPFIX_ALIAS_STRIDE: usize = (64 << 10) / PAGE as usize;
+
 #[repr(C, align(4096))]
 struct Table([u64; ENTRIES]);
 
@@ -66,6 +85,9 @@ static mut PML4: Table = Table([0; ENTRIES]);
 static mut PDPT: Table = Table([0; ENTRIES]);
 static mut PD_IDENTITY: Table = Table([0; ENTRIES]);
 static mut PD_DEMAND: Table = Table([0; ENTRIES]);
+static mut PDPT_ESPFIX: Table = Table([0; ENTRIES]);
+static mut PD_ESPFIX: Table = Table([0; ENTRIES]);
+static mut PT_ESPFIX: Table = Table([0; ENTRIES]);
 /// The demand region's page table; the workload's assembly clears its own entry by symbol.
 #[unsafe(no_mangle)]
 static mut DEMAND_PT: Table = Table([0; ENTRIES]);
@@ -75,6 +97,8 @@ static mut DEMAND_FRAMES: [Frame; DEMAND_PAGES] =
 /// The next demand page `do_nmi` touches.
 static mut NEXT_NMI_PAGE: usize = WORKLOAD_PAGE + 1;
 
+// espfix64's window starts at a PML4 entry of its own, with RSP[31:0] free.
+const _: () = assert!(ESPFIX_BASE.is_multiple_of(1 << 39) && ESPFIX_BASE >> 39 < ENTRIES as u64);
 // The demand region sits in one page table, under the second PDPT entry.
 const _: () = assert!(DEMAND_PAGES <= ENTRIES && DEMAND_BASE == 1 << 30);
 const _: () = assert!(IDENTITY_BYTES / LARGE_PAGE <= ENTRIES as u64);
@@ -96,6 +120,14 @@ pub fn init() {
         PDPT.0[0] = entry(addr_of!(PD_IDENTITY)) | USER;
         PDPT.0[1] = entry(addr_of!(PD_DEMAND)) | USER;
         PML4.0[0] = entry(addr_of!(PDPT)) | USER;
+        for i in (0..ENTRIES).step_by(ESPFIX_ALIAS_STRIDE) {
+            PT_ESPFIX.0[i] = percpu::espfix_page() | PRESENT | WRITABLE;
+        }
+        PD_ESPFIX.0 = [entry(addr_of!(PT_ESPFIX)); ENTRIES];
+        for i in 0..(ESPFIX_WINDOW >> 30) as usize {
+            PDPT_ESPFIX.0[i] = entry(addr_of!(PD_ESPFIX));
+        }
+        PML4.0[(ESPFIX_BASE >> 39) as usize] = entry(addr_of!(PDPT_ESPFIX));
         cpu::write_cr3(addr_of!(PML4) as u64);
     }
 }

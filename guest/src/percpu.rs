@@ -8,7 +8,8 @@
 //!
 //! The system-call entry needs the per-CPU area before it has a stack: it saves the user's RSP
 //! in `rsp_scratch` and loads the thread stack from `top_of_stack`, both through GS. The
-//! espfix64 return path finds its stack in `espfix_stack`.
+//! espfix64 return path writes its frame at `espfix_waddr` and returns from `espfix_stack`, an
+//! alias of the same memory ([`crate::paging`]).
 //!
 //! Segment reloads clear the GS base, so [`init`] runs after `gdt::init`; and the host's
 //! snapshot does not hold MSR_KERNEL_GS_BASE, so the user workload calls [`init`] again before
@@ -19,8 +20,7 @@ use core::mem::offset_of;
 use core::ptr::{addr_of, addr_of_mut};
 
 use crate::cpu::{self, msr};
-use crate::invariant;
-use crate::tss;
+use crate::{invariant, paging, tss};
 
 /// `PerCpu::magic`: "KERNELGS" in memory.
 pub const KERNEL_MAGIC: u64 = u64::from_le_bytes(*b"KERNELGS");
@@ -36,34 +36,54 @@ pub struct PerCpu {
     rsp_scratch: u64,
     /// The thread stack's top, TSS.RSP0 (Linux's `cpu_current_top_of_stack`).
     top_of_stack: u64,
-    /// Where espfix64 copies the iret frame (Linux's `espfix_stack`/`espfix_waddr`, which
-    /// here are one address: the aliasing is not modelled, see `user::entry`).
+    /// Where espfix64 copies the iret frame (Linux's `espfix_waddr`): the espfix page through
+    /// the identity map.
+    espfix_waddr: u64,
+    /// The same qword through the espfix aliases, with bits [31:16] clear (Linux's
+    /// `espfix_stack`): ORed with the user's RSP[31:16], it is the RSP the IRETQ runs on.
     espfix_stack: u64,
 }
 
 /// Offsets the assembly uses as `gs:[...]` (pinned by the assertions below).
 pub const RSP_SCRATCH: usize = 8;
 pub const TOP_OF_STACK: usize = 16;
-pub const ESPFIX_STACK: usize = 24;
+pub const ESPFIX_WADDR: usize = 24;
+pub const ESPFIX_STACK: usize = 32;
 
 const _: () = assert!(offset_of!(PerCpu, magic) == 0);
 const _: () = assert!(offset_of!(PerCpu, rsp_scratch) == RSP_SCRATCH);
 const _: () = assert!(offset_of!(PerCpu, top_of_stack) == TOP_OF_STACK);
+const _: () = assert!(offset_of!(PerCpu, espfix_waddr) == ESPFIX_WADDR);
 const _: () = assert!(offset_of!(PerCpu, espfix_stack) == ESPFIX_STACK);
 
-/// Qwords of the espfix64 stack: the iret frame and the saved RAX at its top, and room below
-/// them for the frame of a fault on the IRETQ from there (a bad IRET, see `exceptions`).
-const ESPFIX_QWORDS: usize = 64;
+/// Qwords of the espfix64 page. Its stack is the first [`ESPFIX_STACK_QWORDS`]: the iret frame
+/// and the saved RAX at their top, and room below them for the frame of a fault on the IRETQ
+/// from there (a bad IRET, see `exceptions`).
+const ESPFIX_QWORDS: usize = 512;
+const ESPFIX_STACK_QWORDS: usize = 64;
 /// The qwords the espfix64 path writes: RAX, then the iret frame (RIP, CS, RFLAGS, RSP, SS).
 pub const ESPFIX_FRAME_QWORDS: usize = 6;
+/// Where in the espfix page the path writes them.
+const ESPFIX_FRAME_OFFSET: u64 = ((ESPFIX_STACK_QWORDS - ESPFIX_FRAME_QWORDS) * 8) as u64;
 
-#[repr(C, align(16))]
-struct EspfixStack([u64; ESPFIX_QWORDS]);
+/// One page, mapped by [`crate::paging`] at every 64 KiB of the espfix aliases.
+#[repr(C, align(4096))]
+struct EspfixPage([u64; ESPFIX_QWORDS]);
 
-static mut PERCPU: PerCpu =
-    PerCpu { magic: KERNEL_MAGIC, rsp_scratch: 0, top_of_stack: 0, espfix_stack: 0 };
+static mut PERCPU: PerCpu = PerCpu {
+    magic: KERNEL_MAGIC,
+    rsp_scratch: 0,
+    top_of_stack: 0,
+    espfix_waddr: 0,
+    espfix_stack: 0,
+};
 #[unsafe(no_mangle)]
-static mut ESPFIX_STACK_AREA: EspfixStack = EspfixStack([0; ESPFIX_QWORDS]);
+static mut ESPFIX_STACK_AREA: EspfixPage = EspfixPage([0; ESPFIX_QWORDS]);
+
+/// The physical (identity-mapped) address of the espfix page, for the aliases.
+pub fn espfix_page() -> u64 {
+    addr_of!(ESPFIX_STACK_AREA) as u64
+}
 /// The user's GS area, in user memory: ring 3 reads its magic through GS.
 #[unsafe(link_section = ".data.user.gs")]
 static mut USER_GS_AREA: [u64; 2] = [USER_MAGIC, 0];
@@ -76,8 +96,8 @@ pub fn init() {
     // user mode or on the way to and from it, never while this runs.
     unsafe {
         (*percpu).top_of_stack = tss::thread_stack_top();
-        (*percpu).espfix_stack =
-            addr_of!(ESPFIX_STACK_AREA.0[ESPFIX_QWORDS - ESPFIX_FRAME_QWORDS]) as u64;
+        (*percpu).espfix_waddr = espfix_page() + ESPFIX_FRAME_OFFSET;
+        (*percpu).espfix_stack = paging::ESPFIX_BASE + ESPFIX_FRAME_OFFSET;
         cpu::wrmsr(msr::GS_BASE, percpu as u64);
         cpu::wrmsr(msr::KERNEL_GS_BASE, addr_of!(USER_GS_AREA) as u64);
     }

@@ -21,8 +21,12 @@ pub mod option {
     /// CPL3 enters CPL0 (ordinary KVM). Without it, it is `ud2`, whose #UD the kernel turns into
     /// the SYSCALL entry (kvm_pvm, where SYSCALL stays at CPL3).
     pub const NATIVE_SYSCALL: u32 = 1 << 1;
+    /// The user workload's 16-bit SS comes from the LDT, as Linux's do (`modify_ldt`), for
+    /// hosts where an IRET to an LDT SS works (ordinary KVM). Without it, it is the GDT's
+    /// (kvm_pvm, where an IRET to an LDT SS raises #GP).
+    pub const LDT_SS16: u32 = 1 << 2;
     /// Every bit the guest understands.
-    pub const ALL: u32 = STRESS_UNMASK | NATIVE_SYSCALL;
+    pub const ALL: u32 = STRESS_UNMASK | NATIVE_SYSCALL | LDT_SS16;
 }
 
 /// What the code NMIs interrupt does. Only [`Workload::Loop`] is a real fuzzing target; the

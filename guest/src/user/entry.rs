@@ -42,30 +42,29 @@
 //! registers restored and RSP at the iret frame, on the kernel GS. `swapgs`, then
 //! `native_iret` decides: a 16-bit SS goes through espfix64, anything else straight to the
 //! IRETQ at `native_irq_return_iret`. Linux tests the SS selector's TI bit (16-bit stacks live
-//! in the LDT there); this guest's 16-bit SS is the GDT's 0x2b, since an LDT SS faults on
-//! kvm_pvm, so the test is for that selector.
+//! in the LDT there), and so does this guest; on kvm_pvm, where an IRET to an LDT SS faults,
+//! the user workload's 16-bit SS is the GDT's 0x2b, which the test looks for too.
 //!
 //! **espfix64** (`native_irq_return_ldt`, Linux's `espfix_64.c` scheme): an IRET to a 16-bit SS
-//! loads only SP on hardware and leaves RSP[31:16] as they were, leaking kernel stack bits. So
-//! the frame is copied to the per-CPU espfix stack and the IRETQ runs from there, with
-//! `swapgs` around the per-CPU reads (the path starts on the user's GS):
+//! loads only SP on hardware and leaves RSP[63:16] as they were, leaking kernel stack bits. So
+//! the frame is copied to the per-CPU espfix stack (through `espfix_waddr`) and the IRETQ runs
+//! from an alias of it (`espfix_stack`, [`crate::paging`]) whose RSP[31:16] are the user's:
+//! the user gets its own RSP[31:0] back, and only the alias window's RSP[63:32]. `swapgs`
+//! brackets the per-CPU reads (the path starts on the user's GS):
 //!
 //! ```text
-//! thread stack                      espfix stack (gs:[espfix_stack])
+//! thread stack                      espfix stack (gs:[espfix_waddr])
 //! | SS      | rsp + 48  -------->   | SS      | +40
 //! | RSP     | rsp + 40  -------->   | RSP     | +32
 //! | RFLAGS  | rsp + 32  -------->   | RFLAGS  | +24
 //! | CS      | rsp + 24  -------->   | CS      | +16
 //! | RIP     | rsp + 16  -------->   | RIP     | +8   <- RSP at the IRETQ
-//! | rax     | rsp + 8   -------->   | rax     | +0   <- RSP after the switch; popped
-//! | rdi     | rsp
+//! | rax     | rsp + 8   -------->   | rax     | +0   <- RSP after the switch:
+//! | rdi     | rsp                                          gs:[espfix_stack] | (RSP & 0xffff0000)
 //! ```
 //!
-//! Not modelled: Linux maps the espfix stack through page-table aliases so that the new RSP
-//! can carry the user's RSP[31:16] (the IRETQ then leaks nothing); here the espfix stack is one
-//! plain kernel buffer, and RSP is just its address. kvm_pvm loads the full RSP on an IRET to a
-//! 16-bit SS anyway (reference/kvm-on-this-host.md §9); on hardware the user's full-RSP check
-//! after espfix would catch the missing alias.
+//! kvm_pvm loads the full RSP on an IRET to a 16-bit SS (reference/kvm-on-this-host.md §9), so
+//! there the user gets all of its RSP back; the user workload's check accepts either.
 //!
 //! **A faulting IRETQ** at `native_irq_return_iret` (here: CS 0x33 revoked) raises #NP at CPL0
 //! with the user's GS; `exceptions` recognises the RIP as Linux's exception table does and
@@ -79,7 +78,7 @@ use core::ptr::addr_of;
 use super::syscall::SyscallRegs;
 use crate::gdt::{USER_CODE_SELECTOR, USER_DATA_SELECTOR, USER_DATA16_SELECTOR};
 use crate::mailbox::{self, Counter};
-use crate::percpu::{ESPFIX_STACK, RSP_SCRATCH, TOP_OF_STACK};
+use crate::percpu::{ESPFIX_STACK, ESPFIX_WADDR, RSP_SCRATCH, TOP_OF_STACK};
 use crate::regs::{GeneralRegs, InterruptFrame, pop_general_regs, push_general_regs};
 
 /// RFLAGS of ring 3: IOPL 3 (so that the workload's `out` points work at CPL3), IF clear (the
@@ -174,7 +173,9 @@ return_to_user_iret:                    /* registers restored, RSP at the iret f
     .global native_iret
     .type native_iret, @function
 native_iret:
-    cmp qword ptr [rsp + 32], {user_ds16} /* the frame's SS: a 16-bit stack? (Linux: SS.TI) */
+    test byte ptr [rsp + 32], 4         /* the frame's SS from the LDT: a 16-bit stack */
+    jnz native_irq_return_ldt
+    cmp qword ptr [rsp + 32], {user_ds16} /* the GDT's 16-bit SS (kvm_pvm has no LDT stacks) */
     je native_irq_return_ldt
     .global native_irq_return_iret
     .type native_irq_return_iret, @function
@@ -187,7 +188,7 @@ native_irq_return_ldt:
     push rax                            /* the user's RAX and RDI: our scratch registers */
     push rdi
     swapgs                              /* the kernel GS, for the per-CPU reads */
-    mov rdi, gs:[{espfix_stack}]        /* where the frame goes */
+    mov rdi, gs:[{espfix_waddr}]        /* where the frame goes */
     mov [rdi], rax                      /* espfix: user RAX */
     mov rax, [rsp + 16]
     mov [rdi + 8], rax                  /* espfix: RIP */
@@ -198,10 +199,11 @@ native_irq_return_ldt:
     mov rax, [rsp + 48]
     mov [rdi + 40], rax                 /* espfix: SS */
     mov rax, [rsp + 40]
-    mov [rdi + 32], rax                 /* espfix: RSP */
+    mov [rdi + 32], rax                 /* espfix: RSP; RAX = the user's RSP */
     inc qword ptr [rip + NMIFUZZ_MAILBOX + {espfix_count}] /* instrumentation */
+    and eax, 0xffff0000                 /* RAX = the user's RSP[31:16] */
     pop rdi                             /* the user's RDI */
-    mov rax, gs:[{espfix_stack}]        /* Linux ORs in RSP[31:16] here (the alias) */
+    or rax, gs:[{espfix_stack}]         /* the alias of the frame with those RSP[31:16] */
     swapgs                              /* the user's GS again */
     mov rsp, rax                        /* onto the espfix stack */
     pop rax                             /* the user's RAX: RSP at the copied frame */
@@ -263,6 +265,7 @@ user_mode_exit:                         /* from do_syscall(exit): the kernel GS,
 "#,
     rsp_scratch = const RSP_SCRATCH,
     top_of_stack = const TOP_OF_STACK,
+    espfix_waddr = const ESPFIX_WADDR,
     espfix_stack = const ESPFIX_STACK,
     user_ds = const USER_DATA_SELECTOR,
     user_cs = const USER_CODE_SELECTOR,

@@ -22,6 +22,9 @@
 //! included: the first instructions of the entry and the last of the SYSRET exit run in ring 0
 //! on the user's RSP with DF clear, the situation CVE-2015-3291 is about. With
 //! `option::NATIVE_SYSCALL` the instruction is `syscall` (for ordinary KVM).
+//!
+//! **The 16-bit stack segment** `set_ss16` returns with is the LDT's (`option::LDT_SS16`, as in
+//! Linux, for ordinary KVM) or, on kvm_pvm, where an IRET to an LDT SS raises #GP, the GDT's.
 
 mod entry;
 mod program;
@@ -57,12 +60,15 @@ struct UserVars {
     points: u64,
     /// Iterations completed.
     iterations: u64,
+    /// A far pointer (m16:32: offset, then selector) to `user_back64`, with which the
+    /// compatibility-mode code after `set_ss16` jumps back to 64-bit mode.
+    back64: u64,
 }
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".data.user.vars")]
 static mut USER_VARS: UserVars =
-    UserVars { remaining: 0, native_syscall: 0, saved_rsp: 0, points: 0, iterations: 0 };
+    UserVars { remaining: 0, native_syscall: 0, saved_rsp: 0, points: 0, iterations: 0, back64: 0 };
 
 unsafe extern "C" {
     /// Linker markers around the user's code (link.ld). Code, not data: only addresses used.
@@ -70,6 +76,9 @@ unsafe extern "C" {
     static USER_TEXT_START: u8;
     #[link_name = "__user_text_end"]
     static USER_TEXT_END: u8;
+    /// Where the compatibility-mode code after `set_ss16` returns to 64-bit mode.
+    #[link_name = "user_back64"]
+    static USER_BACK64: u8;
 }
 
 /// Sets the system-call MSRs, for ordinary KVM, where the workload's `syscall` (with
@@ -101,7 +110,16 @@ pub fn run(iterations: u32, options: u32) {
             addr_of_mut!((*vars).native_syscall),
             u64::from(options & option::NATIVE_SYSCALL != 0),
         );
+        // The user page lies below 4 GiB: the offset fits the far pointer's 32 bits.
+        let back64 = addr_of!(USER_BACK64) as u64 | u64::from(gdt::USER_CODE_SELECTOR) << 32;
+        write_volatile(addr_of_mut!((*vars).back64), back64);
     }
+    let ss16 = if options & option::LDT_SS16 != 0 {
+        gdt::USER_LDT_DATA16_SELECTOR
+    } else {
+        gdt::USER_DATA16_SELECTOR
+    };
+    SS16.store(u64::from(ss16), Ordering::Relaxed);
     // The host's snapshot restores MSR_GS_BASE (with the segment registers) but not
     // MSR_KERNEL_GS_BASE: a run that ended in ring 3 would leave them swapped for this one.
     percpu::init();
@@ -109,6 +127,15 @@ pub fn run(iterations: u32, options: u32) {
     USER_CS.store(u64::from(gdt::USER_CODE_SELECTOR), Ordering::Relaxed);
     USER_SS.store(u64::from(gdt::USER_DATA_SELECTOR), Ordering::Relaxed);
     entry::enter_user_mode();
+}
+
+/// The 16-bit stack segment `set_ss16` returns with in this run: the LDT's where the host lets
+/// an IRET load it (`option::LDT_SS16`), else the GDT's.
+static SS16: AtomicU64 = AtomicU64::new(0);
+
+/// See [`SS16`].
+fn ss16_selector() -> u64 {
+    SS16.load(Ordering::Relaxed)
 }
 
 /// Whether `rip` is in the user's code.
@@ -146,7 +173,12 @@ pub fn check_nmi_from_user(frame: &InterruptFrame) {
 /// the kernel last returned it with.
 #[track_caller]
 pub fn check_entry_from_user(frame: &InterruptFrame, path: &str) {
-    let (cs, ss) = (USER_CS.load(Ordering::Relaxed), USER_SS.load(Ordering::Relaxed));
+    let (mut cs, ss) = (USER_CS.load(Ordering::Relaxed), USER_SS.load(Ordering::Relaxed));
+    // The compatibility-mode code after `set_ss16` jumps back to 64-bit mode by itself.
+    let back64 = addr_of!(USER_BACK64) as u64;
+    if cs == u64::from(gdt::USER_CODE32_SELECTOR) && is_user_rip(frame.rip) && frame.rip >= back64 {
+        cs = u64::from(gdt::USER_CODE_SELECTOR);
+    }
     if frame.cs != cs || frame.ss != ss {
         invariant::violated(
             10,
@@ -167,10 +199,10 @@ pub fn check_entry_from_user(frame: &InterruptFrame, path: &str) {
 pub fn check_return_to_user(frame: &InterruptFrame, path: &str) {
     USER_CS.store(frame.cs, Ordering::Relaxed);
     USER_SS.store(frame.ss, Ordering::Relaxed);
-    let cs = frame.cs == u64::from(gdt::USER_CODE_SELECTOR)
-        || frame.cs == u64::from(gdt::USER_ALT_CODE_SELECTOR);
-    let ss = frame.ss == u64::from(gdt::USER_DATA_SELECTOR)
-        || frame.ss == u64::from(gdt::USER_DATA16_SELECTOR);
+    let cs = [gdt::USER_CODE_SELECTOR, gdt::USER_ALT_CODE_SELECTOR, gdt::USER_CODE32_SELECTOR]
+        .contains(&(frame.cs as u16))
+        && frame.cs <= 0xffff;
+    let ss = frame.ss == u64::from(gdt::USER_DATA_SELECTOR) || frame.ss == ss16_selector();
     if !(cs && ss && is_user_rip(frame.rip)) {
         invariant::violated(
             10,

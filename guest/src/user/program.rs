@@ -20,9 +20,12 @@
 //! (c) getpid:              with RSP inside the NMI stack (the CVE-2015-3291 reproducer:
 //!                          the entry's and the SYSRET exit's gaps then run on that RSP);
 //!                          RSP back from user data; result and check
-//! (d) set_ss16:            returns by IRET with SS 0x2b, through espfix64;
-//!     user_point_ss16:     a point; check, the full RSP included (the kernel checks
-//!                          SS 0x2b at the next entry);
+//! (d) set_ss16:            returns by IRET to compatibility mode (CS 0x5b) with a 16-bit
+//!                          SS, through espfix64: there an IRET loads only SP on hardware
+//!     user_point_ss16:     a point (32-bit code); a far jump back to 64-bit mode;
+//!                          ESP must be the user's (espfix64's job), and the full RSP is
+//!                          set again (its upper half is undefined after compatibility
+//!                          mode); check (the kernel checks the SS at the next entry);
 //!                          getpid, back by SYSRET with SS 0x1b; check
 //! (e) alt_cs:              returns by IRET onto CS 0x33;
 //!     user_point_alt_cs:   a point; check (the kernel checks CS 0x33 at the next entry);
@@ -45,6 +48,7 @@ use super::UserVars;
 use super::syscall::{ALT_CS, BAD_RETURN, EXIT, GETPID, SET_SS16, SIGNAL_MARKER, USER_PID};
 use nmifuzz_abi::USER_POINT_ADDRESS;
 
+use crate::gdt::USER_DATA_SELECTOR;
 use crate::percpu::USER_MAGIC;
 use crate::tss::NMI_STACK_SPAN;
 
@@ -57,7 +61,7 @@ const NMI_STACK_RSP: u64 = NMI_STACK_SPAN + 8 - 64;
 /// What each failed check's index (ECX at `user_check_failed`) stands for: its name and the
 /// invariant it belongs to. The first twelve are the registers, in check order; the last two
 /// ([`CHECK_NO_FAULT`], [`CHECK_EXIT`]) are code that must never run, with nothing expected.
-pub const CHECKS: [(&str, u8); 20] = [
+pub const CHECKS: [(&str, u8); 22] = [
     ("rbx", 2),
     ("rdx", 2),
     ("rsi", 2),
@@ -76,14 +80,18 @@ pub const CHECKS: [(&str, u8); 20] = [
     ("gs:[0]", 11),
     ("system call result", 2),
     ("signal marker in rax", 2),
+    ("esp after a return to a 16-bit SS", 2),
     ("bad_return came back without its IRET faulting", 10),
+    ("set_ss16 came back to its caller, not to compatibility mode", 10),
     ("exit system call came back", 2),
 ];
 const CHECK_RSP: u32 = 12;
 const CHECK_RESULT: u32 = 16;
 const CHECK_MARKER: u32 = 17;
-pub const CHECK_NO_FAULT: u32 = 18;
-pub const CHECK_EXIT: u32 = 19;
+const CHECK_ESP16: u32 = 18;
+pub const CHECK_NO_FAULT: u32 = 19;
+const CHECK_NO_COMPAT: u32 = 20;
+pub const CHECK_EXIT: u32 = 21;
 
 /// The values the registers keep, in [`CHECKS`] order.
 pub const KNOWN: [u64; 12] = [
@@ -142,6 +150,20 @@ global_asm!(
     user_expect rax, {user_magic}, 15
     .endm
 
+    /* After compatibility mode on a 16-bit SS: ESP must be the user's, which is espfix64's
+       whole job (an IRET to a 16-bit SS loads only SP on hardware); RSP[63:32] are undefined
+       after compatibility mode, so the full RSP is set again. Clobbers RAX, RCX, R11 and the
+       flags. */
+    .macro user_check_esp16
+    lea r11, [rip + user_stack_top]
+    mov r11d, r11d
+    mov eax, esp
+    cmp rax, r11
+    mov ecx, {check_esp16}
+    jne user_check_failed
+    lea rsp, [rip + user_stack_top]
+    .endm
+
     /* A system call: `ud2` (kvm_pvm), or `syscall` if the kernel says so. */
     .macro user_syscall number
     mov eax, \number
@@ -167,6 +189,8 @@ user_point_\name:
     .global user_start
     .type user_start, @function
 user_start:                             /* the first instruction in ring 3 */
+    mov eax, {user_ds}                  /* DS for compatibility mode, where it is used (the */
+    mov ds, eax                         /* IRET into ring 3 nulled the kernel's) */
     .global user_load_known_values
     .type user_load_known_values, @function
 user_load_known_values:
@@ -206,9 +230,24 @@ user_syscall_on_nmi_stack:
     user_expect rax, {pid}, {check_result}
     user_check
 
-    /* (d) back through espfix64 with SS 0x2b */
+    /* (d) back through espfix64 into compatibility mode, with a 16-bit SS */
     user_syscall {set_ss16}
-    user_point ss16
+    mov ecx, {check_no_compat}
+    jmp user_check_failed
+    .code32
+    .global user_point_ss16
+    .type user_point_ss16, @function
+user_point_ss16:                        /* compatibility mode, SS 16-bit: a point ... */
+    .byte 0x88, 0x04, 0x25              /* mov [point], al: 7 bytes, the same in either mode */
+    .long {point}
+    .byte 0xff, 0x2d                    /* ... then jmp far [USER_VARS.back64] to 64-bit mode */
+    .long USER_VARS + {back64}
+    .code64
+    .global user_back64
+    .type user_back64, @function
+user_back64:
+    inc qword ptr [rip + USER_VARS + {points}]
+    user_check_esp16
     user_check
     user_syscall {getpid}
     user_check
@@ -270,6 +309,10 @@ user_stack_top:
     check_marker = const CHECK_MARKER,
     check_no_fault = const CHECK_NO_FAULT,
     check_exit = const CHECK_EXIT,
+    check_esp16 = const CHECK_ESP16,
+    user_ds = const USER_DATA_SELECTOR,
+    check_no_compat = const CHECK_NO_COMPAT,
+    back64 = const offset_of!(UserVars, back64),
     user_magic = const USER_MAGIC,
     getpid = const GETPID,
     set_ss16 = const SET_SS16,

@@ -6,7 +6,7 @@
 //! | number | name         | what it does                                                  |
 //! | ------ | ------------ | ------------------------------------------------------------- |
 //! | 0      | `getpid`     | returns [`USER_PID`]                                          |
-//! | 1      | `set_ss16`   | returns with SS = 0x2b: IRET, through espfix64                |
+//! | 1      | `set_ss16`   | returns to `user_point_ss16`, compatibility mode (CS 0x5b), with a 16-bit SS (0x07 or 0x2b): IRET, through espfix64 |
 //! | 2      | `alt_cs`     | returns with CS = 0x33: IRET                                  |
 //! | 3      | `bad_return` | marks CS 0x33 not-present, returns onto it: the IRETQ faults  |
 //! | 4      | `exit`       | records the workload's counters and returns to the kernel     |
@@ -17,8 +17,8 @@
 use core::ptr::{addr_of, read_volatile};
 
 use super::entry::user_mode_exit;
-use super::{USER_VARS, check_return_to_user};
-use crate::gdt::{USER_ALT_CODE_SELECTOR, USER_DATA16_SELECTOR};
+use super::{USER_VARS, check_return_to_user, ss16_selector};
+use crate::gdt::{USER_ALT_CODE_SELECTOR, USER_CODE32_SELECTOR};
 use crate::mailbox::{self, Counter};
 use crate::panic::fail;
 use crate::regs::{GeneralRegs, InterruptFrame};
@@ -29,6 +29,12 @@ pub const SET_SS16: u64 = 1;
 pub const ALT_CS: u64 = 2;
 pub const BAD_RETURN: u64 = 3;
 pub const EXIT: u64 = 4;
+
+unsafe extern "C" {
+    /// The compatibility-mode code `set_ss16` returns to; only its address is used.
+    #[link_name = "user_point_ss16"]
+    static USER_POINT_SS16: u8;
+}
 
 /// What `getpid` returns: "NMIPID" in memory.
 pub const USER_PID: u64 = 0x4449_5049_4d4e;
@@ -68,7 +74,11 @@ extern "C" fn do_syscall(regs: &mut SyscallRegs) {
     regs.regs.rax = 0;
     match number {
         GETPID => regs.regs.rax = USER_PID,
-        SET_SS16 => regs.frame.ss = u64::from(USER_DATA16_SELECTOR),
+        SET_SS16 => {
+            regs.frame.rip = addr_of!(USER_POINT_SS16) as u64;
+            regs.frame.cs = u64::from(USER_CODE32_SELECTOR);
+            regs.frame.ss = ss16_selector();
+        }
         ALT_CS => regs.frame.cs = u64::from(USER_ALT_CODE_SELECTOR),
         BAD_RETURN => {
             gdt::set_alt_code_present(false);
