@@ -82,6 +82,32 @@ impl GuestRam {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// The guest physical address `virtual_address` maps to under the 4-level page tables at
+    /// `cr3` (4 KiB, 2 MiB and 1 GiB pages; SDM vol. 3, 4.5), if it is mapped. Access rights
+    /// are not checked: the VMM reads what the guest's kernel can.
+    pub fn translate(&self, cr3: u64, virtual_address: u64) -> Option<u64> {
+        /// Bits 51:12 of an entry: the next table's or the page's frame.
+        const FRAME: u64 = 0x000f_ffff_ffff_f000;
+        const PRESENT: u64 = 1;
+        const LARGE: u64 = 1 << 7;
+        let mut table = cr3 & FRAME;
+        for level in (0..4).rev() {
+            let shift = 12 + 9 * level;
+            let index = (virtual_address >> shift) & 0x1ff;
+            let entry = self.read_u64(table + 8 * index).ok()?;
+            if entry & PRESENT == 0 {
+                return None;
+            }
+            // A large page at the PDPT (1 GiB) or PD (2 MiB) level ends the walk.
+            let offset_mask = (1u64 << shift) - 1;
+            if level == 0 || (entry & LARGE != 0 && level < 3) {
+                return Some((entry & FRAME & !offset_mask) | (virtual_address & offset_mask));
+            }
+            table = entry & FRAME;
+        }
+        None
+    }
+
     /// Writes `data` at `addr` and remembers the pages for the next reset.
     pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<()> {
         self.check(addr, data.len())?;

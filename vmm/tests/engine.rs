@@ -115,10 +115,12 @@ fn kvm_instruction_counts_follow_the_decoder() {
     for pair in execution.trace.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);
         let at_handler_entry = b.events.iter().any(|e| matches!(e, Event::Exception { .. }));
+        let at_nmi_entry = b.events.iter().any(|e| matches!(e, Event::NmiDelivered { .. }));
         let insn = insns.get(vm.ram(), a.rip).unwrap();
         // A fault (ud2) does not retire before its handler's entry stop; a trap (int3) does.
-        let faulted = at_handler_entry && !insn.is_int3;
-        let expected = if faulted || (insn.is_rep_string && a.rip == b.rip) { 0 } else { 1 };
+        // An NMI is delivered before the instruction at `a`, which does not retire.
+        let interrupted = (at_handler_entry && !insn.is_int3) || at_nmi_entry;
+        let expected = if interrupted || (insn.is_rep_string && a.rip == b.rip) { 0 } else { 1 };
         assert_eq!(
             b.index - a.index,
             expected,
@@ -157,9 +159,9 @@ fn kvm_second_nmi_is_latched_until_the_iretq_and_a_third_is_dropped() {
         .rposition(|s| s.index < found[1].0 && insn_is_iretq(&vm, s.rip))
         .expect("the handler's IRETQ is in the trace");
     assert_eq!(
-        execution.trace[iretq_index].index + 2,
+        execution.trace[iretq_index].index + 1,
         found[1].0,
-        "IRETQ, then the handler's first instruction"
+        "the IRETQ retires, then the NMI is delivered before the next instruction"
     );
 }
 
@@ -190,7 +192,7 @@ fn kvm_nmi_latched_in_the_handler_arrives_after_the_ud2_iretq() {
         "{}",
         vm.image().symbolize(found[1].1)
     );
-    assert_eq!(ud_return.index + 2, found[1].0);
+    assert_eq!(ud_return.index + 1, found[1].0, "the IRETQ, then the delivery");
 }
 
 #[test]

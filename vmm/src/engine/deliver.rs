@@ -83,7 +83,7 @@ impl Engine {
             let frame = self.nmi_frame(vm);
             run.books.delivered(frame, run.insn, open);
             run.note(Event::NmiDelivered { frame_rip: frame.rip });
-            let executing = run.nmi_executing(vm.ram());
+            let executing = run.nmi_executing(vm);
             run.observe(Moment::Delivered, frame.rip, executing);
         }
         None
@@ -92,7 +92,7 @@ impl Engine {
     /// The hardware frame of the latest NMI, at the top of the NMI stack.
     fn nmi_frame(&self, vm: &Vm) -> IretFrame {
         let base = self.facts.nmi_frame_address();
-        let word = |i: u64| vm.ram().read_u64(base + 8 * i).unwrap_or(0);
+        let word = |i: u64| vm.read_virtual_u64(base + 8 * i).unwrap_or(0);
         IretFrame { rip: word(0), cs: word(1), rflags: word(2), rsp: word(3), ss: word(4) }
     }
 

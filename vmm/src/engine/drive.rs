@@ -7,12 +7,12 @@ use std::time::Instant;
 use nmifuzz_abi::{Report, USER_POINT_ADDRESS, port};
 
 use super::deliver::Moved;
-use super::mode::FREE_RUN_BREAKPOINTS;
 use super::observe::Moment;
 use super::run::Run;
 use super::trace::Event;
-use super::user::{self, UserEntry};
-use super::{DR6_BREAKPOINTS, DR6_BS, Engine, RunOptions, WATCHED_VECTORS, unexpected};
+use super::user;
+use super::watch::{self, Watch, Watches};
+use super::{DR6_BS, Engine, RunOptions, unexpected};
 use crate::error::Result;
 use crate::exit::Exit;
 use crate::outcome::Verdict;
@@ -20,8 +20,6 @@ use crate::vm::{GuestDebug, IretFrame, Vm};
 
 /// RFLAGS.TF, the trap flag single-stepping sets.
 const RFLAGS_TF: u64 = 1 << 8;
-/// The page-fault vector, whose frame carries an error code.
-const PAGE_FAULT_VECTOR: u8 = 14;
 
 impl Engine {
     /// Runs until a verdict.
@@ -58,6 +56,10 @@ impl Engine {
             if let Some(verdict) = self.on_exit(vm, run, &exit, options, deadline)? {
                 return Ok(verdict);
             }
+            // The faulting IRETQ to ring 3 has been stepped: back to the usual watches.
+            if std::mem::take(&mut run.faulting_return) && run.stepping {
+                self.apply_debug(vm, run, None)?;
+            }
             // A free run must not start on one of its own stops: that boundary's bookkeeping
             // is done, and the breakpoint would stop there again at once.
             if run.stepping && !run.wants_stepping() && !self.on_free_run_stop(vm, run) {
@@ -80,53 +82,63 @@ impl Engine {
     ) -> Result<Option<Verdict>> {
         let retired = match *exit {
             Exit::Debug { pc, dr6 } if run.stepping => {
-                if dr6 & DR6_BS != 0 {
-                    match run.last_stop {
+                if let Some((_, watch)) = run.watches.hit(dr6) {
+                    // A handler entry: the boundary between a delivery and the handler's first
+                    // instruction. Nothing retired, unless the step ran an `int3` (a trap: it
+                    // retires, then #BP is delivered); where the host cannot run one, the VMM
+                    // performed it and counted it already.
+                    run.resume_breakpoint = Some(pc);
+                    let int3_ran = self.profile.int3_native
+                        && run.last_stop.is_some_and(|(_, insn)| insn.is_int3);
+                    if let Watch::Exception(vector) = watch {
+                        self.at_exception_entry(vm, run, vector, pc);
+                    }
+                    u64::from(int3_ran && matches!(watch, Watch::Exception(_)))
+                } else if dr6 & DR6_BS != 0 {
+                    let Some((last, insn)) = run.last_stop else { return Ok(None) };
+                    match insn {
                         // Still inside a `rep` string instruction: nothing retired yet.
-                        Some((last, insn)) if insn.is_rep_string && last == pc => 0,
+                        insn if insn.is_rep_string && last == pc => 0,
                         // A host without IRETQ stops ran an IRETQ the VMM could not perform
                         // together with the next instruction.
-                        Some((_, insn)) if insn.is_iretq && !self.profile.iretq_single_step => 2,
+                        insn if insn.is_iretq && !self.profile.iretq_single_step => 2,
                         _ => 1,
                     }
-                } else if dr6 & DR6_BREAKPOINTS != 0 {
-                    let index = (dr6 & DR6_BREAKPOINTS).trailing_zeros() as usize;
-                    run.resume_breakpoint = Some(index);
-                    run.note(Event::Exception { vector: WATCHED_VECTORS[index] });
-                    clear_step_flag(vm, WATCHED_VECTORS[index]);
-                    let executing = run.nmi_executing(vm.ram());
-                    run.observe(
-                        Moment::HandlerEntry { vector: WATCHED_VECTORS[index] },
-                        pc,
-                        executing,
-                    );
-                    0
                 } else {
                     return Ok(Some(unexpected(vm, exit)));
                 }
             }
             // An excursion through ring 3 ends at the first ring-0 entry it watches.
-            Exit::Debug { pc, dr6 } if run.excursion && dr6 & DR6_BREAKPOINTS != 0 => {
-                let index = (dr6 & DR6_BREAKPOINTS).trailing_zeros() as usize;
+            Exit::Debug { pc, dr6 } if run.excursion && run.watches.hit(dr6).is_some() => {
                 run.excursion = false;
                 run.free_run_stop = true;
-                if let UserEntry::Exception { vector } = user::user_entry(index) {
+                if let Some((_, Watch::Exception(vector))) = run.watches.hit(dr6) {
                     run.note(Event::Exception { vector });
-                    let executing = run.nmi_executing(vm.ram());
+                    let executing = run.nmi_executing(vm);
                     run.observe(Moment::HandlerEntry { vector }, pc, executing);
                 }
                 0
             }
             // A free run stops at the breakpoints its mode set, and before the IRETQs it
-            // trapped (an emulation failure at the site, RIP unchanged).
-            Exit::Debug { dr6, .. } if dr6 & FREE_RUN_BREAKPOINTS != 0 => {
+            // trapped (KVM_EXIT_HLT one byte past the site, which is moved back to it).
+            Exit::Debug { dr6, .. } if run.watches.hit(dr6).is_some() => {
                 run.free_run_stop = true;
                 0
             }
-            Exit::EmulationFailure { .. }
-                if self.traps.is_set() && self.traps.is_site(vm.sync_state().regs.rip) =>
-            {
+            Exit::Hlt if let Some(site) = self.traps.trapped_at(vm.sync_state().regs.rip) => {
+                vm.set_rip(site);
                 run.free_run_stop = true;
+                0
+            }
+            // A single-step trap while free-running is not the engine's: KVM single-steps the
+            // IRET that unblocks NMIs itself on SVM without vNMI, to deliver a latched NMI
+            // right after it; or the guest returned through a frame that still held the
+            // stepping TF. The free run goes on, without that TF.
+            Exit::Debug { dr6, .. } if dr6 & DR6_BS != 0 => {
+                let rflags = vm.sync_state().regs.rflags;
+                if rflags & RFLAGS_TF != 0 {
+                    vm.set_rflags(rflags & !RFLAGS_TF);
+                }
                 0
             }
             Exit::IoOut { port: port::CONSOLE | port::PING, .. } => {
@@ -182,6 +194,15 @@ impl Engine {
         Ok(None)
     }
 
+    /// The stepped guest stopped at exception `vector`'s handler entry, at `pc`: the trace and
+    /// the observer see it, and the frame loses the stepping TF (see [`clear_step_flag`]).
+    fn at_exception_entry(&mut self, vm: &mut Vm, run: &mut Run<'_>, vector: u8, pc: u64) {
+        run.note(Event::Exception { vector });
+        clear_step_flag(vm, vector);
+        let executing = run.nmi_executing(vm);
+        run.observe(Moment::HandlerEntry { vector }, pc, executing);
+    }
+
     /// A free run ends with this exit: the deliveries it made since its last stop are booked,
     /// as the stepped engine booked them at its steps. (Stepping, they are booked already.)
     fn settle_free_run(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Option<Verdict> {
@@ -208,13 +229,13 @@ impl Engine {
             return Ok(());
         }
         let pc = vm.sync_state().regs.rip;
-        let on_breakpoint = run.free_run_breakpoints(self.facts.iteration).contains(&Some(pc));
+        let on_breakpoint = self.free_run_watches(run).position(pc).is_some();
         let on_trap = run.traps_in_free_run() && self.traps.is_site(pc);
         if run.wants_stepping() || on_breakpoint || on_trap {
             run.stepping = true;
-            // Stepping watches the exception entries; one the free run stopped at must be
-            // left out for the first step, as after any stop at a breakpoint.
-            run.resume_breakpoint = self.facts.exception_entries.iter().position(|&e| e == pc);
+            // Stepping watches the handler entries; one the free run stopped at must be left
+            // out for the first step, as after any stop at a breakpoint.
+            run.resume_breakpoint = self.stepping_watches(run).position(pc).map(|_| pc);
         }
         self.apply_debug(vm, run, None)
     }
@@ -222,7 +243,7 @@ impl Engine {
     /// Whether the guest is at a breakpoint or an IRETQ trap a free run from here would set.
     fn on_free_run_stop(&self, vm: &mut Vm, run: &Run<'_>) -> bool {
         let pc = vm.sync_state().regs.rip;
-        run.free_run_breakpoints(self.facts.iteration).contains(&Some(pc))
+        self.free_run_watches(run).position(pc).is_some()
             || (run.traps_in_free_run() && self.traps.is_site(pc))
     }
 
@@ -246,7 +267,7 @@ impl Engine {
     ) -> Result<Option<Verdict>> {
         loop {
             let pc = vm.sync_state().regs.rip;
-            let executing = run.nmi_executing(vm.ram());
+            let executing = run.nmi_executing(vm);
             run.record_stop(pc, executing);
             if run.insn >= options.max_instructions
                 || run.nmi_insn >= run.nmi_budget(options.max_nmi_instructions)
@@ -295,6 +316,9 @@ impl Engine {
             run.observe(Moment::Iretq { target: frame.rip }, pc, executing);
             if user::returns_to_user(&frame) {
                 self.iretq_to_user(vm, run, &frame);
+                if run.faulting_return && run.stepping {
+                    self.apply_debug(vm, run, None)?;
+                }
                 return Ok(None);
             }
             if self.profile.iretq_single_step || !vm.iretq_keeps_segments(&frame) {
@@ -312,30 +336,37 @@ impl Engine {
         }
     }
 
-    /// Single-stepping while `run.stepping`, with breakpoints on the watched handler entries
-    /// where the host does not stop there by itself (`without` leaves one out); otherwise the
-    /// free run's breakpoints of the mode.
-    fn apply_debug(&mut self, vm: &mut Vm, run: &Run<'_>, without: Option<usize>) -> Result<()> {
-        if run.excursion {
-            self.traps.set(vm, false)?;
-            let breakpoints = user::excursion_breakpoints(&self.facts, run.nmi_entry);
-            return vm.set_debug(GuestDebug { single_step: false, breakpoints });
+    /// Single-stepping while `run.stepping`, with breakpoints on the handler entries
+    /// ([`Watches::stepping`]; none at `without`, to move past it); otherwise the breakpoints
+    /// and IRETQ traps of an excursion or of the mode's free run.
+    fn apply_debug(&mut self, vm: &mut Vm, run: &mut Run<'_>, without: Option<u64>) -> Result<()> {
+        let (watches, single_step, traps) = if run.excursion {
+            (Watches::excursion(&self.facts, run.nmi_entry), false, false)
+        } else if run.stepping {
+            (self.stepping_watches(run), true, false)
+        } else {
+            (self.free_run_watches(run), false, run.traps_in_free_run())
+        };
+        self.traps.set(vm, traps)?;
+        run.watches = watches;
+        vm.set_debug(GuestDebug { single_step, breakpoints: watches.breakpoints(without) })
+    }
+
+    /// What the fast mode's free run from here watches.
+    fn free_run_watches(&self, run: &Run<'_>) -> Watches {
+        let exception_return =
+            self.profile.rf_masks_breakpoints.then_some(self.facts.exception_return);
+        run.free_run_watches(self.facts.iteration, exception_return)
+    }
+
+    /// What stepping watches: the handler entries, where the host does not stop there by
+    /// itself.
+    fn stepping_watches(&self, run: &Run<'_>) -> Watches {
+        if self.profile.event_entry_stop {
+            Watches::default()
+        } else {
+            Watches::stepping(&self.facts, run.nmi_entry, run.faulting_return)
         }
-        if !run.stepping {
-            self.traps.set(vm, run.traps_in_free_run())?;
-            let breakpoints = run.free_run_breakpoints(self.facts.iteration);
-            return vm.set_debug(GuestDebug { single_step: false, breakpoints });
-        }
-        self.traps.set(vm, false)?;
-        let mut debug = GuestDebug { single_step: true, ..GuestDebug::default() };
-        if !self.profile.event_entry_stop {
-            for (i, entry) in self.facts.exception_entries.iter().enumerate() {
-                if Some(i) != without {
-                    debug.breakpoints[i] = Some(*entry);
-                }
-            }
-        }
-        vm.set_debug(debug)
     }
 }
 
@@ -349,8 +380,7 @@ fn nmi_imminent(vm: &mut Vm, run: &Run<'_>) -> bool {
 /// IRETQ then faults).
 fn iret_frame(vm: &mut Vm) -> Option<IretFrame> {
     let rsp = vm.sync_state().regs.rsp;
-    let ram = vm.ram();
-    let word = |i: u64| ram.read_u64(rsp.checked_add(8 * i)?).ok();
+    let word = |i: u64| vm.read_virtual_u64(rsp.checked_add(8 * i)?).ok();
     Some(IretFrame { rip: word(0)?, cs: word(1)?, rflags: word(2)?, rsp: word(3)?, ss: word(4)? })
 }
 
@@ -360,13 +390,13 @@ fn iret_frame(vm: &mut Vm) -> Option<IretFrame> {
 /// the guest would take a #DB it never asked for. At the handler-entry stop, before the
 /// handler's first instruction, the frame is made the hardware's.
 fn clear_step_flag(vm: &mut Vm, vector: u8) {
-    // #PF pushes an error code below the frame; #BP and #UD do not.
-    let error_code = u64::from(vector == PAGE_FAULT_VECTOR);
+    // An error code lies below the frame of the exceptions that push one.
+    let error_code = u64::from(watch::has_error_code(vector));
     let slot = vm.sync_state().regs.rsp.wrapping_add(8 * (2 + error_code));
     // A frame outside memory cannot be returned through: nothing to clear.
-    if let Ok(rflags) = vm.ram().read_u64(slot)
+    if let Ok(rflags) = vm.read_virtual_u64(slot)
         && rflags & RFLAGS_TF != 0
     {
-        let _ = vm.ram_mut().write_u64(slot, rflags & !RFLAGS_TF);
+        let _ = vm.write_virtual_u64(slot, rflags & !RFLAGS_TF);
     }
 }

@@ -42,10 +42,11 @@ pub mod table;
 pub mod trace;
 mod traps;
 mod user;
+mod watch;
 
 use std::time::Instant;
 
-use nmifuzz_abi::{Variant, option};
+use nmifuzz_abi::Variant;
 use serde::Serialize;
 
 use self::decode::InsnCache;
@@ -64,19 +65,19 @@ use crate::vm::{RunLimits, Vm};
 /// The guest symbol at which every `do_nmi` iteration starts.
 pub const ITERATION_SYMBOL: &str = nmifuzz_abi::ITERATION_SYMBOL;
 
+/// The guest symbol of the IRETQ every handled exception returns with.
+const EXCEPTION_RETURN_SYMBOL: &str = "exception_iretq";
+
 /// The guest symbol of the SYSCALL entry (LSTAR), on hosts where SYSCALL enters CPL0.
 const SYSCALL_ENTRY_SYMBOL: &str = "entry_SYSCALL_64";
 
 /// DR6.BS: the stop is a single-step trap (Intel SDM vol. 3, 18.2.3).
 const DR6_BS: u64 = 1 << 14;
-/// DR6.B0-B3: which hardware breakpoint stopped the guest.
-const DR6_BREAKPOINTS: u64 = 0xf;
 
 /// Offset of IST1 in the 64-bit TSS (Intel SDM vol. 3, figure 8-11).
 const TSS_IST1: u64 = 0x24;
-/// Exceptions whose handler entries get hardware breakpoints, so that an NMI can arrive
-/// between the exception's delivery and its handler's first instruction.
-const WATCHED_VECTORS: [u8; 3] = [3, 6, 14];
+/// The exception vectors whose gates the guest's IDT has (and the engine reads).
+const EXCEPTION_VECTORS: usize = 32;
 
 /// Options of one execution.
 #[derive(Clone, Copy, Debug)]
@@ -147,10 +148,12 @@ struct GuestFacts {
     iteration: u64,
     /// IST1, the NMI stack's top.
     nmi_stack_top: u64,
-    /// The handler entries of [`WATCHED_VECTORS`].
-    exception_entries: [u64; WATCHED_VECTORS.len()],
+    /// The handler entry of every exception vector, from the IDT at the snapshot.
+    exception_entries: [u64; EXCEPTION_VECTORS],
     /// The SYSCALL entry, if the guest has one.
     syscall_entry: Option<u64>,
+    /// The IRETQ every handled exception returns with.
+    exception_return: u64,
     /// The NMI-handling code and the NMI stack, for the return-integrity oracle.
     bounds: Bounds,
 }
@@ -160,6 +163,11 @@ impl GuestFacts {
     /// 16 bytes, as the CPU aligns the stack before pushing).
     fn nmi_frame_address(&self) -> u64 {
         (self.nmi_stack_top & !0xf) - 40
+    }
+
+    /// The handler entry of exception `vector` (below 32).
+    fn exception_entry(&self, vector: u8) -> u64 {
+        self.exception_entries[usize::from(vector)]
     }
 
     fn read(vm: &Vm) -> Result<Self> {
@@ -176,9 +184,9 @@ impl GuestFacts {
             let gate = gate::gate_address(idt, vector.into());
             Ok(gate::gate_target(read_u64(gate)?, read_u64(gate + 8)?))
         };
-        let mut exception_entries = [0; WATCHED_VECTORS.len()];
-        for (entry, vector) in exception_entries.iter_mut().zip(WATCHED_VECTORS) {
-            *entry = gate_target(vector)?;
+        let mut exception_entries = [0; EXCEPTION_VECTORS];
+        for (vector, entry) in exception_entries.iter_mut().enumerate() {
+            *entry = gate_target(vector as u8)?;
         }
         let image = vm.image();
         let nmi_stack_top = read_u64(snapshot.sregs.tr.base + TSS_IST1)?;
@@ -192,6 +200,7 @@ impl GuestFacts {
             nmi_stack_top,
             exception_entries,
             syscall_entry: image.symbol(SYSCALL_ENTRY_SYMBOL).ok(),
+            exception_return: image.symbol(EXCEPTION_RETURN_SYMBOL)?,
             bounds,
         })
     }
@@ -248,26 +257,16 @@ impl Engine {
         vm.reset()?;
         self.traps.reset();
         let mut script = plan.script;
-        if self.profile.syscall_enters_cpl0 {
-            script.options |= option::NATIVE_SYSCALL;
-        }
+        script.options |= self.profile.guest_options();
         vm.write_script(&script)?;
         let variant = Variant::from_code(plan.script.variant);
         let executing = variant
             .and_then(Variant::stack_layout)
             .map(|layout| self.facts.nmi_stack_top - layout.executing);
         let nmi_entry = variant.and_then(|v| vm.image().symbol(v.entry_symbol()).ok());
-        // IRETQ traps stop the guest only where ring-0 code is emulated (see `traps`).
-        let iretq_traps = !self.profile.int3_native;
-        let mut run = Run::new(
-            plan,
-            options.mode,
-            iretq_traps,
-            observer,
-            options.keep_trace,
-            executing,
-            nmi_entry,
-        );
+        vm.set_step_rearm(!self.profile.sticky_single_step);
+        let mut run =
+            Run::new(plan, options.mode, observer, options.keep_trace, executing, nmi_entry);
         let deadline = vm.watchdog().arm(options.limits.wall);
         let verdict = self.drive(vm, &mut run, options, deadline);
         vm.watchdog().disarm();

@@ -10,23 +10,25 @@
 //!   next symbolic point is a hardware execute breakpoint, and each hit is a stop where the hit
 //!   is counted as the stepped engine counts it; while NMIs are under way, every IRETQ on the
 //!   NMI paths is trapped ([`super::traps`]), so the return-integrity oracle judges each one
-//!   and the engine performs it, and a latched NMI still arrives right after the unblocking
-//!   IRETQ; a delivery is booked at the next stop. It single-steps from a point's occurrence
-//!   for its `extra` instructions, for one instruction to move off its own breakpoint or an
-//!   IRETQ it did not perform, and through NMI handling on hosts where traps cannot stop it.
+//!   and the engine performs or steps it, so a latched NMI still arrives right after the
+//!   unblocking IRETQ; a delivery is booked at the next stop. It single-steps from a point's
+//!   occurrence for its `extra` instructions, and for one instruction to move off its own
+//!   breakpoint or an IRETQ it did not perform.
 //!   An `after: N` injection is counted in stepped instructions, so the fast mode steps
 //!   towards it too: it is exact for every plan, and fast for symbolic ones.
 //!
 //! # Debug registers while the fast mode free-runs
 //! DR0 holds the awaited point and DR1 the start of a `do_nmi` iteration, where the books count
-//! iterations (and an iteration no delivery explains is a lost-NMI finding). DR2 and DR3 are free. While stepping, the engine's usual
-//! breakpoints on the #BP, #UD and #PF entries take DR0-DR2; a point on one of those entries
-//! is reached by its free-running breakpoint, as any other address.
+//! iterations (and an iteration no delivery explains is a lost-NMI finding). DR2 and DR3 are
+//! free. While stepping, the engine's breakpoints on the handler entries take all four
+//! ([`super::watch`]); a point on one of those entries is reached by its free-running
+//! breakpoint, as any other address.
 
 use serde::{Deserialize, Serialize};
 
 use super::books::Books;
 use super::cursor::Cursor;
+use super::watch::Watches;
 
 /// How an execution moves the guest (see the module documentation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -39,45 +41,43 @@ pub enum Mode {
     Fast,
 }
 
-/// DR6.B0-B3 of the breakpoints the fast mode sets while free-running.
-pub(super) const FREE_RUN_BREAKPOINTS: u64 = 0b11;
-
 impl Mode {
-    /// Whether the guest must be single-stepped from the current boundary on; `iretq_traps`
-    /// says whether the host lets IRETQ traps stop a free run ([`super::traps`]).
-    pub(super) fn wants_stepping(
-        self,
-        cursor: &Cursor<'_>,
-        books: &Books,
-        iretq_traps: bool,
-    ) -> bool {
+    /// Whether the guest must be single-stepped from the current boundary on.
+    pub(super) fn wants_stepping(self, cursor: &Cursor<'_>, books: &Books) -> bool {
         match self {
             Self::Stepped => books.busy() || cursor.pending(),
-            Self::Fast => cursor.counting() || (books.busy() && !iretq_traps),
+            Self::Fast => cursor.counting(),
         }
     }
 
-    /// The hardware breakpoints while free-running: for the fast mode, the awaited point, and
+    /// The hardware breakpoints while free-running: for the fast mode, the awaited point,
     /// `iteration` while an injection is left or NMIs are under way (the stepped engine sees
-    /// every iteration start then); none for the stepped engine.
-    pub(super) fn free_run_breakpoints(
+    /// every iteration start then), and while a point is awaited, `exception_return` if the
+    /// host needs it watched (see [`Watches::free_run`]); none for the stepped engine.
+    pub(super) fn free_run_watches(
         self,
         cursor: &Cursor<'_>,
         books: &Books,
         iteration: u64,
-    ) -> [Option<u64>; 4] {
+        exception_return: Option<u64>,
+    ) -> Watches {
         match self {
             Self::Fast => {
+                let point = cursor.awaited_point();
                 let watch_iterations = cursor.pending() || books.busy();
-                [cursor.awaited_point(), watch_iterations.then_some(iteration), None, None]
+                Watches::free_run(
+                    point,
+                    watch_iterations.then_some(iteration),
+                    exception_return.filter(|_| point.is_some()),
+                )
             }
-            Self::Stepped => [None; 4],
+            Self::Stepped => Watches::default(),
         }
     }
 
     /// Whether a free run sets the IRETQ traps ([`super::traps`]): the fast mode does while
-    /// NMIs are under way, where the host lets traps stop it.
-    pub(super) fn free_run_traps(self, books: &Books, iretq_traps: bool) -> bool {
-        self == Self::Fast && iretq_traps && books.busy()
+    /// NMIs are under way.
+    pub(super) fn free_run_traps(self, books: &Books) -> bool {
+        self == Self::Fast && books.busy()
     }
 }

@@ -9,14 +9,13 @@ use super::mode::Mode;
 use super::observe::{Moment, NmiObserver, NmiState};
 use super::schedule::Plan;
 use super::trace::{Event, Recorder};
-use crate::memory::GuestRam;
+use super::watch::Watches;
+use crate::vm::Vm;
 
 /// The state of one execution.
 pub(super) struct Run<'p> {
     pub plan: &'p Plan,
     pub mode: Mode,
-    /// Whether the host lets IRETQ traps stop a free run (see `traps`).
-    pub iretq_traps: bool,
     /// The next injection.
     pub cursor: Cursor<'p>,
     /// The NMI books and their oracles.
@@ -38,8 +37,14 @@ pub(super) struct Run<'p> {
     pub free_run_stop: bool,
     /// The stop before the last KVM_RUN and the instruction there.
     pub last_stop: Option<(u64, decode::Insn)>,
-    /// A hardware breakpoint to leave out for one KVM_RUN, so execution can move past it.
-    pub resume_breakpoint: Option<usize>,
+    /// What the hardware breakpoints watch now (set with them, read at a breakpoint stop).
+    pub watches: Watches,
+    /// A hardware breakpoint's address to leave out for one KVM_RUN, so execution can move
+    /// past it.
+    pub resume_breakpoint: Option<u64>,
+    /// The next step executes an IRETQ to ring 3 that faults: stepping watches the entries
+    /// of the exceptions it can raise.
+    pub faulting_return: bool,
     /// Address of the variant's "NMI executing" variable, if it has one.
     executing_address: Option<u64>,
     /// The guest state after the last exit is not an instruction boundary: run on.
@@ -55,7 +60,6 @@ impl<'p> Run<'p> {
     pub fn new(
         plan: &'p Plan,
         mode: Mode,
-        iretq_traps: bool,
         observer: &'p mut dyn NmiObserver,
         keep_trace: bool,
         executing_address: Option<u64>,
@@ -63,11 +67,10 @@ impl<'p> Run<'p> {
     ) -> Self {
         let cursor = Cursor::new(&plan.injections);
         let books = Books::default();
-        let stepping = mode.wants_stepping(&cursor, &books, iretq_traps);
+        let stepping = mode.wants_stepping(&cursor, &books);
         Self {
             plan,
             mode,
-            iretq_traps,
             cursor,
             books,
             observer,
@@ -79,7 +82,9 @@ impl<'p> Run<'p> {
             nmi_entry,
             free_run_stop: false,
             last_stop: None,
+            watches: Watches::default(),
             resume_breakpoint: None,
+            faulting_return: false,
             executing_address,
             skip_stop: false,
             pending_events: Vec::new(),
@@ -90,17 +95,17 @@ impl<'p> Run<'p> {
 
     /// Whether a free run from here sets the IRETQ traps.
     pub fn traps_in_free_run(&self) -> bool {
-        self.mode.free_run_traps(&self.books, self.iretq_traps)
+        self.mode.free_run_traps(&self.books)
     }
 
-    /// The hardware breakpoints of a free run from here.
-    pub fn free_run_breakpoints(&self, iteration: u64) -> [Option<u64>; 4] {
-        self.mode.free_run_breakpoints(&self.cursor, &self.books, iteration)
+    /// The hardware breakpoints of a free run from here (see [`Mode::free_run_watches`]).
+    pub fn free_run_watches(&self, iteration: u64, exception_return: Option<u64>) -> Watches {
+        self.mode.free_run_watches(&self.cursor, &self.books, iteration, exception_return)
     }
 
     /// Whether the mode wants the guest single-stepped from here on.
     pub fn wants_stepping(&self) -> bool {
-        self.mode.wants_stepping(&self.cursor, &self.books, self.iretq_traps)
+        self.mode.wants_stepping(&self.cursor, &self.books)
     }
 
     /// Notes an event that belongs to the next stop.
@@ -118,8 +123,8 @@ impl<'p> Run<'p> {
     }
 
     /// The variant's "NMI executing" variable now, if it has one.
-    pub fn nmi_executing(&self, ram: &GuestRam) -> Option<u64> {
-        self.executing_address.and_then(|address| ram.read_u64(address).ok())
+    pub fn nmi_executing(&self, vm: &Vm) -> Option<u64> {
+        self.executing_address.and_then(|address| vm.read_virtual_u64(address).ok())
     }
 
     /// Reports `moment` at `rip` to the observer, with the NMI state now; `executing` is the

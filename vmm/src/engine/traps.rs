@@ -2,25 +2,27 @@
 //! IRETQ.
 //!
 //! The return-integrity oracle judges every IRETQ while NMI contexts are open, and a latched
-//! NMI must arrive right after the IRETQ that unblocks NMIs, which this host would deliver up
-//! to ~1024 instructions late. Both need a stop before each IRETQ, and the guest has more
-//! IRETQ sites than there are debug registers. So, while the fast mode free-runs, the first two
-//! bytes of every IRETQ on the NMI paths are replaced by `fld1`, an x87 instruction this host's
-//! ring-0 emulator cannot run: KVM_RUN ends with an emulation failure *at* the site, RIP
-//! unchanged, and the engine treats that exit as the stop before the IRETQ. At every stop the
-//! original bytes are back, so decoding, stepping and the stepped engine never see a trap.
-//! Reset restores the code pages the traps wrote (host writes are tracked).
+//! NMI must arrive right after the IRETQ that unblocks NMIs (kvm_pvm would deliver it up to
+//! ~1024 instructions late unless the engine performs the IRETQ). Both need a stop before each
+//! IRETQ, and the guest has more IRETQ sites than there are debug registers. So, while the fast
+//! mode free-runs, the two bytes of every IRETQ on the NMI paths are replaced by `hlt; nop`.
+//! The VMM has no in-kernel irqchip, so KVM does not emulate a halted vCPU itself: a ring-0
+//! `hlt` ends KVM_RUN with KVM_EXIT_HLT, with RIP moved past the `hlt` (measured on stock
+//! kvm_amd and on kvm_pvm alike; VMX exits on HLT the same way). The engine moves RIP back to
+//! the site and treats that exit as the stop before the IRETQ. At every stop the original bytes
+//! are back, so decoding, stepping and the stepped engine never see a trap. Reset restores the
+//! code pages the traps wrote (host writes are tracked).
 //!
-//! On a host whose ring-0 code runs natively (ordinary VMX/SVM KVM) `fld1` would simply run,
-//! so there the fast mode does not set traps and steps through NMI handling instead.
+//! The guest's only own `hlt`s are its final halt after DONE and, in ring 3, the user
+//! workload's failed check (a #GP there): neither is at a trap site.
 
 use crate::error::Result;
 use crate::vm::Vm;
 
 /// `iretq`: REX.W + IRET.
 const IRETQ: [u8; 2] = [0x48, 0xcf];
-/// `fld1`: ends KVM_RUN with an emulation failure on kvm_pvm (kvm-on-this-host.md, 4.x).
-const TRAP: [u8; 2] = [0xd9, 0xe8];
+/// `hlt; nop`: ends KVM_RUN with KVM_EXIT_HLT, RIP one byte on.
+const TRAP: [u8; 2] = [0xf4, 0x90];
 
 /// The IRETQ sites and whether their traps are set.
 pub(super) struct IretqTraps {
@@ -39,9 +41,11 @@ impl IretqTraps {
         self.sites.binary_search(&address).is_ok()
     }
 
-    /// Whether the traps are set (a trap exit is then a stop).
-    pub fn is_set(&self) -> bool {
-        self.set
+    /// The site whose trap ended a KVM_RUN with KVM_EXIT_HLT at `rip`, if the traps are set
+    /// and one did (the guest's own `hlt`s are elsewhere).
+    pub fn trapped_at(&self, rip: u64) -> Option<u64> {
+        let site = rip.checked_sub(1)?;
+        (self.set && self.is_site(site)).then_some(site)
     }
 
     /// Sets or removes the traps.

@@ -4,7 +4,7 @@
 //! hardware breakpoints at CPL3 addresses never fire (kvm-on-this-host.md section 9). So
 //! wherever the engine would step into or through ring 3, in either mode, it makes an
 //! *excursion* instead: a free run with hardware breakpoints on the ring-0 code that ring 3 can
-//! enter, which ends at the first of
+//! enter ([`super::watch::Watches::excursion`]), which ends at the first of
 //!
 //! - such a breakpoint, the stop before that code's first instruction: the #UD entry (the user
 //!   workload's system call is a `ud2` on this host), the #PF entry, the run's NMI entry (an NMI
@@ -27,9 +27,9 @@
 //! excursion retires nothing, as every handler-entry breakpoint stop. The same rule holds on
 //! every host, so a schedule means the same everywhere.
 
+use super::Engine;
 use super::run::Run;
 use super::trace::Event;
-use super::{Engine, GuestFacts};
 use crate::vm::{IretFrame, Vm};
 
 /// RFLAGS.TF.
@@ -38,51 +38,6 @@ const RFLAGS_TF: u64 = 1 << 8;
 const SELECTOR_TI: u64 = 1 << 2;
 /// A segment descriptor's present bit (SDM Vol. 3A §3.4.5).
 const DESCRIPTOR_PRESENT: u64 = 1 << 47;
-
-/// What an excursion's breakpoint `index` (DR0-DR3) stands for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum UserEntry {
-    /// An exception entry: `vector`'s stub.
-    Exception { vector: u8 },
-    /// The run's NMI entry.
-    Nmi,
-    /// The SYSCALL entry (LSTAR).
-    Syscall,
-}
-
-/// What an excursion's DR0 to DR3 watch, in that order.
-const EXCURSION_ENTRIES: [UserEntry; 4] = [
-    UserEntry::Exception { vector: super::WATCHED_VECTORS[UD_INDEX] },
-    UserEntry::Exception { vector: super::WATCHED_VECTORS[PF_INDEX] },
-    UserEntry::Nmi,
-    UserEntry::Syscall,
-];
-
-/// The breakpoints of an excursion, DR0 to DR3 ([`EXCURSION_ENTRIES`]).
-pub(super) fn excursion_breakpoints(
-    facts: &GuestFacts,
-    nmi_entry: Option<u64>,
-) -> [Option<u64>; 4] {
-    EXCURSION_ENTRIES.map(|entry| match entry {
-        UserEntry::Exception { vector } => super::WATCHED_VECTORS
-            .iter()
-            .position(|&v| v == vector)
-            .map(|i| facts.exception_entries[i]),
-        UserEntry::Nmi => nmi_entry,
-        UserEntry::Syscall => facts.syscall_entry,
-    })
-}
-
-/// Which of [`EXCURSION_ENTRIES`] DR`index` (0 to 3) is.
-pub(super) fn user_entry(index: usize) -> UserEntry {
-    EXCURSION_ENTRIES[index]
-}
-
-/// Positions of #UD and #PF in [`super::WATCHED_VECTORS`].
-const UD_INDEX: usize = 1;
-const PF_INDEX: usize = 2;
-const _: () =
-    assert!(super::WATCHED_VECTORS[UD_INDEX] == 6 && super::WATCHED_VECTORS[PF_INDEX] == 14);
 
 /// The guest's current privilege level.
 pub(super) fn cpl(vm: &mut Vm) -> u8 {
@@ -95,17 +50,22 @@ pub(super) fn returns_to_user(frame: &IretFrame) -> bool {
 }
 
 /// Whether an IRETQ to ring 3 popping `frame` faults at CPL0 instead of returning: its CS or
-/// SS selector is in the LDT (which this host refuses with #GP; the guest's user segments are
-/// all in the GDT) or names a descriptor outside the GDT or not present. The engine steps such
-/// an IRETQ as any faulting instruction, so the fault's handler is counted as ring-0 code.
-fn return_faults(vm: &mut Vm, frame: &IretFrame) -> bool {
-    let gdt = vm.sync_state().sregs.gdt;
+/// SS selector names a descriptor outside its table or not present, or one in the LDT on a host
+/// that refuses LDT selectors there (`ldt_stacks` false: kvm_pvm raises #GP). The engine steps
+/// such an IRETQ as any faulting instruction, so the fault's handler is counted as ring-0 code.
+fn return_faults(vm: &mut Vm, frame: &IretFrame, ldt_stacks: bool) -> bool {
+    let sregs = vm.sync_state().sregs;
     let present = |selector: u64| {
-        let offset = selector & !7;
-        if selector & SELECTOR_TI != 0 || offset + 7 > u64::from(gdt.limit) {
+        let (base, limit) = if selector & SELECTOR_TI == 0 {
+            (sregs.gdt.base, u64::from(sregs.gdt.limit))
+        } else if ldt_stacks && sregs.ldt.present != 0 {
+            (sregs.ldt.base, u64::from(sregs.ldt.limit))
+        } else {
             return false;
-        }
-        vm.ram().read_u64(gdt.base + offset).is_ok_and(|d| d & DESCRIPTOR_PRESENT != 0)
+        };
+        let offset = selector & !7;
+        offset + 7 <= limit
+            && vm.read_virtual_u64(base + offset).is_ok_and(|d| d & DESCRIPTOR_PRESENT != 0)
     };
     !present(frame.cs) || !present(frame.ss)
 }
@@ -119,13 +79,14 @@ impl Engine {
     /// the stepping TF, which must not reach ring 3. One that will fault is stepped.
     pub(super) fn iretq_to_user(&mut self, vm: &mut Vm, run: &mut Run<'_>, frame: &IretFrame) {
         run.books.resume(frame.rip, frame.rsp);
-        if return_faults(vm, frame) {
+        if return_faults(vm, frame, self.profile.ldt_ss16) {
+            run.faulting_return = true;
             return;
         }
         if frame.rflags & RFLAGS_TF != 0 {
             let slot = vm.sync_state().regs.rsp + 16;
             // The frame was just read from guest memory, so the write cannot fail.
-            let _ = vm.ram_mut().write_u64(slot, frame.rflags & !RFLAGS_TF);
+            let _ = vm.write_virtual_u64(slot, frame.rflags & !RFLAGS_TF);
         }
         run.recorder.event(Event::Iretq { target: frame.rip, emulated: false });
         self.start_excursion(run);

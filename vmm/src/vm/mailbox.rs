@@ -36,7 +36,7 @@ impl Vm {
     /// whole (the mailbox overwritten, a panic while panicking, a PANIC report from code that
     /// never filled it in) is reported as unreadable, saying why and where the mailbox is,
     /// never as an empty message at an empty location.
-    fn guest_panic(&self, mailbox: &Mailbox) -> GuestPanic {
+    pub(crate) fn guest_panic(&self, mailbox: &Mailbox) -> GuestPanic {
         let record = &mailbox.panic;
         let text = |bytes: &[u8], len: u32| {
             String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()

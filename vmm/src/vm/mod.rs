@@ -37,6 +37,8 @@ const CONSOLE_LIMIT: usize = 64 << 10;
 
 /// The NMI vector.
 const NMI_VECTOR: u64 = 2;
+/// RFLAGS.TF, the trap flag single-stepping uses.
+const RFLAGS_TF: u64 = 1 << 8;
 /// How to build a [`Vm`].
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -93,6 +95,9 @@ pub struct Vm {
     unfinished: bool,
     /// What KVM_SET_GUEST_DEBUG was last given.
     debug: GuestDebug,
+    /// Whether single-stepping is the guest's own TF, which the VMM sets again after every
+    /// register write (see [`Vm::set_step_rearm`]).
+    rearm_steps: bool,
     /// Wall-clock time spent inside KVM_RUN by [`Vm::run_once`], for overhead measurements.
     kvm_run_time: Duration,
     /// The stack segments the guest was seen with at IRETQ stops (the kernel's at READY, the
@@ -149,6 +154,7 @@ impl Vm {
             reset_pending: false,
             unfinished: false,
             debug: GuestDebug::default(),
+            rearm_steps: false,
             kvm_run_time: Duration::ZERO,
             stack_segments,
         };
@@ -174,6 +180,29 @@ impl Vm {
         &mut self.ram
     }
 
+    /// Reads the qword at guest virtual address `address`, through the page tables the vCPU
+    /// uses now (its CR3 as of the last exit).
+    pub fn read_virtual_u64(&self, address: u64) -> Result<u64> {
+        self.ram.read_u64(self.physical(address)?)
+    }
+
+    /// Writes the qword at guest virtual address `address`, as [`Vm::read_virtual_u64`] reads.
+    pub fn write_virtual_u64(&mut self, address: u64, value: u64) -> Result<()> {
+        let physical = self.physical(address)?;
+        self.ram.write_u64(physical, value)
+    }
+
+    /// Where the qword at virtual `address` lies in guest memory: mapped, and within one page.
+    fn physical(&self, address: u64) -> Result<u64> {
+        let cr3 = self.vcpu.sync_regs().sregs.cr3;
+        let unmapped = || Error::Memory(format!("{address:#x} is not mapped (CR3 {cr3:#x})"));
+        let page_end = (address | 0xfff).checked_add(1).ok_or_else(unmapped)?;
+        if address + 8 > page_end {
+            return Err(Error::Memory(format!("the qword at {address:#x} spans two pages")));
+        }
+        self.ram.translate(cr3, address).ok_or_else(unmapped)
+    }
+
     /// The snapshot taken at READY.
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
@@ -197,6 +226,7 @@ impl Vm {
     /// see the restored state (KVM applies sync registers at the start of KVM_RUN).
     pub fn apply_pending_reset(&mut self) -> Result<()> {
         if self.reset_pending {
+            self.keep_step_flag();
             flush_pending_io(&mut self.vcpu)?;
             self.reset_pending = false;
         }
@@ -228,6 +258,26 @@ impl Vm {
     /// The watchdog, for callers that drive [`Vm::run_once`] themselves.
     pub fn watchdog(&self) -> &Watchdog {
         &self.watchdog
+    }
+
+    /// Says whether single-stepping on this host is the guest's own TF (stock KVM; see
+    /// `HostProfile::sticky_single_step`). KVM sets TF once, at KVM_SET_GUEST_DEBUG, for the
+    /// RIP of that moment; a register write at another RIP (the reset, anything the VMM
+    /// performs), an RFLAGS load of the guest's (`popfq`, `iretq`), every instruction KVM
+    /// emulates (its write-back sets RFLAGS again: `mov` to or from a debug register, port and
+    /// MMIO accesses) and every event delivery clear it. So on such a host every entry while
+    /// single-stepping writes the registers back, as KVM reported them at the last exit, with TF.
+    pub fn set_step_rearm(&mut self, on: bool) {
+        self.rearm_steps = on;
+    }
+
+    /// Before an entry: see [`Vm::set_step_rearm`]. KVM hides its own TF from the registers it
+    /// reports, so the VMM's copy never has it otherwise.
+    fn keep_step_flag(&mut self) {
+        if self.rearm_steps && self.debug.single_step {
+            self.vcpu.sync_regs_mut().regs.rflags |= RFLAGS_TF;
+            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+        }
     }
 
     /// Makes an NMI pending (KVM_NMI).
@@ -273,6 +323,7 @@ impl Vm {
     /// console bytes are collected, and on hosts that cannot run a ring-0 `int3` it is
     /// emulated (RIP advanced past it, #BP injected), as hardware would have done it.
     pub fn run_once(&mut self) -> Result<Exit> {
+        self.keep_step_flag();
         let start = Instant::now();
         let exit = exit::run(&mut self.vcpu);
         self.kvm_run_time += start.elapsed();

@@ -79,6 +79,18 @@ impl Vm {
         self.vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
     }
 
+    /// Sets RIP for the next KVM_RUN (back to an IRETQ site whose trap moved past it).
+    pub fn set_rip(&mut self, rip: u64) {
+        self.vcpu.sync_regs_mut().regs.rip = rip;
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    /// Sets RFLAGS for the next KVM_RUN (without a stepping TF the guest kept).
+    pub fn set_rflags(&mut self, rflags: u64) {
+        self.vcpu.sync_regs_mut().regs.rflags = rflags;
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+    }
+
     /// Sets R11 for the next KVM_RUN (the RFLAGS a `sysretq` at this stop loads).
     pub fn set_r11(&mut self, value: u64) {
         self.vcpu.sync_regs_mut().regs.r11 = value;
