@@ -34,7 +34,8 @@ pub enum Exit {
     Hlt,
     /// Triple fault.
     Shutdown,
-    /// KVM could not emulate an instruction (`int3`, `popcnt`, SSE arithmetic on kvm_pvm).
+    /// KVM could not emulate an instruction (code fetched where no memory is; on kvm_pvm also
+    /// ring-0 `int3`, `popcnt`, SSE arithmetic).
     EmulationFailure {
         /// The instruction bytes, when KVM provides them.
         bytes: Vec<u8>,

@@ -151,6 +151,25 @@ fn run_with_nmi_at(
     (verdict, vm.mailbox().unwrap().counters)
 }
 
+/// The single-steps from the first time `from` is reached to `to` (on kvm_pvm a `swapgs` and
+/// the next instruction are one step).
+fn steps_between(vm: &mut Vm, script: &Script, from: &str, to: u64) -> u32 {
+    let start = vm.image().symbol(from).unwrap();
+    vm.reset().unwrap();
+    vm.write_script(script).unwrap();
+    vm.set_debug(GuestDebug { single_step: false, breakpoints: [Some(start), None, None, None] })
+        .unwrap();
+    while !matches!(vm.run_once().unwrap(), Exit::Debug { pc, .. } if pc == start) {}
+    vm.set_debug(GuestDebug { single_step: true, ..GuestDebug::default() }).unwrap();
+    let mut steps = 0;
+    while vm.regs().rip != to {
+        assert!(matches!(vm.run_once().unwrap(), Exit::Debug { .. }) && steps < 100, "{from}");
+        steps += 1;
+    }
+    vm.set_debug(GuestDebug::default()).unwrap();
+    steps
+}
+
 /// The guest's checksum over the system-call numbers of `iterations` iterations and the exit.
 fn expected_checksum(iterations: u64) -> u64 {
     let calls = (0..iterations).flat_map(|_| ITERATION_CALLS).chain([EXIT]);
@@ -359,8 +378,9 @@ fn kvm_nmis_in_the_return_to_user_paths_are_handled_on_the_users_gs() {
     script.action_count = 1;
     script.actions[0] = Action { faults: fault::UD, ..Action::NONE };
     let iret = vm.image().symbol("native_irq_return_iret").unwrap();
-    // native_irq_return_ldt to its IRETQ, every instruction boundary (set_ss16's return).
-    let espfix = (0..=22).map(|n| ("native_irq_return_ldt", 1, Then::Steps(n)));
+    // native_irq_return_ldt to its IRETQ, every stop (set_ss16's return).
+    let to_iretq = steps_between(&mut vm, &script, "native_irq_return_ldt", iret);
+    let espfix = (0..=to_iretq).map(|n| ("native_irq_return_ldt", 1, Then::Steps(n)));
     // The first IRET to ring 3, and the faulting one of bad_return (the third IRET exit).
     let others = [
         ("return_to_user_iret", 1, Then::Steps(0)),

@@ -40,7 +40,8 @@ pub enum Workload {
     Panic = 1,
     /// Load an empty IDT and execute `ud2`: #UD, #DF and then a triple fault.
     TripleFault = 2,
-    /// Execute an instruction KVM cannot emulate at ring 0 on kvm_pvm (`popcnt`).
+    /// Call code where no memory is (the points' MMIO page): KVM reports an emulation
+    /// failure on every host.
     EmulationError = 3,
     /// Spin forever on a `jmp` to itself without any exit.
     Spin = 4,

@@ -56,17 +56,8 @@ impl Engine {
             if let Some(verdict) = self.on_exit(vm, run, &exit, options, deadline)? {
                 return Ok(verdict);
             }
-            // The faulting IRETQ to ring 3 has been stepped: back to the usual watches.
-            if std::mem::take(&mut run.faulting_return) && run.stepping {
-                self.apply_debug(vm, run, None)?;
-            }
-            // A free run must not start on one of its own stops: that boundary's bookkeeping
-            // is done, and the breakpoint would stop there again at once.
-            if run.stepping && !run.wants_stepping() && !self.on_free_run_stop(vm, run) {
-                run.stepping = false;
-                run.note(Event::FreeRun);
-                self.apply_debug(vm, run, None)?;
-            }
+            // The faulting IRETQ to ring 3 has been stepped: the next stop watches as usual.
+            run.faulting_return = false;
         }
     }
 
@@ -209,33 +200,27 @@ impl Engine {
         if run.stepping { None } else { self.account_deliveries(vm, run) }
     }
 
-    /// A free run that reached a stop single-steps on from it if the mode wants stepping now,
-    /// and for one step if the stop is a breakpoint's own address or an IRETQ the engine did
-    /// not perform (a free run from there would stop again at once); otherwise it free-runs on
-    /// with the breakpoints and traps of what comes next. The stepped engine is always stepping
-    /// at a stop.
+    /// How the guest moves on from a stop: single-stepped if the mode wants stepping now, and
+    /// for one step if the stop is a breakpoint's own address or an IRETQ trap's site (a free
+    /// run from there would stop again at once); otherwise a free run with the breakpoints and
+    /// traps of what comes next. Ring 3 is never stepped.
     fn step_from_stop(&mut self, vm: &mut Vm, run: &mut Run<'_>) -> Result<()> {
         // Ring 3 is never stepped: where the mode would step it, an excursion runs it, and
         // otherwise a free run (a ring-3 stop is never a breakpoint's or a trap's own).
         if !run.excursion && user::cpl(vm) == 3 {
             run.excursion = run.stepping || run.wants_stepping();
             run.stepping = false;
-            return self.apply_debug(vm, run, None);
-        }
-        if run.excursion {
-            return self.apply_debug(vm, run, None);
-        }
-        if run.stepping {
-            return Ok(());
-        }
-        let pc = vm.sync_state().regs.rip;
-        let on_breakpoint = self.free_run_watches(run).position(pc).is_some();
-        let on_trap = run.traps_in_free_run() && self.traps.is_site(pc);
-        if run.wants_stepping() || on_breakpoint || on_trap {
-            run.stepping = true;
-            // Stepping watches the handler entries; one the free run stopped at must be left
-            // out for the first step, as after any stop at a breakpoint.
-            run.resume_breakpoint = self.stepping_watches(run).position(pc).map(|_| pc);
+        } else if !run.excursion {
+            let stepping = run.wants_stepping() || self.on_free_run_stop(vm, run);
+            if stepping && !run.stepping {
+                // Stepping watches the handler entries; one the free run stopped at must be
+                // left out for the first step, as after any stop at a breakpoint.
+                let pc = vm.sync_state().regs.rip;
+                run.resume_breakpoint = self.stepping_watches(run).position(pc).map(|_| pc);
+            } else if !stepping && run.stepping {
+                run.note(Event::FreeRun);
+            }
+            run.stepping = stepping;
         }
         self.apply_debug(vm, run, None)
     }
@@ -316,18 +301,15 @@ impl Engine {
             run.observe(Moment::Iretq { target: frame.rip }, pc, executing);
             if user::returns_to_user(&frame) {
                 self.iretq_to_user(vm, run, &frame);
-                if run.faulting_return && run.stepping {
-                    self.apply_debug(vm, run, None)?;
-                }
                 return Ok(None);
             }
             if self.profile.iretq_single_step || !vm.iretq_keeps_segments(&frame) {
                 return Ok(None);
             }
-            // A frame pushed while the engine stepped holds its TF; returning through it in a
-            // free run would hand TF to the guest (see `clear_step_flag`).
-            let rflags = if run.stepping { frame.rflags } else { frame.rflags & !RFLAGS_TF };
-            vm.emulate_iretq(&IretFrame { rflags, ..frame });
+            // A frame pushed while the engine stepped holds its TF, which must not become the
+            // guest's (see `clear_step_flag`): the VMM's stepping never needs it where it
+            // performs IRETQs, and a free run may start at the next stop.
+            vm.emulate_iretq(&IretFrame { rflags: frame.rflags & !RFLAGS_TF, ..frame });
             run.retire(1);
             run.recorder.event(Event::Iretq { target: frame.rip, emulated: true });
             if let Some(verdict) = self.after_step(vm, run, Moved::Emulated) {
