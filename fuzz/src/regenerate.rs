@@ -6,7 +6,7 @@
 //! keeps small and whose scheduler favours the smallest schedules. Where a bug is shallow for
 //! the generator (most random schedules of 1–4 NMIs reach it within a few hundred
 //! executions), a campaign that only walks needed 1.3 to 6.7 times more executions than random
-//! timing (README, Evaluation). With fresh schedules among its mutations the campaign keeps the
+//! timing (docs/history.md, "Evaluation"). With fresh schedules among its mutations the campaign keeps the
 //! generator's reach, and feedback still keeps what they find.
 
 use std::borrow::Cow;

@@ -46,7 +46,7 @@ fn kvm_linux_survives_the_whole_user_sweep_in_bounded_time() {
     }
     let dir = workdir("user-sweep-linux");
     // The full user sweep (second NMIs after the SYSCALL gaps too) is about ten times this:
-    // 53,029 runs in 220-280 s here, all passing (README, "The user-mode half").
+    // 53,029 runs in 220-280 s here, all passing (docs/sweep.md, "The user sweep").
     let args =
         ["sweep", "--variant", "linux", "--workload", "user", "--user-pairs", "ring3", "--json"];
     let out = run(&dir, &args);
