@@ -131,7 +131,7 @@ where
     // places around ring 3.
     let table =
         Arc::new(target.points(&config.variant).map_err(|e| Error::unknown(format!("{e:#}")))?);
-    let parts = Parts::new(target, MAP_SIZE);
+    let parts = Parts::new(target, MAP_SIZE, config.artifacts.clone());
 
     // Observers: the NMI states reached (`states`), and the verdict.
     let (map, len) = parts.coverage_ptr();
@@ -169,7 +169,7 @@ where
     // Scheduler: walks the queue, every entry in turn. A minimizing scheduler (LibAFL's
     // IndexesLenTimeMinimizerScheduler) favoured the shortest, fastest entry of each state,
     // that is schedules with the fewest NMIs, and made the campaign need 1.3 to 6.7 times more
-    // executions than random timing to its first finding (README, Evaluation).
+    // executions than random timing to its first finding (docs/history.md, "Evaluation").
     let scheduler = QueueScheduler::new();
 
     // Fuzzer: scheduler, feedback and objective together.

@@ -7,6 +7,7 @@
 //! to stop and turns the remaining executions of the current stage into no-ops, so the
 //! campaign ends within one execution of the limit.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use vmm::engine::{Mode, RunOptions};
 use crate::feedback::VerdictObserver;
 use crate::input::NmiInput;
 use crate::stats::{ClientCounters, Shared};
+use crate::store;
 use crate::target::Target;
 
 /// Set by SIGINT (see [`install_sigint_handler`]).
@@ -99,6 +101,8 @@ pub struct NmiExecutor<OT> {
     limits: Limits,
     shared: &'static Shared,
     client: usize,
+    /// Where a schedule the two modes disagree on is saved (the artifacts directory).
+    disagreements: PathBuf,
     /// Time spent inside `Target::execute`.
     pub target_time: Duration,
     /// Executions of this executor.
@@ -111,12 +115,15 @@ pub struct NmiExecutor<OT> {
 pub struct Parts {
     target: Target,
     map: CoverageMap,
+    /// Where a schedule the two modes disagree on is saved.
+    disagreements: PathBuf,
 }
 
 impl Parts {
-    /// The target and a zeroed coverage map of `len` bytes.
-    pub fn new(target: Target, len: usize) -> Self {
-        Self { target, map: CoverageMap::new(len) }
+    /// The target, a zeroed coverage map of `len` bytes, and the directory for schedules the
+    /// two modes disagree on (the artifacts directory).
+    pub fn new(target: Target, len: usize, disagreements: PathBuf) -> Self {
+        Self { target, map: CoverageMap::new(len), disagreements }
     }
 
     /// The coverage map, for `StdMapObserver::from_mut_ptr`; valid until the executor made
@@ -146,6 +153,7 @@ impl<OT> NmiExecutor<OT> {
             limits,
             shared,
             client,
+            disagreements: parts.disagreements,
             target_time: Duration::ZERO,
             executions: 0,
             crashes: 0,
@@ -174,7 +182,8 @@ impl<OT> NmiExecutor<OT> {
 impl<OT> NmiExecutor<OT> {
     /// The verdict to keep for `schedule`: a finding of the fast mode is re-run on the stepped
     /// engine, the reference, and saved only as the stepped engine judges it. A disagreement
-    /// (another verdict signature) is reported, since the two modes must agree.
+    /// (another verdict signature) is reported in one line, its schedule saved beside the
+    /// artifacts, since the two modes must agree.
     fn confirmed(&mut self, schedule: &Schedule, verdict: Verdict) -> Result<Verdict, Error> {
         if self.options.mode != Mode::Fast || !verdict.is_finding() {
             return Ok(verdict);
@@ -187,11 +196,13 @@ impl<OT> NmiExecutor<OT> {
             .outcome
             .verdict;
         if reference.signature() != verdict.signature() {
-            eprintln!(
-                "WARNING: the fast mode's finding `{verdict}` is `{reference}` on the stepped \
-                 engine; keeping the stepped engine's verdict for {}",
-                schedule.to_json().replace('\n', "")
+            let report = store::record_disagreement(
+                &self.disagreements,
+                schedule,
+                &verdict.signature(),
+                &reference.signature(),
             );
+            eprintln!("WARNING: {report}; keeping the stepped engine's verdict");
         }
         Ok(reference)
     }

@@ -12,6 +12,7 @@ mod executor;
 mod feedback;
 mod input;
 mod launch;
+mod modes;
 mod new_entry;
 mod options;
 mod points;
@@ -20,6 +21,7 @@ mod regenerate;
 mod replay;
 mod ring3;
 mod shmem;
+mod signatures;
 mod smoke;
 mod states;
 mod stats;
@@ -55,6 +57,8 @@ fn main() -> ExitCode {
         Command::Sweep(args) => sweep::run(&args),
         Command::Chaos(args) => chaos::run(&args),
         Command::Bench(args) => bench::run(&args).map(|()| false),
+        Command::Signatures(args) => signatures::run(&args),
+        Command::Modes(args) => modes::run(&args),
         Command::Eval(args) => eval::run(&args).map(|()| false),
         Command::EvalJob(args) => eval::run_job(&args).map(|()| false),
         Command::NewEntry(args) => new_entry::run(&args).map(|()| false),

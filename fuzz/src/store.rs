@@ -108,6 +108,28 @@ pub fn artifact_name(kind: &str, key: &str) -> String {
     format!("crash-{kind}-{:016x}.json", fnv1a(key.as_bytes()))
 }
 
+/// Saves `schedule`, on which the fast mode said `fast` and the stepped engine `stepped` (each
+/// a one-line summary), into `dir` as `disagreement-<content hash>.json` (atomically; once per
+/// schedule), with both in its description, and returns the one line that reports it: the two
+/// modes must agree (docs/engine.md), so every disagreement is a defect to look at, and a line
+/// holding the whole schedule helps nobody read a campaign's log.
+pub fn record_disagreement(dir: &Path, schedule: &Schedule, fast: &str, stepped: &str) -> String {
+    let path = dir.join(format!("disagreement-{:016x}.json", content_hash(schedule)));
+    let described = Schedule {
+        description: format!("the fast mode: {fast}; the stepped engine: {stepped}"),
+        ..schedule.clone()
+    };
+    let saved = fs::create_dir_all(dir)
+        .and_then(|()| write_new_atomic(&path, described.to_json().as_bytes()));
+    let whereto = match saved {
+        Ok(_) => format!("schedule in {}", path.display()),
+        Err(e) => format!("the schedule could not be saved to {}: {e}", path.display()),
+    };
+    format!(
+        "the fast mode and the stepped engine disagree: fast `{fast}`, stepped `{stepped}`; {whereto}"
+    )
+}
+
 /// A corpus directory's valid schedules, and a warning for each file that is not one.
 pub struct LoadedDir {
     /// The schedules, in file name order.

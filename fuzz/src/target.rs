@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use nmifuzz_abi::Variant;
+use vmm::engine::agreement::{self, Compared, Rng};
 use vmm::engine::profile::{self, HostProfile};
 use vmm::engine::schedule::{Injection, Origin, Plan, Schedule};
 use vmm::engine::symbolic::{symbolic_injections, symbolic_triggers};
@@ -157,6 +158,18 @@ impl Target {
         let (_, places) = self.places.as_ref().expect("set above");
         let mut observer = StateMap::new(places, coverage);
         Ok(self.engine.run_observed(&mut self.vm, &plan, options, &mut observer)?)
+    }
+
+    /// A random symbolic schedule for `variant`, executed in both modes
+    /// ([`vmm::engine::agreement`], `nmifuzz modes`).
+    pub fn compare_modes(
+        &mut self,
+        rng: &mut Rng,
+        variant: &str,
+        table: &InstructionTable,
+        options: &RunOptions,
+    ) -> Result<Compared> {
+        Ok(agreement::compare_one(&mut self.engine, &mut self.vm, rng, variant, table, options)?)
     }
 
     /// Executes a plan as it is, including scripts no schedule can express (`nmifuzz chaos`).

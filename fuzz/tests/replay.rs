@@ -96,8 +96,11 @@ fn kvm_replay_trace_piped_into_a_reader_that_stops_early_ends_quietly() {
     }
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::ExitStatusExt;
+    // A trace far longer than a pipe's buffer (64 KiB), so that the reader goes away while
+    // replay still writes.
+    let long = Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/linux-latched-at-iretq.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nmifuzz"))
-        .args(["replay", "--trace", seed().to_str().unwrap()])
+        .args(["replay", "--trace", long.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

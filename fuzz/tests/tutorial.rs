@@ -1,7 +1,8 @@
 //! Users' own entries, in copies of the repository: the tutorial, `docs/fuzz-your-entry.md`,
 //! run as written (every `sh` block, in order, with bash; a block whose first line is `# exits
 //! N: ...` must exit with N, every other block with 0, and what each step promises is checked
-//! too), then a hand-written assembly entry, and the errors a broken entry gets.
+//! too), then a hand-written assembly entry, entries that leave NMIs without IRETQ (both modes
+//! must judge them alike), and the errors a broken entry gets.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,37 @@ fn kvm_the_tutorial_runs_as_written() {
     let listed = text.lines().find(|l| l.starts_with("hand-made "));
     assert!(listed.is_some_and(|l| l.ends_with("Written by hand, with a wrong layout.")), "{text}");
     assert!(text.contains("the entry's Layout: contradicts its code"), "{text}");
+    fs::remove_dir_all(&copy).unwrap();
+}
+
+#[test]
+fn kvm_the_fast_mode_judges_entries_that_leave_without_iretq_as_the_stepped_engine_does() {
+    if kvm_tests_skipped() {
+        return;
+    }
+    // Two entries nobody should write, kept out of the product (fuzz/tests/entries/): naive's,
+    // leaving a ring-0 NMI by popfq and RET, or every NMI by an indirect jump. The fast mode
+    // free-runs through NMI handling and stops at IRETQs; it must still close an NMI's
+    // context where execution resumes it, as the stepped engine does at every step.
+    let copy = copy_repository("non-iretq-exits", "non-iretq-exits");
+    for fixture in ["ret_exit.S", "jmp_exit.S"] {
+        let from = repository().join("fuzz/tests/entries").join(fixture);
+        fs::copy(from, copy.join("entries").join(fixture)).unwrap();
+    }
+    let (status, text) = bash(
+        &copy,
+        "cargo build --release -q -p nmifuzz\n\
+         ./target/release/nmifuzz modes --variant ret-exit --schedules 100\n\
+         ./target/release/nmifuzz modes --variant jmp-exit --schedules 100",
+    );
+    assert_eq!(status, Some(0), "{text}");
+    for variant in ["ret-exit", "jmp-exit"] {
+        let line = text.lines().find(|l| l.starts_with(&format!("100 schedules on {variant}:")));
+        let line = line.unwrap_or_else(|| panic!("no summary for {variant}: {text}"));
+        assert!(line.contains(": 100 agree, 0 disagree ("), "{line}");
+        // The schedules reach the exits: the stepped engine finds the entries' bugs in some.
+        assert!(!line.contains("(0 findings"), "{line}");
+    }
     fs::remove_dir_all(&copy).unwrap();
 }
 

@@ -29,7 +29,7 @@ use crate::mailbox::{self, Counter};
 use crate::paging::{self, Fault};
 use crate::regs::{GeneralRegs, InterruptFrame, pop_general_regs, push_general_regs};
 use crate::tss::Ist;
-use crate::{cpu, panic};
+use crate::{cpu, invariant, panic, stacks};
 
 /// Vectors with their own handling or stack (SDM Vol. 3A Table 6-1).
 const DEBUG: u64 = 1;
@@ -263,6 +263,7 @@ pub fn ist(vector: usize) -> Option<Ist> {
 /// Handles the exception described by `trap`; returning resumes at `trap.frame.rip`.
 #[unsafe(no_mangle)]
 extern "C" fn exception_dispatch(trap: &mut TrapFrame) {
+    invariant::check_flags("the exception handler", 0);
     let rip = trap.frame.rip;
     // The frame as the handler found it: an NMI in the middle of the handler must leave it
     // intact (invariant 6).
@@ -283,7 +284,20 @@ extern "C" fn exception_dispatch(trap: &mut TrapFrame) {
         }
         // The saved RIP of a #DF is undefined (SDM Vol. 3A §6.15, "Interrupt 8"); it is still
         // the best hint there is.
-        DOUBLE_FAULT => violated(rip, format_args!("double fault at RIP {rip:#x}")),
+        DOUBLE_FAULT => match stacks::guard_at(trap.frame.rsp) {
+            Some((stack, side)) => violated(
+                rip,
+                format_args!(
+                    "double fault at RIP {rip:#x}, RSP {:#x}: in the guard page {side} the \
+                     {stack} stack (a stack overflow)",
+                    trap.frame.rsp
+                ),
+            ),
+            None => violated(
+                rip,
+                format_args!("double fault at RIP {rip:#x}, RSP {:#x}", trap.frame.rsp),
+            ),
+        },
         vector => {
             let name = name(vector);
             violated(

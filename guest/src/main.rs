@@ -25,6 +25,7 @@ mod percpu;
 mod regs;
 mod scribble;
 mod script;
+mod stacks;
 mod tss;
 mod user;
 mod workload;
@@ -51,10 +52,14 @@ _start:
     .size _start, . - _start
     .popsection
 
-    .pushsection .bss.boot_stack, "aw", @nobits
-    .balign 16
+    .pushsection .stack.boot, "aw", @nobits
+    .balign 4096
+    .global boot_stack_bottom
+    .type boot_stack_bottom, @object
 boot_stack_bottom:
     .skip 64 * 1024
+    .global boot_stack_top
+    .type boot_stack_top, @object
 boot_stack_top:
     .popsection
 "#
@@ -78,7 +83,7 @@ extern "C" fn kmain() -> ! {
     paging::flush_tlb();
     let run = script::read();
     nmi::check_installed(run.variant);
-    workload::run(run.workload, run.workload_arg, run.options);
+    workload::run(&run);
     nmi::check_done();
     mailbox::done()
 }

@@ -6,6 +6,9 @@
 //! ```text
 //! virtual                         physical
 //! [0, 16 MiB)                 ->  the same (PD_IDENTITY: 8 large pages)
+//!   [6 MiB, 8 MiB)                of which the stacks' page: 4 KiB pages (PT_STACKS), the
+//!                                 stacks only: their guard pages are not mapped
+//!                                 (crate::stacks)
 //!   [8 MiB, 10 MiB)               of which the user page: U/S = 1 (link.ld's `.user`)
 //! [DEMAND_BASE, + 4 KiB * n)  ->  DEMAND_FRAMES[i], once the #PF handler mapped page i
 //! [USER_POINT_ADDRESS, + 2 MiB) -> the same, no memory there: U/S = 1, the user workload's
@@ -45,7 +48,7 @@ use nmifuzz_abi::{SCRIPT_ACTION_SLOTS, USER_POINT_ADDRESS};
 
 use crate::panic::fail;
 use crate::scribble::Region;
-use crate::{cpu, percpu};
+use crate::{cpu, percpu, stacks};
 
 /// Bytes of guest memory the identity map covers: the VMM's default guest memory.
 const IDENTITY_BYTES: u64 = 16 << 20;
@@ -58,6 +61,8 @@ const USER: u64 = 1 << 2;
 const LARGE: u64 = 1 << 7;
 /// The user page: one large page at 8 MiB, where link.ld puts `.user`.
 pub const USER_PAGE_BASE: u64 = 8 << 20;
+/// The stacks' page, where link.ld puts `.stacks`.
+const STACKS_PAGE_BASE: u64 = 6 << 20;
 /// Entries per table.
 const ENTRIES: usize = 512;
 
@@ -85,6 +90,7 @@ static mut PML4: Table = Table([0; ENTRIES]);
 static mut PDPT: Table = Table([0; ENTRIES]);
 static mut PD_IDENTITY: Table = Table([0; ENTRIES]);
 static mut PD_DEMAND: Table = Table([0; ENTRIES]);
+static mut PT_STACKS: Table = Table([0; ENTRIES]);
 static mut PDPT_ESPFIX: Table = Table([0; ENTRIES]);
 static mut PD_ESPFIX: Table = Table([0; ENTRIES]);
 static mut PT_ESPFIX: Table = Table([0; ENTRIES]);
@@ -103,6 +109,8 @@ const _: () = assert!(ESPFIX_BASE.is_multiple_of(1 << 39) && ESPFIX_BASE >> 39 <
 const _: () = assert!(DEMAND_PAGES <= ENTRIES && DEMAND_BASE == 1 << 30);
 const _: () = assert!(IDENTITY_BYTES / LARGE_PAGE <= ENTRIES as u64);
 const _: () = assert!(USER_PAGE_BASE.is_multiple_of(LARGE_PAGE) && USER_PAGE_BASE < IDENTITY_BYTES);
+const _: () =
+    assert!(STACKS_PAGE_BASE.is_multiple_of(LARGE_PAGE) && STACKS_PAGE_BASE < USER_PAGE_BASE);
 // The points' page: the second large page under the demand region's PD, above any RAM.
 const _: () = assert!(USER_POINT_ADDRESS == DEMAND_BASE + LARGE_PAGE);
 
@@ -115,6 +123,13 @@ pub fn init() {
             PD_IDENTITY.0[i] = (i as u64 * LARGE_PAGE) | PRESENT | WRITABLE | LARGE;
         }
         PD_IDENTITY.0[(USER_PAGE_BASE / LARGE_PAGE) as usize] |= USER;
+        for i in 0..ENTRIES {
+            let page = STACKS_PAGE_BASE + i as u64 * PAGE;
+            if stacks::is_stack_page(page) {
+                PT_STACKS.0[i] = page | PRESENT | WRITABLE;
+            }
+        }
+        PD_IDENTITY.0[(STACKS_PAGE_BASE / LARGE_PAGE) as usize] = entry(addr_of!(PT_STACKS));
         PD_DEMAND.0[0] = entry(addr_of!(DEMAND_PT));
         PD_DEMAND.0[1] = USER_POINT_ADDRESS | PRESENT | WRITABLE | LARGE | USER;
         PDPT.0[0] = entry(addr_of!(PD_IDENTITY)) | USER;

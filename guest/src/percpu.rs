@@ -66,7 +66,8 @@ pub const ESPFIX_FRAME_QWORDS: usize = 6;
 /// Where in the espfix page the path writes them.
 const ESPFIX_FRAME_OFFSET: u64 = ((ESPFIX_STACK_QWORDS - ESPFIX_FRAME_QWORDS) * 8) as u64;
 
-/// One page, mapped by [`crate::paging`] at every 64 KiB of the espfix aliases.
+/// One page, mapped by [`crate::paging`] at every 64 KiB of the espfix aliases, and between
+/// guard pages like every stack ([`crate::stacks`]).
 #[repr(C, align(4096))]
 struct EspfixPage([u64; ESPFIX_QWORDS]);
 
@@ -78,11 +79,17 @@ static mut PERCPU: PerCpu = PerCpu {
     espfix_stack: 0,
 };
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".stack.espfix")]
 static mut ESPFIX_STACK_AREA: EspfixPage = EspfixPage([0; ESPFIX_QWORDS]);
 
 /// The physical (identity-mapped) address of the espfix page, for the aliases.
 pub fn espfix_page() -> u64 {
     addr_of!(ESPFIX_STACK_AREA) as u64
+}
+
+/// The espfix64 stack's page.
+pub fn espfix_range() -> core::ops::Range<u64> {
+    espfix_page()..espfix_page() + size_of::<EspfixPage>() as u64
 }
 /// The user's GS area, in user memory: ring 3 reads its magic through GS.
 #[unsafe(link_section = ".data.user.gs")]

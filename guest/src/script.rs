@@ -10,7 +10,8 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use nmifuzz_abi::{
     ABI_VERSION, Action, MAX_BUSY_ITERATIONS, MAX_SCRIBBLE_BYTES, SCRIPT_ACTION_SLOTS,
-    SCRIPT_MAGIC, Scribble, ScribbleArea, Script, Variant, Workload, fault, option,
+    SCRIPT_MAGIC, Scribble, ScribbleArea, Script, USER_FLAG_SLOTS, Variant, Workload, fault,
+    option, user_flag,
 };
 
 use crate::panic::fail;
@@ -33,6 +34,16 @@ pub struct Run {
     pub workload_arg: u32,
     /// The [`option`] bits.
     pub options: u32,
+    /// The RFLAGS bits the user workload sets before each system call and ring-3 point, in
+    /// turn ([`Script::user_flags`]); empty: none.
+    pub user_flags: UserFlags,
+}
+
+/// The valid part of [`Script::user_flags`].
+#[derive(Clone, Copy)]
+pub struct UserFlags {
+    pub count: usize,
+    pub flags: [u32; USER_FLAG_SLOTS],
 }
 
 // `read` copies whole qwords.
@@ -97,7 +108,26 @@ fn validate(script: &Script) -> Run {
     for (index, action) in script.actions[..count].iter().enumerate() {
         validate_action(index, &once(action));
     }
-    Run { variant, workload, workload_arg: once(&script.workload_arg), options }
+    let user_flags = validate_user_flags(script);
+    Run { variant, workload, workload_arg: once(&script.workload_arg), options, user_flags }
+}
+
+/// Checks the user flags: at most [`USER_FLAG_SLOTS`], each only [`user_flag`] bits.
+fn validate_user_flags(script: &Script) -> UserFlags {
+    let count = once(&script.user_flag_count) as usize;
+    if count > USER_FLAG_SLOTS {
+        fail!("script: user_flag_count {count} exceeds {USER_FLAG_SLOTS}");
+    }
+    let flags = once(&script.user_flags);
+    for (index, bits) in flags[..count].iter().enumerate() {
+        let unknown = bits & !user_flag::ALL;
+        if unknown != 0 {
+            fail!(
+                "script: user flags {index} have bits the user workload cannot set: {unknown:#x}"
+            );
+        }
+    }
+    UserFlags { count, flags }
 }
 
 /// Checks action `index`: bounded busy work, known fault bits, and a scribble only with the

@@ -17,6 +17,7 @@
 //! discipline).
 
 use core::mem::{offset_of, size_of};
+use core::ops::Range;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use crate::invariant;
@@ -70,21 +71,26 @@ pub const NMI_STACK_SPAN: u64 = (STACK_SIZE - 8 * TOP_GUARDS) as u64;
 // The host judges RSPs with the same span.
 const _: () = assert!(NMI_STACK_SPAN == nmifuzz_abi::NMI_STACK_SPAN);
 
-/// One IST stack (or the thread stack): `[GUARD, usable..., GUARD, GUARD]`, 16-byte aligned.
-#[repr(C, align(16))]
+/// One IST stack (or the thread stack): `[GUARD, usable..., GUARD, GUARD]`, whole pages, between
+/// unmapped guard pages (link.ld's `.stacks`, [`crate::stacks`]).
+#[repr(C, align(4096))]
 struct IstStack([u64; STACK_QWORDS]);
 
 /// The NMI stack (IST1).
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".stack.nmi")]
 static mut NMI_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
 /// The double-fault stack (IST2).
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".stack.double_fault")]
 static mut DOUBLE_FAULT_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
 /// The breakpoint / debug stack (IST3).
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".stack.debug")]
 static mut DEBUG_IST_STACK: IstStack = IstStack([0; STACK_QWORDS]);
 /// The kernel thread stack (TSS.RSP0), for everything that enters the kernel from ring 3.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".stack.thread")]
 static mut THREAD_STACK: IstStack = IstStack([0; STACK_QWORDS]);
 
 static mut TSS: Tss = Tss {
@@ -106,6 +112,14 @@ fn stacks() -> [(*mut IstStack, &'static str); 4] {
         (addr_of_mut!(DEBUG_IST_STACK), "debug IST"),
         (addr_of_mut!(THREAD_STACK), "thread"),
     ]
+}
+
+/// The four stacks of this module by name, for [`crate::stacks`].
+pub fn stack_ranges() -> [(&'static str, Range<u64>); 4] {
+    stacks().map(|(stack, name)| {
+        let base = stack as u64;
+        (name, base..base + STACK_SIZE as u64)
+    })
 }
 
 /// Where the guard qwords of `stack` live: its lowest qword and the `TOP_GUARDS` (two) highest.

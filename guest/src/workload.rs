@@ -11,7 +11,7 @@ use nmifuzz_abi::Workload;
 
 use crate::mailbox::{self, Counter};
 use crate::panic::fail;
-use crate::{console, idt, user};
+use crate::{console, idt, script, user};
 
 /// `Loop` iterations when `workload_arg` is 0: four rounds of its four phases.
 const DEFAULT_LOOP_ITERATIONS: u32 = 16;
@@ -33,10 +33,10 @@ struct Scratch([[u64; PAGE_QWORDS]; SCRATCH_PAGES]);
 #[unsafe(no_mangle)]
 static mut NMIFUZZ_SCRATCH: Scratch = Scratch([[0; PAGE_QWORDS]; SCRATCH_PAGES]);
 
-/// Runs `workload` with its parameter `arg` and the script's `options`; returns only if the
-/// workload finished.
-pub fn run(workload: Workload, arg: u32, options: u32) {
-    match workload {
+/// Runs the script's workload with its parameter; returns only if the workload finished.
+pub fn run(run: &script::Run) {
+    let arg = run.workload_arg;
+    match run.workload {
         Workload::Loop => run_loop(if arg == 0 { DEFAULT_LOOP_ITERATIONS } else { arg }),
         Workload::Panic => fail!("workload asked to panic"),
         Workload::TripleFault => triple_fault(),
@@ -46,7 +46,7 @@ pub fn run(workload: Workload, arg: u32, options: u32) {
         Workload::Scribble => scribble(arg),
         Workload::Breakpoint => breakpoints(if arg == 0 { 1 } else { arg }),
         Workload::Ping => ping(arg),
-        Workload::User => user::run(arg, options),
+        Workload::User => user::run(arg, run.options, &run.user_flags),
     }
 }
 

@@ -227,3 +227,26 @@ fn kvm_wrong_return_when_the_entry_returns_to_a_wrong_rip() {
     assert_eq!(later.signature(), verdict.signature(), "{later}");
     assert_eq!(verdict.signature(), "wrong-return: rip at nmi_linux_restore");
 }
+
+/// `sub rsp, 0x4000`: 7 bytes, as long as an entry's first instruction (`inc qword ptr [rip +
+/// NMI_DELIVERIES]`).
+const RSP_DOWN_16K: [u8; 7] = [0x48, 0x81, 0xec, 0x00, 0x40, 0x00, 0x00];
+
+#[test]
+fn kvm_a_stack_that_runs_over_faults_in_its_guard_page_and_the_report_survives() {
+    // The NMI entry's first instruction moves RSP 16 KiB down, below the NMI stack, as a
+    // runaway repeat path would: its next access faults in the guard page, the #PF cannot be
+    // delivered on that stack either, and the double fault (on IST2) reports where RSP was,
+    // in a mailbox nothing overwrote.
+    let patched = common::patched_guest("nmi_naive", 0, &RSP_DOWN_16K);
+    let Some(mut vm) = common::boot_elf(patched) else { return };
+    let verdict = run(&mut vm, Workload::Loop, 10, &[Trigger::After(40)]);
+    let Verdict::GuestPanic(panic) = &verdict else { panic!("{verdict}") };
+    assert!(
+        panic.message.starts_with("invariant violated: double fault at RIP ")
+            && panic
+                .message
+                .contains("in the guard page below the NMI IST stack (a stack overflow)"),
+        "{verdict}"
+    );
+}

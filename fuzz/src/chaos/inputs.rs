@@ -32,6 +32,8 @@ use vmm::engine::schedule::{
     SCHEDULE_MAX_INJECTIONS, Schedule,
 };
 use vmm::hash::Fnv1a;
+
+use crate::input::random_user_flags;
 use zerocopy::{FromBytes, IntoBytes};
 
 /// The kinds of chaos input.
@@ -276,6 +278,11 @@ impl<'a> Inputs<'a> {
             injections: (0..count)
                 .map(|_| Injection::After(self.rand.below_or_zero(400) as u64))
                 .collect(),
+            user_flags: if workload == schedule::Workload::User {
+                random_user_flags(&mut self.rand)
+            } else {
+                Vec::new()
+            },
             origin: None,
         }
     }

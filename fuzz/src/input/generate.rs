@@ -9,7 +9,7 @@ use libafl::state::HasRand;
 use libafl_bolts::rands::Rand;
 use vmm::engine::schedule::{Fault, HandlerAction, SCHEDULE_FORMAT, Schedule, Workload};
 
-use super::{AllowedFaults, GENERATED_BUSY, NmiInput, generated_iterations};
+use super::{AllowedFaults, GENERATED_BUSY, NmiInput, generated_iterations, random_user_flags};
 use crate::points::{Table, random_point};
 
 /// Makes the initial inputs when the corpus is empty (see the module documentation).
@@ -39,15 +39,23 @@ impl ScheduleGenerator {
         let injections =
             (0..count).map(|k| random_point(rand, &self.table, workload, k == 0)).collect();
         let actions = (0..count).map(|_| self.action(rand, workload)).collect();
+        let stress_unmask = rand.coinflip(0.5);
+        // Drawn last, and only for the user workload: loop schedules stay what they were.
+        let user_flags = if workload == Workload::User && rand.coinflip(0.5) {
+            random_user_flags(rand)
+        } else {
+            Vec::new()
+        };
         Schedule {
             format: SCHEDULE_FORMAT,
             description: String::new(),
             variant: self.variant.clone(),
             workload,
             workload_iterations: generated_iterations(workload),
-            stress_unmask: rand.coinflip(0.5),
+            stress_unmask,
             actions,
             injections,
+            user_flags,
             origin: None,
         }
     }

@@ -29,17 +29,22 @@
 //!   default the exceptions, and for the user workload `revoke-cs`, which does nothing to an
 //!   NMI that interrupted ring 0);
 //! - the stress option (`stress_unmask`) with probability 1/2;
+//! - for the user workload, with probability 1/2, 1 to 3 sets of user
+//!   RFLAGS bits ([`random_user_flags`]: one or two of the arithmetic flags, DF, AC and NT
+//!   each), set before the system calls and points in turn;
 //! - the campaign's variant.
 //!
 //! The variant is fixed per campaign: no mutator reads or writes it. [`ToggleWorkload`] flips
-//! the workload gene.
+//! the workload gene, [`ChangeUserFlags`] the user flags.
 //!
 //! # Layout
 //! - this file: the input type, the fuzzer's limits and the faults a campaign allows;
 //! - [`generate`]: the generator;
 //! - [`mutate`]: the structure-aware mutators and [`nmi_mutations!`](crate::nmi_mutations),
-//!   the list havoc draws from (the symbolic-point mutators live in [`crate::points`]).
+//!   the list havoc draws from (the symbolic-point mutators live in [`crate::points`]);
+//! - [`flags`]: the user flags, drawn and mutated.
 
+mod flags;
 mod generate;
 mod mutate;
 #[cfg(test)]
@@ -55,6 +60,7 @@ use libafl_bolts::HasLen;
 use serde::{Deserialize, Serialize};
 use vmm::engine::schedule::{Fault, Schedule, Workload};
 
+pub use self::flags::{ChangeUserFlags, random_user_flags};
 pub use self::generate::ScheduleGenerator;
 pub use self::mutate::{
     ChangeBusy, ChangeFaults, DuplicateInjection, InsertInjection, InsertOrRemoveAction,

@@ -380,6 +380,7 @@ macro_rules! nmi_mutations {
             $crate::points::ToggleExtra::new($table),
             $crate::points::ToggleStress,
             $crate::input::ToggleWorkload::new($table),
+            $crate::input::ChangeUserFlags,
         )
     };
 }

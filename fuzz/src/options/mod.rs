@@ -82,6 +82,18 @@ pub enum Command {
     Chaos(ChaosArgs),
     /// Measure the VMM's costs on this host: exit round trip, reset, reset + idle run.
     Bench(BenchArgs),
+    /// Run the corpus and a seeded set of generated schedules on the stepped engine and write
+    /// their verdict signatures, or compare two hosts' files (`--compare MINE THEIRS`): the
+    /// cross-host agreement check of docs/engine.md.
+    ///
+    /// Exit status: 0, or 1 if compared files differ; 2 usage or setup error.
+    Signatures(crate::signatures::SignaturesArgs),
+    /// Run random symbolic schedules for one entry in both modes and report where the fast
+    /// mode judges otherwise than the stepped engine, saving each such schedule: run it once
+    /// on an entry of your own.
+    ///
+    /// Exit status: 0, or 1 if the modes disagree anywhere; 2 usage or setup error.
+    Modes(crate::modes::ModesArgs),
     /// List the NMI entry variants linked into the guest: the files in entries/.
     Variants,
     /// Write a commented starting point for an NMI entry of your own: entries/NAME.S (or .rs),

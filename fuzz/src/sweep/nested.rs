@@ -83,6 +83,7 @@ impl Schedules<'_> {
             stress_unmask: false,
             actions: vec![self.unit.action.clone()],
             injections,
+            user_flags: Vec::new(),
             origin: Some(self.origin.clone()),
         }
     }
@@ -309,7 +310,7 @@ mod tests {
     /// The deep bound on its smallest meaningful case, the first pair of the `#BP` unit whose
     /// second NMI nests: a third NMI at every boundary until the first NMI's handling ends, and
     /// `linux` survives each. (The whole bound, `--third-window all`, is 780,844 runs on
-    /// `linux` with one placement, about 70 minutes on one core: README, "The deeper bound".)
+    /// `linux` with one placement, about 70 minutes on one core: docs/sweep.md, "The deeper bound".)
     #[test]
     fn kvm_third_window_all_puts_the_third_nmi_at_every_boundary_and_linux_survives() {
         if std::env::var_os("NMIFUZZ_SKIP_KVM_TESTS").is_some_and(|v| v == "1") {

@@ -121,6 +121,7 @@ fn schedule(
         stress_unmask: false,
         actions: vec![action.clone()],
         injections,
+        user_flags: Vec::new(),
         origin: Some(origin.clone()),
     }
 }

@@ -23,12 +23,12 @@ pub use self::mailbox::{
 };
 pub use self::script::{
     Action, MAX_BUSY_ITERATIONS, MAX_SCRIBBLE_BYTES, SCRIPT_ACTION_SLOTS, SCRIPT_MAGIC, Scribble,
-    ScribbleArea, Script, Workload, fault, option,
+    ScribbleArea, Script, USER_FLAG_SLOTS, Workload, fault, option, user_flag,
 };
 pub use self::variant::{NmiStackLayout, Variant};
 
 /// Version of this contract; bumped on every incompatible change to its structures.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Symbol of the guest's [`Script`] buffer.
 pub const SCRIPT_SYMBOL: &str = "NMIFUZZ_SCRIPT";
@@ -114,7 +114,7 @@ mod tests {
     fn layouts_are_pinned() {
         assert_eq!(size_of::<Scribble>(), 8);
         assert_eq!(size_of::<Action>(), 16);
-        assert_eq!(size_of::<Script>(), 32 + 16 * SCRIPT_ACTION_SLOTS);
+        assert_eq!(size_of::<Script>(), 32 + 16 * SCRIPT_ACTION_SLOTS + 4 + 4 * USER_FLAG_SLOTS);
         assert_eq!(size_of::<Counters>(), 96);
         assert_eq!(size_of::<PanicRecord>(), 24 + PANIC_FILE_LEN + PANIC_MESSAGE_LEN);
         assert_eq!(size_of::<Mailbox>(), 8 + 96 + 376);

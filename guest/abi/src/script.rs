@@ -183,6 +183,37 @@ pub struct Scribble {
     pub seed: u32,
 }
 
+/// Slots of [`Script::user_flags`].
+pub const USER_FLAG_SLOTS: usize = 7;
+
+/// RFLAGS bits the user workload may set before its system calls and ring-3 points
+/// ([`Script::user_flags`]): the arithmetic flags, which every return must give back, and the
+/// ones an entry from ring 3 must not trust. SYSCALL's SFMASK clears DF, AC and NT (and TF and
+/// IF) for the kernel; an exception or NMI entry clears DF with `cld`. TF and IF stay off:
+/// the host's stepping owns TF, and the guest takes no interrupts.
+pub mod user_flag {
+    /// Carry.
+    pub const CF: u32 = 1 << 0;
+    /// Parity.
+    pub const PF: u32 = 1 << 2;
+    /// Auxiliary carry.
+    pub const AF: u32 = 1 << 4;
+    /// Zero.
+    pub const ZF: u32 = 1 << 6;
+    /// Sign.
+    pub const SF: u32 = 1 << 7;
+    /// Direction: string instructions go down. The kernel's C code must never see it set.
+    pub const DF: u32 = 1 << 10;
+    /// Overflow.
+    pub const OF: u32 = 1 << 11;
+    /// Nested task: an IRET with it set raises #GP in 64-bit mode.
+    pub const NT: u32 = 1 << 14;
+    /// Alignment check: with SMAP it lets the kernel touch user memory.
+    pub const AC: u32 = 1 << 18;
+    /// Every bit the user workload may set.
+    pub const ALL: u32 = CF | PF | AF | ZF | SF | DF | OF | NT | AC;
+}
+
 /// Most rounds of busy work one action may ask for (two instructions each, all single-stepped
 /// by the host). The guest refuses more, also in an action it was never shown at validation.
 pub const MAX_BUSY_ITERATIONS: u32 = 2_000;
@@ -230,6 +261,12 @@ pub struct Script {
     pub reserved: u32,
     /// `actions[i]` is what the i-th `do_nmi` call of the run does.
     pub actions: [Action; SCRIPT_ACTION_SLOTS],
+    /// How many entries of `user_flags` are valid (at most [`USER_FLAG_SLOTS`]); 0: the user
+    /// workload sets none.
+    pub user_flag_count: u32,
+    /// The [`user_flag`] bits the user workload sets before each of its system calls and
+    /// ring-3 points, in turn, starting over after the last.
+    pub user_flags: [u32; USER_FLAG_SLOTS],
 }
 
 impl Script {
@@ -246,6 +283,8 @@ impl Script {
             action_count: 0,
             reserved: 0,
             actions: [Action::NONE; SCRIPT_ACTION_SLOTS],
+            user_flag_count: 0,
+            user_flags: [0; USER_FLAG_SLOTS],
         }
     }
 }

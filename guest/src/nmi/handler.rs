@@ -42,6 +42,7 @@ static FROM_USER: AtomicBool = AtomicBool::new(false);
 /// the frame it returns through must go back to ring 3 with user segments (invariant 10).
 #[unsafe(no_mangle)]
 pub extern "C" fn do_nmi(regs: &mut NmiRegs) {
+    invariant::check_flags("do_nmi", 0);
     let from_user = regs.frame.cs & 3 != 0;
     if NMI_STATE.load(Ordering::Relaxed) != NOT_RUNNING {
         NMI_STATE.store(LATCHED, Ordering::Relaxed);

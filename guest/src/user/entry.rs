@@ -83,7 +83,7 @@ use crate::regs::{GeneralRegs, InterruptFrame, pop_general_regs, push_general_re
 
 /// RFLAGS of ring 3: IOPL 3 (so that the workload's `out` points work at CPL3), IF clear (the
 /// guest takes no interrupts), and bit 1, which always reads as 1.
-const USER_RFLAGS: u64 = 0x3002;
+pub const USER_RFLAGS: u64 = 0x3002;
 /// RFLAGS.TF and RFLAGS.RF: SYSRET cannot restore them faithfully (Linux's opportunistic
 /// SYSRET declines them too).
 const RF_TF: u64 = 1 << 16 | 1 << 8;

@@ -34,11 +34,12 @@ mod traps;
 use core::ptr::{addr_of, addr_of_mut, write_volatile};
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use nmifuzz_abi::option;
+use nmifuzz_abi::{USER_FLAG_SLOTS, option};
 
 use crate::cpu::{self, msr};
 use crate::percpu;
 use crate::regs::InterruptFrame;
+use crate::script::UserFlags;
 use crate::{gdt, invariant};
 
 /// EFER.SCE: SYSCALL/SYSRET enabled.
@@ -63,12 +64,31 @@ struct UserVars {
     /// A far pointer (m16:32: offset, then selector) to `user_back64`, with which the
     /// compatibility-mode code after `set_ss16` jumps back to 64-bit mode.
     back64: u64,
+    /// How many of `flag_slots` the workload cycles through (at least one).
+    flag_count: u64,
+    /// The next of them.
+    flag_index: u64,
+    /// The RFLAGS the workload sets before each system call and ring-3 point, in turn: its own
+    /// (IOPL 3) with the script's user flags.
+    flag_slots: [u64; USER_FLAG_SLOTS],
+    /// The RFLAGS it set last: what every return to it must give back.
+    flags_expected: u64,
 }
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".data.user.vars")]
-static mut USER_VARS: UserVars =
-    UserVars { remaining: 0, native_syscall: 0, saved_rsp: 0, points: 0, iterations: 0, back64: 0 };
+static mut USER_VARS: UserVars = UserVars {
+    remaining: 0,
+    native_syscall: 0,
+    saved_rsp: 0,
+    points: 0,
+    iterations: 0,
+    back64: 0,
+    flag_count: 0,
+    flag_index: 0,
+    flag_slots: [0; USER_FLAG_SLOTS],
+    flags_expected: 0,
+};
 
 unsafe extern "C" {
     /// Linker markers around the user's code (link.ld). Code, not data: only addresses used.
@@ -98,9 +118,10 @@ pub fn init() {
     }
 }
 
-/// Runs the user workload for `iterations` (0: the default) under the script's `options`;
-/// returns when ring 3 made its `exit` system call.
-pub fn run(iterations: u32, options: u32) {
+/// Runs the user workload for `iterations` (0: the default) under the script's `options`, with
+/// its `flags` set before its system calls and points; returns when ring 3 made its `exit`
+/// system call.
+pub fn run(iterations: u32, options: u32, flags: &UserFlags) {
     let iterations = if iterations == 0 { DEFAULT_ITERATIONS } else { iterations };
     let vars = addr_of_mut!(USER_VARS);
     // SAFETY: plain stores to the user's variables; ring 3 does not run yet.
@@ -113,6 +134,16 @@ pub fn run(iterations: u32, options: u32) {
         // The user page lies below 4 GiB: the offset fits the far pointer's 32 bits.
         let back64 = addr_of!(USER_BACK64) as u64 | u64::from(gdt::USER_CODE_SELECTOR) << 32;
         write_volatile(addr_of_mut!((*vars).back64), back64);
+        let count = flags.count.max(1);
+        write_volatile(addr_of_mut!((*vars).flag_count), count as u64);
+        write_volatile(addr_of_mut!((*vars).flag_index), 0);
+        for i in 0..count {
+            let user = if i < flags.count { flags.flags[i] } else { 0 };
+            write_volatile(
+                addr_of_mut!((*vars).flag_slots[i]),
+                entry::USER_RFLAGS | u64::from(user),
+            );
+        }
     }
     let ss16 = if options & option::LDT_SS16 != 0 {
         gdt::USER_LDT_DATA16_SELECTOR

@@ -12,6 +12,15 @@
 //! the value found in RAX, the value expected in R11 and the check's index ([`CHECKS`]) in
 //! ECX, and executes `hlt` at `user_check_failed`: a #GP from ring 3 that the kernel reports.
 //!
+//! **Flags.** Before every system call and every point it sets RFLAGS to the next of the
+//! script's user flags (`USER_VARS.flag_slots`, in turn): DF, AC, NT and the arithmetic flags
+//! (`nmifuzz_abi::user_flag`), and after every return and every point it checks that its
+//! RFLAGS came back with them, as every return to ring 3 must give them. The kernel checks its
+//! side (invariant 12: SFMASK and the entries clear DF, AC and NT). Setting them takes the
+//! stack (`popfq`), so (c) sets them before it points RSP into the NMI stack, and nothing
+//! between the set and the system call changes the flags (the system-call macro branches with
+//! `jrcxz`).
+//!
 //! Each iteration:
 //!
 //! ```text
@@ -46,7 +55,7 @@ use core::mem::offset_of;
 
 use super::UserVars;
 use super::syscall::{ALT_CS, BAD_RETURN, EXIT, GETPID, SET_SS16, SIGNAL_MARKER, USER_PID};
-use nmifuzz_abi::USER_POINT_ADDRESS;
+use nmifuzz_abi::{USER_POINT_ADDRESS, user_flag};
 
 use crate::gdt::USER_DATA_SELECTOR;
 use crate::percpu::USER_MAGIC;
@@ -61,7 +70,7 @@ const NMI_STACK_RSP: u64 = NMI_STACK_SPAN + 8 - 64;
 /// What each failed check's index (ECX at `user_check_failed`) stands for: its name and the
 /// invariant it belongs to. The first twelve are the registers, in check order; the last two
 /// ([`CHECK_NO_FAULT`], [`CHECK_EXIT`]) are code that must never run, with nothing expected.
-pub const CHECKS: [(&str, u8); 22] = [
+pub const CHECKS: [(&str, u8); 23] = [
     ("rbx", 2),
     ("rdx", 2),
     ("rsi", 2),
@@ -81,6 +90,7 @@ pub const CHECKS: [(&str, u8); 22] = [
     ("system call result", 2),
     ("signal marker in rax", 2),
     ("esp after a return to a 16-bit SS", 2),
+    ("rflags (the arithmetic flags, DF, AC, NT)", 2),
     ("bad_return came back without its IRET faulting", 10),
     ("set_ss16 came back to its caller, not to compatibility mode", 10),
     ("exit system call came back", 2),
@@ -89,9 +99,10 @@ const CHECK_RSP: u32 = 12;
 const CHECK_RESULT: u32 = 16;
 const CHECK_MARKER: u32 = 17;
 const CHECK_ESP16: u32 = 18;
-pub const CHECK_NO_FAULT: u32 = 19;
-const CHECK_NO_COMPAT: u32 = 20;
-pub const CHECK_EXIT: u32 = 21;
+const CHECK_FLAGS: u32 = 19;
+pub const CHECK_NO_FAULT: u32 = 20;
+const CHECK_NO_COMPAT: u32 = 21;
+pub const CHECK_EXIT: u32 = 22;
 
 /// The values the registers keep, in [`CHECKS`] order.
 pub const KNOWN: [u64; 12] = [
@@ -150,38 +161,77 @@ global_asm!(
     user_expect rax, {user_magic}, 15
     .endm
 
-    /* After compatibility mode on a 16-bit SS: ESP must be the user's, which is espfix64's
-       whole job (an IRET to a 16-bit SS loads only SP on hardware); RSP[63:32] are undefined
-       after compatibility mode, so the full RSP is set again. Clobbers RAX, RCX, R11 and the
-       flags. */
+    /* After compatibility mode on a 16-bit SS: RSP[63:32] are undefined after compatibility
+       mode (and hold espfix64's alias window on hardware), so the full RSP is set again at
+       once, without touching the flags, which are checked next; then ESP, as it came back,
+       must be the user's, which is espfix64's whole job (an IRET to a 16-bit SS loads only SP
+       on hardware). Clobbers RAX, RCX, R11 and the flags. */
     .macro user_check_esp16
+    mov [rip + USER_VARS + {saved_rsp}], rsp
+    lea rsp, [rip + user_stack_top]
+    user_check_flags
+    mov eax, [rip + USER_VARS + {saved_rsp}]
     lea r11, [rip + user_stack_top]
     mov r11d, r11d
-    mov eax, esp
     cmp rax, r11
     mov ecx, {check_esp16}
     jne user_check_failed
-    lea rsp, [rip + user_stack_top]
     .endm
 
-    /* A system call: `ud2` (kvm_pvm), or `syscall` if the kernel says so. */
+    /* A system call: `ud2` (kvm_pvm), or `syscall` if the kernel says so. The branch leaves
+       the flags as the last user_set_flags made them. Clobbers RAX and RCX. */
     .macro user_syscall number
     mov eax, \number
-    cmp qword ptr [rip + USER_VARS + {native}], 0
-    jne 1f
-    ud2
+    mov rcx, [rip + USER_VARS + {native}]
+    jrcxz 1f
+    syscall
     jmp 2f
-1:  syscall
+1:  ud2
 2:
+    .endm
+
+    /* Sets RFLAGS to the next of the script's user flags, in turn, and remembers it. Takes the
+       stack. Clobbers RAX, R11 and (on purpose) the flags. */
+    .macro user_set_flags
+    mov rax, [rip + USER_VARS + {flag_index}]
+    lea r11, [rip + USER_VARS + {flag_slots}]
+    mov r11, [r11 + rax * 8]
+    mov [rip + USER_VARS + {flags_expected}], r11
+    inc rax
+    cmp rax, [rip + USER_VARS + {flag_count}]
+    jb 3f
+    xor eax, eax
+3:  mov [rip + USER_VARS + {flag_index}], rax
+    push r11
+    popfq
+    .endm
+
+    /* RFLAGS must be what user_set_flags set: the arithmetic flags, DF, AC and NT. Comes first
+       after a return or a point, before anything changes the flags. Keeps RAX (a system call's
+       result); clobbers RCX, R11 and the flags. */
+    .macro user_check_flags
+    pushfq
+    pop rcx
+    and ecx, {flag_mask}
+    mov r11, [rip + USER_VARS + {flags_expected}]
+    and r11d, {flag_mask}
+    cmp rcx, r11
+    je 4f
+    mov rax, rcx
+    mov ecx, {check_flags}
+    jmp user_check_failed
+4:
     .endm
 
     /* A point: an exit the host can inject an NMI at, counted. A write to the MMIO page,
        not an `out`: kvm_pvm runs ring 3 with IOPL 0, so `out` would raise #GP. */
     .macro user_point name
+    user_set_flags
     .global user_point_\name
     .type user_point_\name, @function
 user_point_\name:
     mov byte ptr [{point}], al
+    user_check_flags
     inc qword ptr [rip + USER_VARS + {points}]
     .endm
 
@@ -215,11 +265,15 @@ user_loop:
     user_check
 
     /* (b) a system call with the ordinary RSP */
+    user_set_flags
     user_syscall {getpid}
+    user_check_flags
     user_expect rax, {pid}, {check_result}
     user_check
 
-    /* (c) the same with RSP on the NMI stack: lea only computes the address */
+    /* (c) the same with RSP on the NMI stack: the flags first, on the user's stack; lea only
+       computes the address */
+    user_set_flags
     mov [rip + USER_VARS + {saved_rsp}], rsp
     lea rsp, [rip + NMI_IST_STACK + {nmi_rsp}]
     .global user_syscall_on_nmi_stack
@@ -227,10 +281,12 @@ user_loop:
 user_syscall_on_nmi_stack:
     user_syscall {getpid}
     mov rsp, [rip + USER_VARS + {saved_rsp}]
+    user_check_flags
     user_expect rax, {pid}, {check_result}
     user_check
 
     /* (d) back through espfix64 into compatibility mode, with a 16-bit SS */
+    user_set_flags
     user_syscall {set_ss16}
     mov ecx, {check_no_compat}
     jmp user_check_failed
@@ -246,20 +302,27 @@ user_point_ss16:                        /* compatibility mode, SS 16-bit: a poin
     .global user_back64
     .type user_back64, @function
 user_back64:
-    inc qword ptr [rip + USER_VARS + {points}]
     user_check_esp16
+    inc qword ptr [rip + USER_VARS + {points}]
     user_check
+    user_set_flags
     user_syscall {getpid}
+    user_check_flags
     user_check
 
     /* (e) back onto the alternate CS 0x33 */
+    user_set_flags
     user_syscall {alt_cs}
+    user_check_flags
     user_point alt_cs
     user_check
+    user_set_flags
     user_syscall {getpid}
+    user_check_flags
     user_check
 
     /* (f) a return whose IRETQ faults; the fixup resumes at user_signal_handler */
+    user_set_flags
     user_syscall {bad_return}
     mov rax, cs
     mov ecx, {check_no_fault}
@@ -267,12 +330,14 @@ user_back64:
     .global user_signal_handler
     .type user_signal_handler, @function
 user_signal_handler:
+    user_check_flags
     user_expect rax, {marker}, {check_marker}
     user_check
 
     inc qword ptr [rip + USER_VARS + {iterations}]
     dec qword ptr [rip + USER_VARS + {remaining}]
     jnz user_loop
+    user_set_flags
     user_syscall {exit}
     mov ecx, {check_exit}
 
@@ -313,6 +378,12 @@ user_stack_top:
     user_ds = const USER_DATA_SELECTOR,
     check_no_compat = const CHECK_NO_COMPAT,
     back64 = const offset_of!(UserVars, back64),
+    flag_index = const offset_of!(UserVars, flag_index),
+    flag_slots = const offset_of!(UserVars, flag_slots),
+    flag_count = const offset_of!(UserVars, flag_count),
+    flags_expected = const offset_of!(UserVars, flags_expected),
+    flag_mask = const user_flag::ALL,
+    check_flags = const CHECK_FLAGS,
     user_magic = const USER_MAGIC,
     getpid = const GETPID,
     set_ss16 = const SET_SS16,

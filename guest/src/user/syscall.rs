@@ -22,7 +22,8 @@ use crate::gdt::{USER_ALT_CODE_SELECTOR, USER_CODE32_SELECTOR};
 use crate::mailbox::{self, Counter};
 use crate::panic::fail;
 use crate::regs::{GeneralRegs, InterruptFrame};
-use crate::{gdt, percpu};
+use crate::{gdt, invariant, percpu};
+use nmifuzz_abi::user_flag;
 
 pub const GETPID: u64 = 0;
 pub const SET_SS16: u64 = 1;
@@ -63,6 +64,7 @@ const _: () = assert!(size_of::<SyscallRegs>() == 21 * 8);
 /// The system-call handler.
 #[unsafe(no_mangle)]
 extern "C" fn do_syscall(regs: &mut SyscallRegs) {
+    invariant::check_flags("the system-call handler", user_flag::AC | user_flag::NT);
     percpu::check_kernel_gs("the system-call handler");
     mailbox::increment(Counter::Syscalls);
     let number = regs.orig_ax;

@@ -50,6 +50,7 @@ unsafe extern "C" {
 /// entry's ring-3 path, on the kernel's GS); returning resumes at `trap.frame.rip`.
 #[unsafe(no_mangle)]
 extern "C" fn exception_dispatch_user(trap: &mut TrapFrame) {
+    invariant::check_flags("the exception handler (from ring 3)", 0);
     let rip = trap.frame.rip;
     if BAD_IRET.swap(false, Ordering::Relaxed) {
         return deliver_signal(trap);

@@ -284,9 +284,14 @@ workload_fail:
     .size workload_loop, . - workload_loop
     .popsection
 
-    .pushsection .bss.workload_fail_stack, "aw", @nobits
-    .balign 16
+    .pushsection .stack.workload_fail, "aw", @nobits
+    .balign 4096
+    .global workload_fail_stack_bottom
+    .type workload_fail_stack_bottom, @object
+workload_fail_stack_bottom:
     .skip 4096
+    .global workload_fail_stack_top
+    .type workload_fail_stack_top, @object
 workload_fail_stack_top:
     .popsection
 "#

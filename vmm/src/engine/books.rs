@@ -100,6 +100,12 @@ impl Books {
         self.awaiting_iteration.get_or_insert(insn);
     }
 
+    /// Where the outermost open NMI context resumes, if it interrupted ring 0 (a return to
+    /// ring 3 is always an IRETQ or SYSRET, which the engine stops at anyway).
+    pub fn outermost_kernel_return(&self) -> Option<u64> {
+        self.contexts.first().filter(|c| c.frame.cs & 3 == 0).map(|c| c.frame.rip)
+    }
+
     /// The guest is at `pc` with `rsp`: a return to an open context closes it and every NMI
     /// nested inside it (merged NMIs). Returns whether it was such a return.
     pub fn resume(&mut self, pc: u64, rsp: u64) -> bool {

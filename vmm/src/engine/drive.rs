@@ -81,8 +81,12 @@ impl Engine {
                     run.resume_breakpoint = Some(pc);
                     let int3_ran = self.profile.int3_native
                         && run.last_stop.is_some_and(|(_, insn)| insn.is_int3);
-                    if let Watch::Exception(vector) = watch {
-                        self.at_exception_entry(vm, run, vector, pc);
+                    match watch {
+                        Watch::Exception(vector) => self.at_exception_entry(vm, run, vector, pc),
+                        // The NMI's frame holds the stepping TF too, which hardware without a
+                        // debugger would not have pushed.
+                        Watch::Nmi => clear_step_flag(vm, false),
+                        _ => {}
                     }
                     u64::from(int3_ran && matches!(watch, Watch::Exception(_)))
                 } else if dr6 & DR6_BS != 0 {
@@ -189,7 +193,7 @@ impl Engine {
     /// the observer see it, and the frame loses the stepping TF (see [`clear_step_flag`]).
     fn at_exception_entry(&mut self, vm: &mut Vm, run: &mut Run<'_>, vector: u8, pc: u64) {
         run.note(Event::Exception { vector });
-        clear_step_flag(vm, vector);
+        clear_step_flag(vm, watch::has_error_code(vector));
         let executing = run.nmi_executing(vm);
         run.observe(Moment::HandlerEntry { vector }, pc, executing);
     }
@@ -370,10 +374,10 @@ fn iret_frame(vm: &mut Vm) -> Option<IretFrame> {
 /// hardware without a debugger would not. An IRETQ through that frame after the engine stopped
 /// stepping (the fast mode free-runs between injections) would make TF the guest's own, and
 /// the guest would take a #DB it never asked for. At the handler-entry stop, before the
-/// handler's first instruction, the frame is made the hardware's.
-fn clear_step_flag(vm: &mut Vm, vector: u8) {
-    // An error code lies below the frame of the exceptions that push one.
-    let error_code = u64::from(watch::has_error_code(vector));
+/// handler's first instruction, the frame is made the hardware's. `error_code`: one lies below
+/// the frame (of the exceptions that push one).
+fn clear_step_flag(vm: &mut Vm, error_code: bool) {
+    let error_code = u64::from(error_code);
     let slot = vm.sync_state().regs.rsp.wrapping_add(8 * (2 + error_code));
     // A frame outside memory cannot be returned through: nothing to clear.
     if let Ok(rflags) = vm.read_virtual_u64(slot)

@@ -26,6 +26,7 @@
 //! NMIs must be unblocked and a probe NMI must start an iteration. Every NMI must return exactly
 //! to the context it interrupted ([`returns`]).
 
+pub mod agreement;
 mod books;
 mod cursor;
 pub mod decode;
@@ -257,7 +258,7 @@ impl Engine {
         vm.reset()?;
         self.traps.reset();
         let mut script = plan.script;
-        script.options |= self.profile.guest_options();
+        self.profile.fit(&mut script);
         vm.write_script(&script)?;
         let variant = Variant::from_code(plan.script.variant);
         let executing = variant

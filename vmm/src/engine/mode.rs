@@ -52,8 +52,9 @@ impl Mode {
 
     /// The hardware breakpoints while free-running: for the fast mode, the awaited point,
     /// `iteration` while an injection is left or NMIs are under way (the stepped engine sees
-    /// every iteration start then), and while a point is awaited, `exception_return` if the
-    /// host needs it watched (see [`Watches::free_run`]); none for the stepped engine.
+    /// every iteration start then), while a point is awaited, `exception_return` if the host
+    /// needs it watched, and where the outermost open ring-0 NMI context resumes (see
+    /// [`Watches::free_run`]); none for the stepped engine.
     pub(super) fn free_run_watches(
         self,
         cursor: &Cursor<'_>,
@@ -69,6 +70,7 @@ impl Mode {
                     point,
                     watch_iterations.then_some(iteration),
                     exception_return.filter(|_| point.is_some()),
+                    books.outermost_kernel_return(),
                 )
             }
             Self::Stepped => Watches::default(),

@@ -12,7 +12,10 @@
 //! - **An excursion** through ring 3 ([`super::user`]) watches the ring-0 code ring 3 can
 //!   enter: the #UD and #PF entries, the NMI entry and the SYSCALL entry.
 //! - **The fast mode's free runs** watch the awaited symbolic point and the start of a `do_nmi`
-//!   iteration ([`super::mode`]), and on hosts where an IRET that restores RF suppresses the
+//!   iteration ([`super::mode`]); while NMIs are under way, the outermost interrupted ring-0
+//!   context's RIP, so that an entry that returns there by another way than IRETQ (RET, a jump)
+//!   closes the context where the stepped engine, which looks at every step, closes it; and on
+//!   hosts where an IRET that restores RF suppresses the
 //!   instruction breakpoint at its target (as the manuals say; kvm_pvm stops there anyway),
 //!   the exceptions' common IRETQ: a fault's frame has RF set, so the return that retries the
 //!   faulting instruction (or resumes after an `ud2` the handler skipped) would pass the
@@ -53,6 +56,8 @@ pub(super) enum Watch {
     Iteration,
     /// The exceptions' common IRETQ.
     ExceptionReturn,
+    /// Where the outermost open NMI context resumes.
+    ContextReturn,
 }
 
 /// What DR0 to DR3 watch, and where.
@@ -77,18 +82,19 @@ impl Watches {
         self.0.iter().position(|slot| slot.is_some_and(|(_, a)| a == address))
     }
 
-    /// The watches of a free run of the fast mode: the awaited point, the iteration start and
-    /// the exceptions' common IRETQ.
+    /// The watches of a free run of the fast mode: the awaited point, the iteration start, the
+    /// exceptions' common IRETQ and where the outermost open NMI context resumes.
     pub fn free_run(
         point: Option<u64>,
         iteration: Option<u64>,
         exception_return: Option<u64>,
+        context_return: Option<u64>,
     ) -> Self {
         Self([
             point.map(|a| (Watch::Point, a)),
             iteration.map(|a| (Watch::Iteration, a)),
             exception_return.map(|a| (Watch::ExceptionReturn, a)),
-            None,
+            context_return.map(|a| (Watch::ContextReturn, a)),
         ])
     }
 
@@ -128,7 +134,7 @@ mod tests {
 
     #[test]
     fn a_hit_names_the_lowest_breakpoint_that_fired() {
-        let watches = Watches::free_run(Some(0x1000), Some(0x2000), None);
+        let watches = Watches::free_run(Some(0x1000), Some(0x2000), None, None);
         assert_eq!(watches.hit(0xffff_0ff2), Some((1, Watch::Iteration)));
         assert_eq!(watches.hit(0xffff_0ff1), Some((0, Watch::Point)));
         assert_eq!(watches.hit(0xffff_4ff0), None, "a single-step stop is no breakpoint's");

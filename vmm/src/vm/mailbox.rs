@@ -1,7 +1,7 @@
 //! The guest's mailbox, read at its reports: DONE's counters and PANIC's record.
 
 use nmifuzz_abi::{ABI_VERSION, MAILBOX_MAGIC, Mailbox, PANIC_FILE_LEN, PANIC_MESSAGE_LEN, Report};
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use super::Vm;
 use crate::error::Result;
@@ -45,8 +45,9 @@ impl Vm {
         if let Some(problem) = self.unreadable(mailbox) {
             return GuestPanic {
                 message: format!(
-                    "unreadable panic report: {problem} (mailbox at {:#x})",
-                    self.mailbox_address
+                    "unreadable panic report: {problem} (mailbox at {:#x}); {}",
+                    self.mailbox_address,
+                    self.overwriter(mailbox)
                 ),
                 file: NO_LOCATION.into(),
                 line: 0,
@@ -63,6 +64,32 @@ impl Vm {
             rip: record.rip,
             symbol,
         }
+    }
+
+    /// What the run's end says about whatever overwrote the mailbox: where the guest was (RIP,
+    /// and RSP with the stack or other region it points into) and what the mailbox's first
+    /// qwords now hold, named where they are addresses in the guest (a return address, a frame
+    /// pointer into a stack).
+    fn overwriter(&self, mailbox: &Mailbox) -> String {
+        let regs = self.vcpu.sync_regs().regs;
+        let bytes = mailbox.as_bytes();
+        let qwords: Vec<String> = bytes[..MAILBOX_QWORDS_SHOWN * 8]
+            .chunks_exact(8)
+            .map(|q| {
+                let value = u64::from_le_bytes(q.try_into().expect("8 bytes"));
+                match self.image.locate(value) {
+                    Some(_) => format!("{value:#x} ({})", self.image.symbolize(value)),
+                    None => format!("{value:#x}"),
+                }
+            })
+            .collect();
+        format!(
+            "the run ended at {} with RSP {:#x} ({}); the mailbox begins {}",
+            self.image.symbolize(regs.rip),
+            regs.rsp,
+            self.image.symbolize(regs.rsp),
+            qwords.join(", ")
+        )
     }
 
     /// Why `mailbox` cannot hold a panic record the guest wrote, if it cannot.
@@ -95,6 +122,9 @@ impl Vm {
         None
     }
 }
+
+/// Qwords of an overwritten mailbox that the verdict shows.
+const MAILBOX_QWORDS_SHOWN: usize = 4;
 
 /// The file name of a panic whose record says nothing about where it was.
 const NO_LOCATION: &str = "<no location>";

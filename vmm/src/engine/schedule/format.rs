@@ -1,6 +1,6 @@
 //! The schedule's types, as they are on disk (JSON) and inside LibAFL (postcard).
 
-use nmifuzz_abi::fault;
+use nmifuzz_abi::{fault, user_flag};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -12,8 +12,8 @@ pub const SCHEDULE_FORMAT: u32 = 1;
 /// A schedule, as written on disk.
 ///
 /// Serialized field by field in this order (see the `Serialize` impl below): JSON leaves out
-/// `workload` when it is the default, so every schedule written before the field existed keeps
-/// its bytes and its content hash; postcard always writes every field.
+/// `workload` and `user_flags` when they are the default, so every schedule written before the
+/// fields existed keeps its bytes and its content hash; postcard always writes every field.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
@@ -39,6 +39,12 @@ pub struct Schedule {
     pub actions: Vec<HandlerAction>,
     /// The NMIs, in order.
     pub injections: Vec<Injection>,
+    /// The RFLAGS bits the user workload sets before each of its system calls and ring-3
+    /// points, in turn, starting over after the last (at most
+    /// `nmifuzz_abi::USER_FLAG_SLOTS` sets); empty: none, as before the field existed. Only the
+    /// user workload reads it.
+    #[serde(default)]
+    pub user_flags: Vec<Vec<UserFlag>>,
     /// Where the schedule came from, recorded in artifacts.
     #[serde(default)]
     pub origin: Option<Origin>,
@@ -49,8 +55,11 @@ impl Serialize for Schedule {
         // Only a human-readable format (JSON) may leave a field out: postcard, which LibAFL
         // uses, reads a struct as all of its fields in order (libafl-notes: no
         // `skip_serializing_if`).
-        let omit_workload = serializer.is_human_readable() && self.workload == Workload::Loop;
-        let mut s = serializer.serialize_struct("Schedule", 9 - usize::from(omit_workload))?;
+        let human = serializer.is_human_readable();
+        let omit_workload = human && self.workload == Workload::Loop;
+        let omit_flags = human && self.user_flags.is_empty();
+        let fields = 10 - usize::from(omit_workload) - usize::from(omit_flags);
+        let mut s = serializer.serialize_struct("Schedule", fields)?;
         s.serialize_field("format", &self.format)?;
         s.serialize_field("description", &self.description)?;
         s.serialize_field("variant", &self.variant)?;
@@ -63,6 +72,11 @@ impl Serialize for Schedule {
         s.serialize_field("stress_unmask", &self.stress_unmask)?;
         s.serialize_field("actions", &self.actions)?;
         s.serialize_field("injections", &self.injections)?;
+        if omit_flags {
+            s.skip_field("user_flags")?;
+        } else {
+            s.serialize_field("user_flags", &self.user_flags)?;
+        }
         s.serialize_field("origin", &self.origin)?;
         s.end()
     }
@@ -160,6 +174,63 @@ impl Fault {
     }
 }
 
+/// An RFLAGS bit the user workload sets before a system call or a ring-3 point
+/// (`nmifuzz_abi::user_flag`): the arithmetic flags, which every return to ring 3 must give
+/// back, and DF, AC and NT, which SYSCALL's SFMASK and the entries must not let into the
+/// kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserFlag {
+    /// Carry.
+    Cf,
+    /// Parity.
+    Pf,
+    /// Auxiliary carry.
+    Af,
+    /// Zero.
+    Zf,
+    /// Sign.
+    Sf,
+    /// Direction.
+    Df,
+    /// Overflow.
+    Of,
+    /// Nested task.
+    Nt,
+    /// Alignment check.
+    Ac,
+}
+
+impl UserFlag {
+    /// Every flag, in declaration order.
+    pub const ALL: &'static [UserFlag] = &[
+        UserFlag::Cf,
+        UserFlag::Pf,
+        UserFlag::Af,
+        UserFlag::Zf,
+        UserFlag::Sf,
+        UserFlag::Df,
+        UserFlag::Of,
+        UserFlag::Nt,
+        UserFlag::Ac,
+    ];
+
+    /// Its RFLAGS bit.
+    pub fn bit(self) -> u32 {
+        match self {
+            Self::Cf => user_flag::CF,
+            Self::Pf => user_flag::PF,
+            Self::Af => user_flag::AF,
+            Self::Zf => user_flag::ZF,
+            Self::Sf => user_flag::SF,
+            Self::Df => user_flag::DF,
+            Self::Of => user_flag::OF,
+            Self::Nt => user_flag::NT,
+            Self::Ac => user_flag::AC,
+        }
+    }
+}
+
 /// When one NMI arrives.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -248,6 +319,17 @@ mod tests {
     }
 
     #[test]
+    fn user_flag_all_lists_every_flag_of_the_format() {
+        use serde::de::value::{Error, U32Deserializer};
+        let by_index: Vec<UserFlag> = (0u32..)
+            .map_while(|index| UserFlag::deserialize(U32Deserializer::<Error>::new(index)).ok())
+            .collect();
+        assert_eq!(by_index, UserFlag::ALL);
+        assert_eq!(UserFlag::ALL.iter().fold(0, |bits, f| bits | f.bit()), user_flag::ALL);
+        assert_eq!(serde_json::to_string(&UserFlag::Df).unwrap(), r#""df""#);
+    }
+
+    #[test]
     fn workload_all_lists_every_workload_of_the_format() {
         use serde::de::value::{Error, U32Deserializer};
         let by_index: Vec<Workload> = (0u32..)
@@ -270,6 +352,10 @@ mod tests {
             serde_json::to_string(&s).unwrap(),
             r#"{"format":1,"description":"","variant":"naive","workload_iterations":0,"stress_unmask":false,"actions":[],"injections":[{"after":5}],"origin":null}"#
         );
+        let flagged =
+            Schedule { user_flags: vec![vec![UserFlag::Df, UserFlag::Ac], vec![]], ..s.clone() };
+        assert!(flagged.to_json().contains(r#""user_flags": ["#), "{}", flagged.to_json());
+        assert_eq!(parse(&flagged.to_json()).unwrap(), flagged);
         let user = Schedule { workload: Workload::User, ..s };
         let json = user.to_json();
         assert!(

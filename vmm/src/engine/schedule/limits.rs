@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use nmifuzz_abi::{MAX_BUSY_ITERATIONS, SCRIPT_ACTION_SLOTS, Variant};
+use nmifuzz_abi::{MAX_BUSY_ITERATIONS, SCRIPT_ACTION_SLOTS, USER_FLAG_SLOTS, Variant};
 
 use super::{Injection, SCHEDULE_FORMAT, Schedule, Workload};
 
@@ -99,6 +99,7 @@ impl Schedule {
         };
         too_many("injections", self.injections.len(), SCHEDULE_MAX_INJECTIONS)?;
         too_many("actions", self.actions.len(), SCRIPT_ACTION_SLOTS)?;
+        too_many("user_flags", self.user_flags.len(), USER_FLAG_SLOTS)?;
         let range = |field: String, value: u64, limit: u64| {
             if value > limit { Err(Problem::OutOfRange { field, value, limit }) } else { Ok(()) }
         };

@@ -28,7 +28,7 @@ mod origin;
 mod plan;
 
 pub use self::format::{
-    Fault, HandlerAction, Injection, Point, SCHEDULE_FORMAT, Schedule, Workload,
+    Fault, HandlerAction, Injection, Point, SCHEDULE_FORMAT, Schedule, UserFlag, Workload,
 };
 pub use self::io::{MAX_FILE_SIZE, ScheduleError};
 pub use self::limits::{

@@ -22,6 +22,10 @@ impl Schedule {
                 ..Action::NONE
             };
         }
+        script.user_flag_count = self.user_flags.len() as u32;
+        for (slot, flags) in script.user_flags.iter_mut().zip(&self.user_flags) {
+            *slot = flags.iter().fold(0, |bits, f| bits | f.bit());
+        }
         Ok(script)
     }
 
