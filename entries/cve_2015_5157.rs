@@ -9,7 +9,8 @@
 //!
 //! The mistake it models: that IRETQ can fault. A return to user faults when the user's code or
 //! stack segment went bad while the NMI was handled (another CPU's `modify_ldt`; here the action
-//! `revoke-cs`). The fault then arrives
+//! `revoke-cs`). (A return to a 16-bit stack goes through espfix64, as Linux's `irq_return`
+//! did.) The fault then arrives
 //!
 //! ```text
 //! nmi_exit:   swapgs                          <- the paranoid exit: the user's GS from here
@@ -29,6 +30,7 @@
 use core::arch::global_asm;
 
 use crate::nmi::ist_user::{nmi_user_on_ist, paranoid_entry, paranoid_exit};
+use crate::user::to_espfix_if_16bit_ss;
 use crate::nmi::pieces::{
     nmi_call, nmi_check_executing, nmi_check_repeat_window, nmi_check_stack_and_df, nmi_exit,
     nmi_first, nmi_nested, nmi_not_nested, nmi_prologue, nmi_repeat,
@@ -47,7 +49,10 @@ global_asm!(
     nmi_exit!(
         "nmi_cve_2015_5157",
         paranoid_exit!(),
-        "    iretq                       /* to ring 3 from the NMI stack: may fault */\n"
+        concat!(
+            to_espfix_if_16bit_ss!(),
+            "    iretq                       /* to ring 3 from the NMI stack: may fault */\n"
+        )
     ),
     nmi_user_on_ist!("nmi_cve_2015_5157"),
 );

@@ -11,7 +11,10 @@
 #   o From ring 3 (the interrupted CS's RPL), swapgs: the kernel's GS for do_nmi.
 #   o Save the general registers below the hardware frame.
 #   o Call do_nmi(regs).
-#   o Restore the registers; back to ring 3, swapgs again; IRETQ through the hardware frame.
+#   o Restore the registers; IRETQ through the hardware frame. Back to ring 3, swapgs again and
+#     return through the kernel's return-to-user path (native_iret): an IRET straight to a
+#     16-bit stack would leak RSP[31:16] on hardware, which espfix64 there prevents, and a
+#     return to a segment that went bad faults where the kernel can fix it up.
 #
 # Here's the NMI stack while do_nmi runs:
 #
@@ -78,6 +81,7 @@ nmi_naive:
     pop rax
     test byte ptr [rsp + 8], 3  /* back to ring 3? */
     jz 2f
-    swapgs                      /* give ring 3 its GS back */
+    swapgs                      /* give ring 3 its GS back, and return the kernel's way: */
+    jmp native_iret             /* espfix64 for a 16-bit stack, the fixup for a faulting IRET */
 2:  iretq                       /* unblocks NMIs */
     .size nmi_naive, . - nmi_naive

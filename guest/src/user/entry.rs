@@ -88,6 +88,23 @@ pub const USER_RFLAGS: u64 = 0x3002;
 /// SYSRET declines them too).
 const RF_TF: u64 = 1 << 16 | 1 << 8;
 
+/// With RSP at an iret frame: to espfix64 (`native_irq_return_ldt`) if its SS is a 16-bit
+/// stack, a selector from the LDT (as Linux tests) or the GDT's 0x2b (kvm_pvm's, which has no
+/// LDT stacks). `native_iret` starts with it, and so do the exits of entries that return to
+/// ring 3 by their own IRETQ, as Linux's `irq_return` did.
+macro_rules! to_espfix_if_16bit_ss {
+    () => {
+        concat!(
+            "    test byte ptr [rsp + 32], 4 /* the frame's SS from the LDT: a 16-bit stack */\n",
+            "    jnz native_irq_return_ldt\n",
+            "    cmp qword ptr [rsp + 32], 0x2b /* the GDT's 16-bit SS (kvm_pvm: no LDT SS) */\n",
+            "    je native_irq_return_ldt\n",
+        )
+    };
+}
+pub(crate) use to_espfix_if_16bit_ss;
+const _: () = assert!(USER_DATA16_SELECTOR == 0x2b);
+
 /// The kernel's RSP while ring 3 runs: `user_mode_exit` returns on it.
 #[unsafe(no_mangle)]
 static mut USER_KERNEL_RSP: u64 = 0;
@@ -173,10 +190,9 @@ return_to_user_iret:                    /* registers restored, RSP at the iret f
     .global native_iret
     .type native_iret, @function
 native_iret:
-    test byte ptr [rsp + 32], 4         /* the frame's SS from the LDT: a 16-bit stack */
-    jnz native_irq_return_ldt
-    cmp qword ptr [rsp + 32], {user_ds16} /* the GDT's 16-bit SS (kvm_pvm has no LDT stacks) */
-    je native_irq_return_ldt
+"#,
+    to_espfix_if_16bit_ss!(),
+    r#"
     .global native_irq_return_iret
     .type native_irq_return_iret, @function
 native_irq_return_iret:
@@ -269,7 +285,6 @@ user_mode_exit:                         /* from do_syscall(exit): the kernel GS,
     espfix_stack = const ESPFIX_STACK,
     user_ds = const USER_DATA_SELECTOR,
     user_cs = const USER_CODE_SELECTOR,
-    user_ds16 = const USER_DATA16_SELECTOR,
     user_rflags = const USER_RFLAGS,
     rf_tf = const RF_TF,
     rcx = const reg(offset_of!(GeneralRegs, rcx)),

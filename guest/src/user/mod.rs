@@ -27,6 +27,7 @@
 //! Linux, for ordinary KVM) or, on kvm_pvm, where an IRET to an LDT SS raises #GP, the GDT's.
 
 mod entry;
+pub(crate) use entry::to_espfix_if_16bit_ss;
 mod program;
 mod syscall;
 mod traps;
