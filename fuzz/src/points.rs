@@ -45,6 +45,9 @@ pub struct Points {
     /// Positions of the ring-0 places around ring 3 that run without an NMI: the SYSCALL gaps
     /// and the return to user.
     around_ring3: Vec<usize>,
+    /// Positions of the return to user alone: where a user NMI's handling ends (espfix64's
+    /// copy, the final IRETQ), the systematic stage's second target after the entry.
+    return_to_user: Vec<usize>,
 }
 
 impl Points {
@@ -64,7 +67,12 @@ impl Points {
                 Some(Region::UserPoint) => points.user_points.push(position),
                 // Only an NMI from user runs it: no first NMI can strike there.
                 Some(Region::NmiUserPath) => {}
-                Some(_) => points.around_ring3.push(position),
+                Some(region) => {
+                    points.around_ring3.push(position);
+                    if *region == Region::ReturnToUser {
+                        points.return_to_user.push(position);
+                    }
+                }
                 None if insn.symbol == WORKLOAD => points.loop_first.push(position),
                 None => {}
             }
@@ -95,6 +103,23 @@ impl Points {
         }
     }
 
+    /// Positions of the ring-3 points, where the first NMI of a user schedule goes.
+    pub fn user_points(&self) -> &[usize] {
+        &self.user_points
+    }
+
+    /// Positions of the return to user ([`Region::ReturnToUser`]).
+    pub fn return_to_user(&self) -> &[usize] {
+        &self.return_to_user
+    }
+
+    /// Positions of the instructions of `symbol` (a sized symbol of the table, such as the
+    /// variant's entry), in address order.
+    pub fn in_symbol(&self, symbol: &str) -> Vec<usize> {
+        let insns = self.table.insns().iter().enumerate();
+        insns.filter(|(_, insn)| insn.symbol == symbol).map(|(position, _)| position).collect()
+    }
+
     /// Whether the point `symbol+offset` is one the first NMI of `workload` may go to.
     pub fn is_first(&self, workload: Workload, symbol: &str, offset: u64) -> bool {
         let Some(position) = self.table.position(symbol, offset) else { return false };
@@ -115,7 +140,8 @@ impl Deref for Points {
     }
 }
 
-fn point_at(insn: &TableInsn, occurrence: u32, extra: u64) -> Injection {
+/// The injection at `insn`, its `occurrence`-th time, `extra` instructions later.
+pub fn point_at(insn: &TableInsn, occurrence: u32, extra: u64) -> Injection {
     Injection::At(Point { symbol: insn.symbol.clone(), offset: insn.offset, occurrence, extra })
 }
 

@@ -122,18 +122,20 @@ impl HasLen for NmiInput {
 /// The faults a campaign allows, and of those the ones that do something to each workload:
 /// `revoke-cs` does nothing to an NMI that interrupted ring 0, so loop schedules never draw it.
 #[derive(Clone, Debug)]
-struct AllowedFaults {
+pub struct AllowedFaults {
     all: Vec<Fault>,
     ring0: Vec<Fault>,
 }
 
 impl AllowedFaults {
-    fn new(faults: &[Fault]) -> Self {
+    /// The faults of `faults` that each workload may use.
+    pub fn new(faults: &[Fault]) -> Self {
         let ring0 = faults.iter().copied().filter(|f| *f != Fault::RevokeCs).collect();
         Self { all: faults.to_vec(), ring0 }
     }
 
-    fn of(&self, workload: Workload) -> &[Fault] {
+    /// The allowed faults that do something to an NMI of `workload`.
+    pub fn of(&self, workload: Workload) -> &[Fault] {
         match workload {
             Workload::Loop => &self.ring0,
             Workload::User => &self.all,
