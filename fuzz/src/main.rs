@@ -28,6 +28,7 @@ mod stats;
 mod status;
 mod store;
 mod sweep;
+mod systematic;
 mod target;
 mod tmin;
 
