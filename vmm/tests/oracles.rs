@@ -26,9 +26,12 @@ fn host_profile() -> HostProfile {
 }
 
 /// Short limits: a wall clock of half a second and a total stepping budget of 3000.
+/// Generous wall-clock limits: every run here but the timeout test's ends by itself or by the
+/// instruction budget, and 3,000 stepped instructions take over 500 ms on an emulated host
+/// under load.
 fn options() -> RunOptions {
     RunOptions {
-        limits: RunLimits { wall: Duration::from_millis(500), ..RunLimits::default() },
+        limits: RunLimits { wall: Duration::from_secs(10), ..RunLimits::default() },
         max_instructions: 3_000,
         ..RunOptions::default()
     }
@@ -45,16 +48,31 @@ fn run_variant(
     arg: u32,
     injections: &[Trigger],
 ) -> Verdict {
+    run_with(vm, &options(), variant, workload, arg, injections)
+}
+
+fn run_with(
+    vm: &mut Vm,
+    options: &RunOptions,
+    variant: Variant,
+    workload: Workload,
+    arg: u32,
+    injections: &[Trigger],
+) -> Verdict {
     let mut engine = Engine::new(vm, host_profile()).unwrap();
     let script = Script::new(variant, workload, arg);
     let plan = Plan { script, injections: injections.to_vec() };
-    engine.run(vm, &plan, &options()).unwrap().outcome.verdict
+    engine.run(vm, &plan, options).unwrap().outcome.verdict
 }
 
 #[test]
 fn kvm_wall_clock_timeout() {
     let Some(mut vm) = common::boot() else { return };
-    let verdict = run(&mut vm, Workload::Spin, 0, &[]);
+    let short = RunOptions {
+        limits: RunLimits { wall: Duration::from_millis(500), ..RunLimits::default() },
+        ..options()
+    };
+    let verdict = run_with(&mut vm, &short, Variant::NAIVE, Workload::Spin, 0, &[]);
     assert!(matches!(verdict, Verdict::Timeout { .. }), "{verdict}");
 }
 
