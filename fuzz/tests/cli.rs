@@ -1,10 +1,9 @@
-//! End-to-end tests of `nmifuzz run`, `replay`, `tmin`, `cmin` and `smoke` through the real
-//! binary and the real /dev/kvm. They fail when /dev/kvm is missing unless
+//! End-to-end tests of `nmifuzz run`, `replay`, `tmin`, `cmin`, `smoke` and `bench` through
+//! the real binary and the real /dev/kvm. They fail when /dev/kvm is missing unless
 //! NMIFUZZ_SKIP_KVM_TESTS=1 is set.
 //!
-//! On this branch only the `naive` variant exists: it dies from nested NMIs, which need a
-//! handler fault whose IRETQ re-opens NMIs, so `--faults none` with fault-free seeds is the
-//! passing configuration.
+//! `naive` dies from nested NMIs, which need a handler fault whose IRETQ re-opens NMIs, so on
+//! `naive` `--faults none` with fault-free seeds is a passing configuration.
 
 mod common;
 
@@ -292,5 +291,23 @@ fn ctrl_c_stops_every_client_of_a_two_core_campaign() {
     assert_eq!(o.status.code(), Some(72), "{}", stderr(&o));
     assert!(stdout(&o).contains("run interrupted") && stdout(&o).contains(" DONE cov: "));
     schedules_in(&corpus);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bench_measures_every_figure_and_the_fast_mode_is_faster_than_stepping() {
+    if !kvm() {
+        return;
+    }
+    let dir = workdir("bench");
+    // The bench's own checks (every run DONE, all three NMIs delivered, both modes agreeing)
+    // make it fail on a guest its schedules no longer fit.
+    let o = run(&dir, &["bench", "--samples", "10", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    for field in ["exit_roundtrip_us", "reset_us", "step_us", "exec_3nmi_us", "free_run_floor_us"] {
+        assert!(json[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {json}");
+    }
+    assert!(json["fast_speedup"].as_f64().unwrap() > 1.0, "{json}");
     fs::remove_dir_all(dir).unwrap();
 }
