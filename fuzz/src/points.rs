@@ -48,6 +48,9 @@ pub struct Points {
     /// Positions of the return to user alone: where a user NMI's handling ends (espfix64's
     /// copy, the final IRETQ), the systematic stage's second target after the entry.
     return_to_user: Vec<usize>,
+    /// Positions of the SYSCALL entry and exit gaps alone: ring-0 code on the user's RSP, where
+    /// the systematic stage puts first NMIs.
+    syscall_gaps: Vec<usize>,
 }
 
 impl Points {
@@ -69,8 +72,12 @@ impl Points {
                 Some(Region::NmiUserPath) => {}
                 Some(region) => {
                     points.around_ring3.push(position);
-                    if *region == Region::ReturnToUser {
-                        points.return_to_user.push(position);
+                    match region {
+                        Region::ReturnToUser => points.return_to_user.push(position),
+                        Region::SyscallGap | Region::SysretGap => {
+                            points.syscall_gaps.push(position)
+                        }
+                        _ => {}
                     }
                 }
                 None if insn.symbol == WORKLOAD => points.loop_first.push(position),
@@ -111,6 +118,12 @@ impl Points {
     /// Positions of the return to user ([`Region::ReturnToUser`]).
     pub fn return_to_user(&self) -> &[usize] {
         &self.return_to_user
+    }
+
+    /// Positions of the SYSCALL gaps ([`Region::SyscallGap`], [`Region::SysretGap`]), in
+    /// address order.
+    pub fn syscall_gaps(&self) -> &[usize] {
+        &self.syscall_gaps
     }
 
     /// Positions of the instructions of `symbol` (a sized symbol of the table, such as the

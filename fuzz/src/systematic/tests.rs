@@ -34,6 +34,8 @@ fn table() -> Table {
     around_ring3.extend(
         (0..4).map(|k| (insn("native_irq_return_ldt", 0x6000, 2 * k), Region::ReturnToUser)),
     );
+    around_ring3.extend((0..2).map(|k| (insn("entry_SYSCALL_64", 0x7000, k), Region::SyscallGap)));
+    around_ring3.push((insn("syscall_return_via_sysret", 0x7100, 0), Region::SysretGap));
     Arc::new(Points::new(InstructionTable::from_insns(insns), around_ring3))
 }
 
@@ -128,7 +130,7 @@ fn a_first_nmi_from_ring3_gets_faults_at_every_point_and_the_return_to_user() {
     assert!(faults.contains(&(at("user_point_a", 7, 1), vec![Fault::RevokeCs])));
     // Its handling leaves through the return to user: second NMIs go there, IRETQ first.
     let nests: Vec<(String, u64, u32)> =
-        now.iter().filter(|n| n.kind != Kind::Fault).map(last).collect();
+        now.iter().filter(|n| matches!(n.kind, Kind::Nest { .. })).map(last).collect();
     let ldt = |offset| ("native_irq_return_ldt".to_owned(), offset, 1);
     assert_eq!(nests, [ldt(6), ldt(4), ldt(2), ldt(0)]);
 }
@@ -175,4 +177,33 @@ fn each_corpus_entry_is_expanded_once_and_entries_take_turns() {
     assert!(tried[first_second..].iter().all(|n| occurrence(n) == 2));
     // Nothing is expanded again.
     assert!(expansion.next(&neighbours, &corpus).unwrap().is_none());
+}
+
+#[test]
+fn user_schedules_get_a_lone_first_nmi_at_every_gap_instruction_once() {
+    let base = schedule(Workload::User, at("user_point_a", 7, 1), &[Fault::Ud], false);
+    let gaps: Vec<Neighbour> =
+        neighbours().of(&base, 0).0.into_iter().filter(|n| n.kind == Kind::Gap).collect();
+    let placed: Vec<(String, u64, u32)> = gaps.iter().map(last).collect();
+    let mut expected = Vec::new();
+    for (symbol, offset) in
+        [("entry_SYSCALL_64", 0), ("entry_SYSCALL_64", 1), ("syscall_return_via_sysret", 0)]
+    {
+        expected.extend((1..=3).map(|occurrence| (symbol.to_owned(), offset, occurrence)));
+    }
+    assert_eq!(placed, expected);
+    // Alone, and the same whatever the base: the stage tries them once.
+    assert!(gaps.iter().all(|n| n.schedule.injections.len() == 1 && n.schedule.actions.is_empty()));
+    let other = schedule(Workload::User, at("user_point_a", 7, 2), &[Fault::Pf], true);
+    let again: Vec<Schedule> = neighbours()
+        .of(&other, 0)
+        .0
+        .into_iter()
+        .filter(|n| n.kind == Kind::Gap)
+        .map(|n| n.schedule)
+        .collect();
+    assert_eq!(again, gaps.iter().map(|n| n.schedule.clone()).collect::<Vec<_>>());
+    // The loop workload has no system calls.
+    let looped = schedule(Workload::Loop, at("workload_loop", 4, 1), &[Fault::Ud], false);
+    assert!(neighbours().of(&looped, 0).0.iter().all(|n| n.kind != Kind::Gap));
 }
