@@ -163,9 +163,10 @@ fn kvm_the_fast_mode_judges_entries_that_leave_without_iretq_as_the_stepped_engi
     // free-runs through NMI handling and stops at IRETQs; it must still close an NMI's
     // context where execution resumes it, as the stepped engine does at every step.
     let copy = copy_repository("non-iretq-exits", "non-iretq-exits");
-    for fixture in ["ret_exit.S", "jmp_exit.S"] {
-        let from = repository().join("fuzz/tests/entries").join(fixture);
-        fs::copy(from, copy.join("entries").join(fixture)).unwrap();
+    for name in ["ret_exit", "jmp_exit"] {
+        let fixture = repository().join(format!("fuzz/tests/entries/{name}.S"));
+        let entry = naive_with_exit(&fs::read_to_string(fixture).unwrap(), name);
+        fs::write(copy.join(format!("entries/{name}.S")), entry).unwrap();
     }
     let (status, text) = bash(
         &copy,
@@ -182,6 +183,24 @@ fn kvm_the_fast_mode_judges_entries_that_leave_without_iretq_as_the_stepped_engi
         assert!(!line.contains("(0 findings"), "{line}");
     }
     fs::remove_dir_all(&copy).unwrap();
+}
+
+/// The entry `nmi_<name>` from `fixture`, which holds a header comment and an exit only: the
+/// header, then naive's entry and body (entries/naive.S without its header, renamed) up to its
+/// exit, then the fixture's exit, which starts where naive's does.
+fn naive_with_exit(fixture: &str, name: &str) -> String {
+    const EXIT: &str = "    test byte ptr [rsp + 8], 3  /* back to ring 3? */";
+    let naive = fs::read_to_string(repository().join("entries/naive.S")).unwrap();
+    let comment = |line: &&str| line.starts_with('#');
+    let header = fixture.lines().take_while(comment);
+    let mut exit = fixture.lines().skip_while(comment).peekable();
+    assert_eq!(exit.peek(), Some(&EXIT), "the exit of {name}.S must start where naive's does");
+    assert!(naive.lines().any(|line| line == EXIT), "entries/naive.S has no line {EXIT:?}");
+    let body = naive.lines().skip_while(comment).take_while(|line| *line != EXIT);
+    let renamed = |line: &str| line.replace("nmi_naive", &format!("nmi_{name}"));
+    let lines: Vec<String> =
+        header.map(str::to_owned).chain(body.map(renamed)).chain(exit.map(str::to_owned)).collect();
+    lines.join("\n") + "\n"
 }
 
 #[test]

@@ -5,48 +5,9 @@
 # Not an entry anyone should write: it restores RFLAGS and RSP itself and jumps back to the
 # interrupted RIP, without IRETQ (the ring-3 path included, which then runs user code at CPL0).
 # The fast mode must judge it as the stepped engine does.
-
-    .balign 16
-    .global nmi_jmp_exit
-    .type nmi_jmp_exit, @function
-nmi_jmp_exit:
-    inc qword ptr [rip + NMI_DELIVERIES] /* the contract's first instruction: one per delivery */
-    cld                         /* the interrupted code may run with DF set; do_nmi may not */
-    test byte ptr [rsp + 8], 3  /* the interrupted CS: from ring 3? */
-    jz 1f
-    swapgs                      /* the user's GS: take the kernel's */
-1:  push rax                    /* NmiRegs::regs, rax at the highest address ... */
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-    push r8
-    push r9
-    push r10
-    push r11
-    push r12
-    push r13
-    push r14
-    push r15                    /* ... r15 at the lowest: RSP points at NmiRegs */
-    mov rdi, rsp                /* do_nmi(regs) */
-    call do_nmi
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rbp
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
+#
+# This file holds only its exit: tests/tutorial.rs puts naive's entry and body
+# (entries/naive.S, renamed, up to its exit) before it.
     test byte ptr [rsp + 8], 3  /* back to ring 3? */
     jz 2f
     swapgs                      /* give ring 3 its GS back */
