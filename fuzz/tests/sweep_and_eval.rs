@@ -1,6 +1,6 @@
 //! `nmifuzz sweep` and `nmifuzz eval --quick` through the real binary.
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use nmifuzz_abi::Variant;
 
@@ -81,7 +81,20 @@ fn kvm_quick_eval_writes_table_plot_and_raw_data() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("nmifuzz-eval-test-{}", std::process::id()));
-    let out = nmifuzz(&["eval", "--quick", "--output", dir.to_str().unwrap()]);
+    std::fs::create_dir_all(&dir).unwrap();
+    // From a copy that is deleted once the evaluation has started, as a rebuild replaces the
+    // binary during a long one: every job still runs the binary the evaluation started with.
+    let copy = dir.join("nmifuzz");
+    std::fs::copy(env!("CARGO_BIN_EXE_nmifuzz"), &copy).unwrap();
+    let child = Command::new(&copy)
+        .args(["eval", "--quick", "--output", dir.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::fs::remove_file(&copy).unwrap();
+    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let table = std::fs::read_to_string(dir.join("eval.md")).unwrap();
     let raw: serde_json::Value =

@@ -3,13 +3,15 @@
 //! For every variant (the 2015 CVE variants of the user-mode half too: the campaign's and the
 //! baseline's generator draws the user workload half the time, the sweep has both), three
 //! methods: the LibAFL campaign and the random-timing baseline (several seeds each, one core
-//! each, a time limit per run), and the exhaustive sweep (deterministic, one run). Each run is a child process (`nmifuzz eval-job`), two at a time on this 2-core
-//! host. The results go to `docs/eval.json` (raw), `docs/eval.md` (table) and `docs/eval.svg`
-//! (plot).
+//! each, a time limit per run), and the exhaustive sweep (deterministic, one run). Each run is a
+//! child process (`nmifuzz eval-job`) of the very binary the evaluation started with, two at a
+//! time on this 2-core host. The results go to `docs/eval.json` (raw), `docs/eval.md` (table)
+//! and `docs/eval.svg` (plot).
 
 mod jobs;
 mod plot;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
@@ -191,8 +193,11 @@ fn spawn_job(
     limit: u64,
     quick: bool,
 ) -> Result<JobResult> {
-    let exe = std::env::current_exe().context("cannot find the nmifuzz binary")?;
-    let mut command = Command::new(exe);
+    // /proc/self/exe, not the path it was started from: an evaluation takes an hour, and a
+    // `cargo build` meanwhile replaces that file. Every job must run the binary whose numbers
+    // the table reports, and the running one stays reachable here even once replaced.
+    let mut command = Command::new("/proc/self/exe");
+    command.arg0("nmifuzz");
     command.args(["eval-job", "--method", method.name(), "--variant", variant]);
     command.args(["--seed", &seed.to_string(), "--time-limit", &limit.to_string()]);
     if quick {
