@@ -15,7 +15,8 @@
 //!    `revoke-cs` makes the IRET to user fault); and, for a user schedule, *gap neighbours*: a
 //!    lone first NMI at each instruction of the SYSCALL gaps, occurrences 1 to 3 (kernel code
 //!    on the user's RSP, where an entry that trusts RSP alone takes an NMI for a nested one:
-//!    CVE-2015-3291), the same for every base, so tried once;
+//!    CVE-2015-3291), the same for every base of one workload length (the fuzzer gives every
+//!    user schedule the same), so tried once;
 //! 2. *nest neighbours*, when its first `do_nmi` call faults or it has the stress option (NMIs
 //!    reopen inside the first NMI's handling): its first NMI and a second at every instruction
 //!    of the variant's entry, nearest an IRETQ first (the exit path up to the final IRETQ, the
@@ -37,9 +38,9 @@
 //! mutants) runs at most [`BUDGET`] neighbours, through `evaluate_input`, so that they reach
 //! the feedback and the objective exactly as mutated inputs do.
 //!
-//! What it misses: SYSCALL-gap placements of second and third NMIs, fourth NMIs, and an entry another
-//! client sent (expanded again by every client); the stage keeps its progress in memory only,
-//! so a respawned client starts over.
+//! What it misses: SYSCALL-gap placements of second and third NMIs, fourth NMIs, and an entry
+//! another client sent (expanded again by every client); the stage keeps its progress in
+//! memory only, so a respawned client starts over.
 //!
 //! Layout: this file, the stage and the order neighbours are tried in; [`neighbours`], what
 //! they are; `tests`.

@@ -149,7 +149,8 @@ impl Neighbours {
     /// A lone first NMI at each instruction of the SYSCALL gaps (kernel code on the user's
     /// RSP, where an entry that trusts RSP alone takes the NMI for a nested one), at each of
     /// [`GAP_OCCURRENCES`], spread over the ranks of nest neighbours ([`GAP_SPREAD`]). Without
-    /// actions, user flags or stress, so that they are the same for every base and tried once.
+    /// actions, user flags or stress, so that they are the same for every base of one workload
+    /// length (the fuzzer gives every user schedule the same) and tried once.
     fn gap_firsts(&self, base: &Schedule, start: usize) -> Vec<Neighbour> {
         let insns = self.table.insns();
         let lone = |position: usize, occurrence| Schedule {

@@ -181,9 +181,11 @@ fn each_corpus_entry_is_expanded_once_and_entries_take_turns() {
 
 #[test]
 fn user_schedules_get_a_lone_first_nmi_at_every_gap_instruction_once() {
+    let gaps_of = |base: &Schedule| -> Vec<Neighbour> {
+        neighbours().of(base, 0).0.into_iter().filter(|n| n.kind == Kind::Gap).collect()
+    };
     let base = schedule(Workload::User, at("user_point_a", 7, 1), &[Fault::Ud], false);
-    let gaps: Vec<Neighbour> =
-        neighbours().of(&base, 0).0.into_iter().filter(|n| n.kind == Kind::Gap).collect();
+    let gaps = gaps_of(&base);
     let placed: Vec<(String, u64, u32)> = gaps.iter().map(last).collect();
     let mut expected = Vec::new();
     for (symbol, offset) in
@@ -195,15 +197,9 @@ fn user_schedules_get_a_lone_first_nmi_at_every_gap_instruction_once() {
     // Alone, and the same whatever the base: the stage tries them once.
     assert!(gaps.iter().all(|n| n.schedule.injections.len() == 1 && n.schedule.actions.is_empty()));
     let other = schedule(Workload::User, at("user_point_a", 7, 2), &[Fault::Pf], true);
-    let again: Vec<Schedule> = neighbours()
-        .of(&other, 0)
-        .0
-        .into_iter()
-        .filter(|n| n.kind == Kind::Gap)
-        .map(|n| n.schedule)
-        .collect();
-    assert_eq!(again, gaps.iter().map(|n| n.schedule.clone()).collect::<Vec<_>>());
+    let schedules = |gaps: Vec<Neighbour>| gaps.into_iter().map(|n| n.schedule).collect::<Vec<_>>();
+    assert_eq!(schedules(gaps_of(&other)), schedules(gaps));
     // The loop workload has no system calls.
     let looped = schedule(Workload::Loop, at("workload_loop", 4, 1), &[Fault::Ud], false);
-    assert!(neighbours().of(&looped, 0).0.iter().all(|n| n.kind != Kind::Gap));
+    assert!(gaps_of(&looped).is_empty());
 }
