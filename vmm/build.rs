@@ -1,9 +1,10 @@
-//! Builds the guest kernel (`../guest`, target `x86_64-unknown-none`) and embeds its ELF, so that
-//! one `cargo build` of the host builds everything.
+//! Builds the guest kernel (`../guest`) and the agent a real kernel runs as `/init` (`../agent`),
+//! both for `x86_64-unknown-none`, and embeds their ELFs, so that one `cargo build` of the host
+//! builds everything.
 //!
-//! The guest is its own cargo workspace with its own `.cargo/config.toml` (target, linker script),
-//! so it is built by a nested `cargo build` run from the guest directory, into a target directory
-//! under `OUT_DIR` so that it never contends with the host build's lock.
+//! Each is its own cargo workspace with its own `.cargo/config.toml` (target, linker script), so
+//! it is built by a nested `cargo build` run from its directory, into a target directory under
+//! `OUT_DIR` so that it never contends with the host build's lock.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -13,9 +14,17 @@ const GUEST_TARGET: &str = "x86_64-unknown-none";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let guest_dir = manifest_dir.join("../guest");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    ensure_guest_target();
+    let guest = build_nested(&manifest_dir.join("../guest"), &out_dir, "guest", "the guest kernel");
+    println!("cargo:rustc-env=NMIFUZZ_GUEST_ELF={}", guest.display());
+    let agent = build_nested(&manifest_dir.join("../agent"), &out_dir, "agent", "the agent");
+    println!("cargo:rustc-env=NMIFUZZ_AGENT_ELF={}", agent.display());
+}
 
+/// Builds the binary `bin` of the cargo workspace in `dir` for [`GUEST_TARGET`] and copies it
+/// to `OUT_DIR/<bin>.elf`, which it returns.
+fn build_nested(dir: &Path, out_dir: &Path, bin: &str, what: &str) -> PathBuf {
     for path in [
         "../entries",
         "src",
@@ -27,20 +36,19 @@ fn main() {
         "build.rs",
         ".cargo/config.toml",
     ] {
-        println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
+        println!("cargo:rerun-if-changed={}", dir.join(path).display());
     }
 
-    ensure_guest_target();
-
-    let target_dir = out_dir.join("guest-target");
+    let target_dir = out_dir.join(format!("{bin}-target"));
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build
-        .current_dir(&guest_dir)
+        .current_dir(dir)
         .args(["build", "--release", "--locked", "--target-dir"])
         .arg(&target_dir);
     // The host build's flags and wrappers (RUSTFLAGS, clippy's driver, coverage tools, a forced
-    // --target) are meant for host code; the guest has its own flags in its .cargo/config.toml.
+    // --target) are meant for host code; each nested workspace has its own flags in its
+    // .cargo/config.toml.
     for var in [
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
@@ -55,14 +63,14 @@ fn main() {
     }
     let status = build.status().unwrap_or_else(|e| fail(&format!("cannot run cargo: {e}")));
     if !status.success() {
-        fail(&format!("building the guest kernel in {} failed ({status})", guest_dir.display()));
+        fail(&format!("building {what} in {} failed ({status})", dir.display()));
     }
 
-    let elf = target_dir.join(GUEST_TARGET).join("release").join("guest");
-    let embedded = out_dir.join("guest.elf");
+    let elf = target_dir.join(GUEST_TARGET).join("release").join(bin);
+    let embedded = out_dir.join(format!("{bin}.elf"));
     std::fs::copy(&elf, &embedded)
         .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", elf.display())));
-    println!("cargo:rustc-env=NMIFUZZ_GUEST_ELF={}", embedded.display());
+    embedded
 }
 
 /// Makes sure the guest's target is installed, adding it with rustup when it is not.

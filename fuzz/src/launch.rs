@@ -84,6 +84,9 @@ pub struct Report {
 
 /// `nmifuzz run`: returns whether a crash was found; exits 72 itself when interrupted.
 pub fn run(args: &RunArgs) -> Result<bool> {
+    if let Some(kernel) = &args.kernel {
+        return run_kernel(args, kernel);
+    }
     let (seeds, corpus_dir) = match &args.corpus {
         Some(dir) => (load_seeds(dir)?, Some(dir.clone())),
         None if Path::new("corpus").is_dir() => (load_seeds(Path::new("corpus"))?, None),
@@ -114,6 +117,52 @@ pub fn run(args: &RunArgs) -> Result<bool> {
         std::process::exit(EXIT_INTERRUPTED);
     }
     Ok(report.crashes > 0)
+}
+
+/// `nmifuzz run --kernel`: a campaign on a real kernel ([`crate::kernel::campaign`]).
+fn run_kernel(args: &RunArgs, kernel: &Path) -> Result<bool> {
+    let seed = args.seed.unwrap_or_else(libafl_bolts::current_nanos);
+    let campaign = crate::kernel::campaign::Campaign {
+        kernel: kernel.to_path_buf(),
+        system_map: args.system_map.clone(),
+        corpus_dir: args.corpus.clone(),
+        artifacts: args.campaign.artifacts.clone(),
+        seed,
+        timeout: Duration::from_millis(args.campaign.timeout_ms),
+        limits: Limits {
+            start: Instant::now(),
+            max_time: args.max_total_time.map(Duration::from_secs),
+            max_runs: args.runs,
+            stop_on_crash: !args.keep_going,
+        },
+    };
+    let report = crate::kernel::campaign::run(&campaign)?;
+    let elapsed = report.elapsed.as_secs_f64();
+    let rate = report.executions as f64 / elapsed.max(1e-3);
+    println!(
+        "#{} DONE corp: {} exec/s: {rate:.1} crashes: {}",
+        report.executions,
+        report.corpus,
+        report.artifacts.len()
+    );
+    println!(
+        "Done {} runs in {elapsed:.1} s ({rate:.1} exec/s, boot included), kernel {}, seed {seed}",
+        report.executions,
+        kernel.display()
+    );
+    if let Some(first) = report.first_finding {
+        println!("  first finding after {first:.1} s");
+    }
+    for (path, verdict) in &report.artifacts {
+        println!("  artifact {}: {verdict}", path.display());
+    }
+    if let Some((path, _)) = report.artifacts.first() {
+        println!("  reproduce with: nmifuzz replay --trace {}", path.display());
+    }
+    if crate::executor::interrupted() && report.artifacts.is_empty() {
+        std::process::exit(EXIT_INTERRUPTED);
+    }
+    Ok(!report.artifacts.is_empty())
 }
 
 /// The clients' configuration from the shared campaign options.

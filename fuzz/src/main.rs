@@ -11,6 +11,7 @@ mod eval;
 mod executor;
 mod feedback;
 mod input;
+mod kernel;
 mod launch;
 mod modes;
 mod new_entry;

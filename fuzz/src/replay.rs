@@ -1,7 +1,9 @@
 //! `nmifuzz replay`: runs reproducers and prints their verdicts, optionally with the full
 //! symbolized, disassembled trace.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use vmm::kernel::schedule::KernelSchedule;
 
 use anyhow::{Context, Result};
 use nmifuzz_abi::{NmiStackLayout, Variant};
@@ -33,6 +35,21 @@ struct Replayed<'a> {
 
 /// Replays every file; returns whether any ended in a finding.
 pub fn run(args: &ReplayArgs) -> Result<bool> {
+    let kernel_files = args
+        .files
+        .iter()
+        .filter(|f| {
+            std::fs::read_to_string(f).is_ok_and(|t| KernelSchedule::is_kernel_schedule(&t))
+        })
+        .count();
+    if kernel_files > 0 {
+        if kernel_files < args.files.len() {
+            anyhow::bail!("replay real-kernel reproducers and built-in-guest ones separately");
+        }
+        let files: Vec<&Path> = args.files.iter().map(PathBuf::as_path).collect();
+        let timeout = std::time::Duration::from_millis(crate::options::DEFAULT_TIMEOUT_MS * 10);
+        return crate::kernel::replay::run(&files, args.trace, args.json, timeout);
+    }
     let mut target = Target::new()?;
     let mut any_finding = false;
     for file in &args.files {

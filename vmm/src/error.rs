@@ -86,6 +86,9 @@ pub enum Error {
     /// The watchdog could not be set up.
     #[error("cannot set up the watchdog: {0}")]
     Watchdog(#[source] std::io::Error),
+    /// A real kernel ([`crate::kernel`]) could not be loaded, booted or driven.
+    #[error("{0}")]
+    Kernel(String),
     /// A schedule the VMM made itself does not fit the guest (`engine::agreement`).
     #[error("a generated schedule: {0}")]
     Schedule(#[from] crate::engine::schedule::Problem),

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod gate;
 pub mod hash;
 pub mod image;
+pub mod kernel;
 pub mod kvm;
 pub mod layout;
 pub mod memory;

@@ -86,12 +86,23 @@ impl GuestRam {
     /// `cr3` (4 KiB, 2 MiB and 1 GiB pages; SDM vol. 3, 4.5), if it is mapped. Access rights
     /// are not checked: the VMM reads what the guest's kernel can.
     pub fn translate(&self, cr3: u64, virtual_address: u64) -> Option<u64> {
+        self.translate_with_levels(cr3, virtual_address, 4)
+    }
+
+    /// [`GuestRam::translate`] with 4 or 5 levels of page tables (CR4.LA57, which a real
+    /// kernel turns on where the CPU has it).
+    pub fn translate_with_levels(
+        &self,
+        cr3: u64,
+        virtual_address: u64,
+        levels: u32,
+    ) -> Option<u64> {
         /// Bits 51:12 of an entry: the next table's or the page's frame.
         const FRAME: u64 = 0x000f_ffff_ffff_f000;
         const PRESENT: u64 = 1;
         const LARGE: u64 = 1 << 7;
         let mut table = cr3 & FRAME;
-        for level in (0..4).rev() {
+        for level in (0..levels).rev() {
             let shift = 12 + 9 * level;
             let index = (virtual_address >> shift) & 0x1ff;
             let entry = self.read_u64(table + 8 * index).ok()?;

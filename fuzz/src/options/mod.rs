@@ -291,6 +291,15 @@ pub struct RunArgs {
     /// inputs across machines (with --cores).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_socket_addr, requires = "cores")]
     pub remote_broker: Option<SocketAddr>,
+    /// Fuzz the NMI entry of this Linux kernel (a bzImage) instead of the built-in guest: it
+    /// boots with nmifuzz's agent as /init (see README, "Fuzzing a real kernel"). --variant,
+    /// --engine and --faults do not apply.
+    #[arg(long, value_name = "BZIMAGE", conflicts_with = "cores")]
+    pub kernel: Option<PathBuf>,
+    /// The kernel's System.map, for symbols. A stub (Debian ships one) is recognised and the
+    /// kernel's own /proc/kallsyms is used instead, as it is without this option.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub system_map: Option<PathBuf>,
 }
 
 /// Arguments of `nmifuzz tmin`.

@@ -12,6 +12,7 @@
 //!   says what each `do_nmi` call does.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+pub mod agent;
 #[cfg(feature = "std")]
 pub mod entry_name;
 mod mailbox;
