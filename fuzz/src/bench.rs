@@ -16,6 +16,9 @@ use vmm::{RunLimits, Verdict, Vm, VmConfig};
 
 use crate::options::BenchArgs;
 
+/// `--samples` on a real kernel when it is not given: its runs take milliseconds.
+const KERNEL_SAMPLES: u32 = 50;
+
 /// Pages the guest dirties before the reset measurement ("a few", as a real run does).
 const DIRTY_PAGES: u32 = 4;
 
@@ -65,6 +68,14 @@ struct Report {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(kernel) = &args.kernel {
+        let samples = if args.samples == crate::options::DEFAULT_BENCH_SAMPLES {
+            KERNEL_SAMPLES
+        } else {
+            args.samples
+        };
+        return crate::kernel::bench::run(kernel, args.system_map.as_deref(), samples, args.json);
+    }
     let mut vm = Vm::new(&VmConfig::default(), vmm::EMBEDDED_GUEST.to_vec())
         .context("cannot start the VM")?;
     let exit_roundtrip = exit_roundtrip(&mut vm, args.samples)?;

@@ -221,6 +221,12 @@ impl<'t> Minimizer<'t> {
 
 /// `nmifuzz tmin`.
 pub fn run(args: &TminArgs) -> Result<()> {
+    if std::fs::read_to_string(&args.file)
+        .is_ok_and(|t| vmm::kernel::schedule::KernelSchedule::is_kernel_schedule(&t))
+    {
+        let timeout = std::time::Duration::from_millis(args.timeout_ms);
+        return crate::kernel::tmin::run(&args.file, args.output.as_deref(), timeout);
+    }
     let original = Schedule::load(&args.file)?;
     let mut target = Target::new()?;
     let options = crate::target::run_options(args.timeout_ms);

@@ -1,10 +1,13 @@
 //! Fuzzing a real Linux kernel (`nmifuzz run --kernel`): the target ([`KernelTarget`]: the
 //! booted kernel, its identity and the points NMIs may arrive at), the input
-//! ([`input`]), the campaign ([`campaign`]) and the replay of its reproducers ([`replay`]).
+//! ([`input`]), the campaign ([`campaign`]), the replay ([`replay`]) and minimization ([`tmin`])
+//! of its reproducers, and its costs ([`bench`]).
 
+pub mod bench;
 pub mod campaign;
 pub mod input;
 pub mod replay;
+pub mod tmin;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,6 +36,9 @@ pub struct KernelTarget {
 impl KernelTarget {
     /// Boots `kernel` (a bzImage) with the agent, printing progress.
     pub fn boot(kernel: &Path, system_map: Option<&Path>) -> Result<Self> {
+        if let Some(why) = vmm::kernel::host_too_slow() {
+            bail!("{why}");
+        }
         let image = std::fs::read(kernel)
             .with_context(|| format!("cannot read the kernel {}", kernel.display()))?;
         if image.get(0x202..0x206) != Some(b"HdrS") {

@@ -15,6 +15,9 @@ pub use self::values::{
     parse_socket_addr, parse_third_window, parse_variant,
 };
 
+/// `nmifuzz bench --samples`' default.
+pub const DEFAULT_BENCH_SAMPLES: u32 = 2000;
+
 /// Default wall-clock limit of one execution, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
 
@@ -352,8 +355,15 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Measure a real kernel (a bzImage) instead of the built-in guest: boot time, snapshot
+    /// size, reset and execution costs (samples default to 50 there).
+    #[arg(long, value_name = "BZIMAGE")]
+    pub kernel: Option<PathBuf>,
+    /// The kernel's System.map (see `nmifuzz run --system-map`).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub system_map: Option<PathBuf>,
     /// Samples per measurement (the median is reported).
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..))]
+    #[arg(long, default_value_t = DEFAULT_BENCH_SAMPLES, value_parser = clap::value_parser!(u32).range(10..))]
     pub samples: u32,
 }
 

@@ -25,17 +25,20 @@
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, kvm_guest_debug};
-use nmifuzz_abi::agent::{
-    AGENT_REGISTER_NAMES, AgentMailbox, AgentMessage, MAX_AGENT_OPS, agent_status,
-};
+use nmifuzz_abi::agent::{AgentMailbox, AgentMessage, MAX_AGENT_OPS};
 use serde::Serialize;
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::KernelVm;
+use super::exits::{Handled, flush_io, handle_exit, wake_if_idle};
 use super::schedule::{KernelSchedule, NmiPoint, Operation, Place, START};
-use super::verdict::{KernelVerdict, console_finding, lost_nmi};
-use super::{Handled, KernelVm, flush_io, handle_exit};
+use super::verdict::{KernelVerdict, console_finding};
 use crate::error::{Error, Result};
 use crate::hash::Fnv1a;
+
+/// How often a run that makes no exit is checked for an idle kernel (see `state`: the timer is
+/// restored disarmed and fires only when the kernel waits for it).
+const IDLE_CHECK: Duration = Duration::from_millis(20);
 
 /// RFLAGS.RF, the resume flag.
 const RF: u64 = 1 << 16;
@@ -81,26 +84,24 @@ pub struct Execution {
 }
 
 /// The watch of the outermost NMI's return.
-struct ReturnWatch {
+pub(super) struct ReturnWatch {
     rip: u64,
     rsp: u64,
     cs: u64,
     rflags: u64,
     ss: u64,
-    interrupted: String,
+    pub(super) interrupted: String,
 }
 
 /// The state of a run in progress.
-struct Run {
+pub(super) struct Run {
     /// Resolved NMI points: (address, or None for `start`; occurrence).
     points: Vec<(Option<u64>, u32)>,
     next: usize,
     hits: u32,
-    watch: Option<ReturnWatch>,
+    pub(super) watch: Option<ReturnWatch>,
     mirror: Option<u64>,
-    /// Where the last instruction breakpoint stopped the guest.
-    last_stop: Option<u64>,
-    out: Execution,
+    pub(super) out: Execution,
 }
 
 impl Run {
@@ -166,7 +167,6 @@ impl KernelVm {
             hits: 0,
             watch: None,
             mirror,
-            last_stop: None,
             out: Execution {
                 verdict: KernelVerdict::Clean,
                 injected: 0,
@@ -200,7 +200,7 @@ impl KernelVm {
     }
 
     /// Back to the snapshot, with the console emptied.
-    fn reset(&mut self) -> Result<usize> {
+    pub(super) fn reset(&mut self) -> Result<usize> {
         if self.io_pending {
             flush_io(&mut self.vcpu)?;
             self.io_pending = false;
@@ -220,13 +220,6 @@ impl KernelVm {
         mailbox.status = u32::MAX;
         mailbox.completed = 0;
         self.ram.write(self.mailbox, mailbox.as_bytes())
-    }
-
-    fn read_mailbox(&self) -> Result<AgentMailbox> {
-        let mut bytes = vec![0; size_of::<AgentMailbox>()];
-        self.ram.read(self.mailbox, &mut bytes)?;
-        AgentMailbox::read_from_bytes(&bytes)
-            .map_err(|_| Error::Kernel("the agent's mailbox has the wrong size".into()))
     }
 
     /// The address a [`Place`] names on this boot.
@@ -262,13 +255,22 @@ impl KernelVm {
                 let rip = self.vcpu.get_regs().map(|r| self.symbols.describe(r.rip));
                 return Ok(KernelVerdict::Hang { rip: rip.unwrap_or_else(|e| e.to_string()) });
             }
-            self.watchdog.arm(deadline - now);
+            self.watchdog.arm((deadline - now).min(IDLE_CHECK));
             let exit = handle_exit(&mut self.vcpu, &mut self.uart, &mut self.cmos);
             self.watchdog.disarm();
             run.out.exits += 1;
             self.io_pending = matches!(exit, Ok(Handled::Agent(_)));
             match exit? {
-                Handled::Continue | Handled::Interrupted => {}
+                Handled::Continue => {}
+                Handled::Interrupted => {
+                    if wake_if_idle(&self.vcpu)? {
+                        let rip = self.vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?.rip;
+                        let at = self.symbols.describe(rip);
+                        run.out
+                            .trace
+                            .push(format!("the kernel went idle at {at}: its timer fires"));
+                    }
+                }
                 Handled::Shutdown => {
                     let rip = self.vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?.rip;
                     return Ok(KernelVerdict::TripleFault { rip: self.symbols.describe(rip) });
@@ -321,9 +323,6 @@ impl KernelVm {
         if dr6 & 0b1000 != 0 {
             self.on_watchpoint(run, regs.rip)?;
         }
-        if dr6 & 0b101 != 0 {
-            run.last_stop = Some(regs.rip);
-        }
         Ok(Next::Resume { rf })
     }
 
@@ -335,13 +334,15 @@ impl KernelVm {
                 .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
         };
         let (rip, cs, mut rflags, old_rsp, ss) = (word(0), word(1), word(2), word(3), word(4));
-        // An NMI delivered where the VMM's own breakpoint has just stopped the guest gets RF in
-        // its frame on some CPUs (QEMU's), which would hide the instruction from the breakpoint
-        // when the NMI returns to it. The RF is the VMM's doing, not the kernel's: clear it.
-        if rflags & RF != 0 && run.last_stop == Some(rip) {
+        // RF in the frame would hide the interrupted instruction from the return watch when
+        // the NMI returns to it. The CPU puts it there when the NMI comes where the VMM's own
+        // breakpoint has just stopped the guest (QEMU does), or at an instruction a fault
+        // restarts; it only ever suppresses instruction breakpoints, which only the VMM sets,
+        // so clearing it changes nothing the kernel can see.
+        if rflags & RF != 0 {
             rflags &= !RF;
             self.write_virtual(rsp + 16, &rflags.to_le_bytes())?;
-            run.out.trace.push("(RF the VMM's breakpoint left in the NMI's frame cleared)".into());
+            run.out.trace.push("(RF in the NMI's frame cleared, for the return watch)".into());
         }
         let depth = u32::from(run.watch.is_some());
         let interrupted = self.symbols.describe(rip);
@@ -417,12 +418,6 @@ impl KernelVm {
         self.vcpu.set_vcpu_events(&events).map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))
     }
 
-    /// The kernel's per-CPU NMI count now.
-    fn nmi_count(&self) -> u32 {
-        self.read_virtual(self.facts.nmi_count, 4)
-            .map_or(u32::MAX, |b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
-    }
-
     /// The top of the NMI stack at a delivery: the words above RSP, named where the layout of
     /// Linux's nested-NMI entry gives them a name.
     fn stack_diagram(&self, rsp: u64) -> Vec<String> {
@@ -439,91 +434,5 @@ impl KernelVm {
                 format!("    top-{:#04x} {value:#018x} {name}{here}", 8 * (i + 1))
             })
             .collect()
-    }
-
-    /// The agent is done: apply the oracles that look at the end state.
-    fn judge(&mut self, run: &mut Run) -> Result<KernelVerdict> {
-        let mailbox = self.read_mailbox()?;
-        if mailbox.status == agent_status::SETUP {
-            return Ok(KernelVerdict::Unperformable { message: describe_status(&mailbox) });
-        }
-        if mailbox.status != agent_status::OK {
-            return Ok(KernelVerdict::AgentCheck { message: describe_status(&mailbox) });
-        }
-        let counts: Vec<u32> = run.out.deliveries.iter().map(|d| d.nmi_count).collect();
-        if let Some(message) = lost_nmi(&counts, self.nmi_count()) {
-            return Ok(KernelVerdict::LostNmi { message });
-        }
-        if let Some(watch) = &run.watch {
-            return Ok(KernelVerdict::WrongReturn {
-                message: format!(
-                    "the NMI that interrupted {} never returned there",
-                    watch.interrupted
-                ),
-            });
-        }
-        let events = self.vcpu.get_vcpu_events().map_err(Error::kvm("KVM_GET_VCPU_EVENTS"))?;
-        if events.nmi.masked != 0 || events.nmi.pending != 0 {
-            return Ok(KernelVerdict::NmiLeftBlocked {
-                message: format!(
-                    "back in the agent with NMIs {}",
-                    if events.nmi.masked != 0 { "masked" } else { "pending, never delivered" }
-                ),
-            });
-        }
-        Ok(KernelVerdict::Clean)
-    }
-
-    /// Finds `irq_stat.__nmi_count`: one NMI at the start of a run must add exactly one to it.
-    /// Which field it is depends on the kernel's configuration (a byte for KVM's L1TF flush
-    /// may come first).
-    pub(super) fn calibrate_nmi_count(&mut self) -> Result<u64> {
-        let irq_stat = self.facts.per_cpu_base.wrapping_add(
-            self.symbols.require("irq_stat", "counting the NMIs the kernel handled")?,
-        );
-        let read = |vm: &Self| vm.read_virtual(irq_stat, 8);
-        let before = read(self).ok_or_else(|| Error::Kernel("cannot read irq_stat".into()))?;
-        let probe = KernelSchedule {
-            format: super::schedule::FORMAT.into(),
-            description: "calibration".into(),
-            kernel: Default::default(),
-            operations: vec![Operation::Spin(1)],
-            nmis: vec![NmiPoint { at: START.into(), occurrence: 1 }],
-        };
-        self.facts.nmi_count = irq_stat;
-        let run = self.execute(&probe, Duration::from_secs(60))?;
-        let after = read(self).ok_or_else(|| Error::Kernel("cannot read irq_stat".into()))?;
-        let field = |bytes: &[u8], at: usize| {
-            u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default())
-        };
-        for at in [0, 4] {
-            if field(&after, at) == field(&before, at).wrapping_add(1) {
-                return Ok(irq_stat + at as u64);
-            }
-        }
-        Err(Error::Kernel(format!(
-            "cannot find irq_stat.__nmi_count: one NMI at the start of a run ({}) changed \
-             irq_stat from {before:02x?} to {after:02x?}",
-            run.verdict
-        )))
-    }
-}
-
-/// The agent's failure in words.
-fn describe_status(mailbox: &AgentMailbox) -> String {
-    let [a, b, c, d] = mailbox.detail;
-    match mailbox.status {
-        agent_status::REGISTER => format!(
-            "{} is {c:#x}, expected {b:#x}, after operation {d}",
-            AGENT_REGISTER_NAMES.get(a as usize).copied().unwrap_or("a register")
-        ),
-        agent_status::SETUP if b == u64::MAX => format!("the agent's set-up failed (errno {a})"),
-        agent_status::SETUP => format!("operation {b} could not be performed (errno {a})"),
-        agent_status::BAD_OP => format!("operation {b} has unknown kind {a}"),
-        agent_status::SIGNAL => {
-            format!("unexpected signal {a} at RIP {b:#x} (address {c:#x}) in operation {d}")
-        }
-        u32::MAX => "the agent never wrote a status".into(),
-        other => format!("unknown status {other}"),
     }
 }

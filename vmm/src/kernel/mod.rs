@@ -8,19 +8,25 @@
 //! - [`initramfs`]: the archive holding the agent (`agent/`);
 //! - [`state`]: the machine state every run starts from;
 //! - [`symbols`]: the kernel's symbols;
-//! - [`schedule`]: what a run does; [`exec`]: doing it; [`verdict`]: how it ends;
-//! - `regions`: the entry code's instructions, where NMIs are placed.
+//! - `ready`: the boot to the agent's Ready; `exits`: one vCPU exit at a time;
+//! - [`schedule`]: what a run does; `exec`: doing it; `oracles` and [`verdict`]: how it ends;
+//! - `regions`: the entry code's instructions, where NMIs are placed; `costs`: what the basic
+//!   operations cost (`nmifuzz bench --kernel`).
 //!
 //! The built-in guest's VMM (`crate::vm`) and engine are not used: a real kernel needs an
 //! irqchip, timers and a console, and its runs are driven by breakpoints alone.
 
 pub mod boot;
+mod costs;
 pub mod cpu;
 pub mod devices;
 mod exec;
+mod exits;
 pub mod initramfs;
 pub mod layout;
 pub mod mptable;
+mod oracles;
+mod ready;
 mod regions;
 pub mod schedule;
 pub mod state;
@@ -30,14 +36,16 @@ pub mod verdict;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use nmifuzz_abi::agent::{AGENT_DOORBELL, AGENT_MAILBOX_MAGIC, AgentMessage};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use nmifuzz_abi::agent::AGENT_MAILBOX_MAGIC;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use self::devices::{Cmos, Console, IrqTrigger, SERIAL_BASE, SERIAL_IRQ, SERIAL_PORTS, Uart};
+use self::devices::{Cmos, Console, IrqTrigger, SERIAL_IRQ, Uart};
+use self::exits::flush_io;
+use self::ready::{Booting, choose_symbols};
 use self::state::MachineState;
-use self::symbols::{SymbolSource, Symbols};
+use self::symbols::Symbols;
 use crate::error::{Error, Result};
 use crate::memory::GuestRam;
 use crate::watchdog::Watchdog;
@@ -119,16 +127,25 @@ pub struct KernelVm {
     io_pending: bool,
 }
 
-/// What a port write from the agent asked for, read from the registers at the exit.
-struct AgentCall {
-    message: Option<AgentMessage>,
-    rdi: u64,
-    rsi: u64,
+/// Why this host cannot boot a real kernel in reasonable time, if it cannot: kvm_pvm emulates
+/// every ring-0 instruction, and Debian's 6.1 kernel had not reached init after 10 minutes on it.
+pub fn host_too_slow() -> Option<String> {
+    std::path::Path::new("/sys/module/kvm_pvm").exists().then(|| {
+        "this host's KVM is kvm_pvm, which emulates every ring-0 instruction: a real kernel does \
+         not boot in useful time on it (Debian's 6.1 had not reached init after 10 minutes). \
+         Fuzz real kernels on a host with VMX or SVM, or on the emulated AMD-V host of \
+         .ci/stock-kvm (README, \"Fuzzing a real kernel\")"
+            .to_owned()
+    })
 }
 
 impl KernelVm {
-    /// Boots the kernel to the agent's Ready and takes the snapshot.
+    /// Boots the kernel to the agent's Ready and takes the snapshot. Refuses at once on a host
+    /// that is too slow for it ([`host_too_slow`]).
     pub fn boot(config: &KernelConfig) -> Result<Self> {
+        if let Some(why) = host_too_slow() {
+            return Err(Error::Kernel(why));
+        }
         let started = Instant::now();
         let kvm = crate::kvm::open(std::path::Path::new(crate::kvm::KVM_DEVICE))?;
         let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
@@ -267,173 +284,4 @@ impl KernelVm {
         self.facts.nmi_count = self.calibrate_nmi_count()?;
         Ok(())
     }
-}
-
-/// The VM while it boots, before there is a snapshot.
-struct Booting {
-    vcpu: VcpuFd,
-    uart: Uart,
-    cmos: Cmos,
-    mailbox: Option<u64>,
-    symbols_text: Option<String>,
-}
-
-impl Booting {
-    /// Runs the vCPU until the agent says Ready.
-    fn run_to_ready(
-        &mut self,
-        ram: &GuestRam,
-        watchdog: &Watchdog,
-        deadline: Instant,
-    ) -> Result<()> {
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(self.failed("did not reach the agent's Ready in time"));
-            }
-            watchdog.arm(deadline - now);
-            let exit = handle_exit(&mut self.vcpu, &mut self.uart, &mut self.cmos);
-            watchdog.disarm();
-            match exit? {
-                Handled::Continue | Handled::Interrupted => {}
-                Handled::Debug(_) => {}
-                Handled::Shutdown => return Err(self.failed("triple-faulted while booting")),
-                Handled::Agent(call) => match call.message {
-                    Some(AgentMessage::Hello) => self.mailbox = Some(call.rdi),
-                    Some(AgentMessage::Symbols) => {
-                        let text = read_user(&self.vcpu, ram, call.rdi, call.rsi)?;
-                        self.symbols_text = Some(String::from_utf8_lossy(&text).into_owned());
-                    }
-                    Some(AgentMessage::Log) => {
-                        let text = read_user(&self.vcpu, ram, call.rdi, call.rsi.min(4096))?;
-                        eprintln!("agent: {}", String::from_utf8_lossy(&text).trim_end());
-                    }
-                    Some(AgentMessage::Ready) => return Ok(()),
-                    Some(AgentMessage::Done) | None => {}
-                },
-            }
-        }
-    }
-
-    /// A boot error with the console's last lines.
-    fn failed(&self, what: &str) -> Error {
-        let lines = self.uart.writer().lines();
-        let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
-        Error::Kernel(format!("the kernel {what}; its console ended with:\n  {tail}"))
-    }
-}
-
-/// The System.map's symbols if it is a real one, else the kernel's own.
-fn choose_symbols(config: &KernelConfig, kallsyms: Option<String>) -> Result<Symbols> {
-    if let Some(path) = &config.system_map {
-        match Symbols::from_system_map(path)? {
-            Ok(symbols) => return Ok(symbols),
-            Err(why) => eprintln!("INFO: {why}; using the kernel's /proc/kallsyms instead"),
-        }
-    }
-    let text = kallsyms.ok_or_else(|| {
-        Error::Kernel("the agent sent no /proc/kallsyms and there is no usable System.map".into())
-    })?;
-    let symbols = Symbols::parse(&text, SymbolSource::Kallsyms);
-    if symbols.address("asm_exc_nmi") == Some(0) {
-        return Err(Error::Kernel("/proc/kallsyms shows zero addresses (kptr_restrict)".into()));
-    }
-    Ok(symbols)
-}
-
-/// Reads `len` bytes at user address `address` through the page tables of the current CR3.
-fn read_user(vcpu: &VcpuFd, ram: &GuestRam, address: u64, len: u64) -> Result<Vec<u8>> {
-    let sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-    let levels = if sregs.cr4 & (1 << 12) != 0 { 5 } else { 4 };
-    let mut bytes = Vec::with_capacity(len as usize);
-    while (bytes.len() as u64) < len {
-        let at = address + bytes.len() as u64;
-        let physical = ram
-            .translate_with_levels(sregs.cr3, at, levels)
-            .ok_or_else(|| Error::Kernel(format!("the agent's buffer at {at:#x} is not mapped")))?;
-        let in_page = (0x1000 - (at & 0xfff)).min(len - bytes.len() as u64) as usize;
-        let mut chunk = vec![0; in_page];
-        ram.read(physical, &mut chunk)?;
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok(bytes)
-}
-
-/// Lets KVM finish the instruction of the last exit (an `in` or `out`) without running the
-/// guest further, so the state read next is after it.
-fn flush_io(vcpu: &mut VcpuFd) -> Result<()> {
-    vcpu.set_kvm_immediate_exit(1);
-    let result = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
-    match result {
-        Err(e) if e.errno() == libc::EINTR => Ok(()),
-        other => Err(Error::Flush(format!("{other:?}"))),
-    }
-}
-
-/// An exit, once the devices have had it.
-enum Handled {
-    Continue,
-    Interrupted,
-    Shutdown,
-    Debug(kvm_bindings::kvm_debug_exit_arch),
-    Agent(AgentCall),
-}
-
-/// Runs the vCPU to its next exit and gives port I/O to the devices.
-fn handle_exit(vcpu: &mut VcpuFd, uart: &mut Uart, cmos: &mut Cmos) -> Result<Handled> {
-    let handled = match vcpu.run() {
-        Ok(VcpuExit::IoOut(port, data)) => {
-            let value = data.first().copied().unwrap_or(0);
-            match port {
-                p if SERIAL_PORTS.contains(&p) => {
-                    // The only error is the IRQ eventfd's write failing: nothing to do.
-                    let _ = uart.write((p - SERIAL_BASE) as u8, value);
-                    Handled::Continue
-                }
-                Cmos::INDEX | Cmos::DATA => {
-                    cmos.write(port, value);
-                    Handled::Continue
-                }
-                _ => Handled::Continue,
-            }
-        }
-        Ok(VcpuExit::IoIn(port, data)) => {
-            // Nothing there: a floating ISA bus reads all ones.
-            data.fill(0xff);
-            match port {
-                p if SERIAL_PORTS.contains(&p) => data[0] = uart.read((p - SERIAL_BASE) as u8),
-                Cmos::INDEX | Cmos::DATA => data[0] = cmos.read(port),
-                _ => {}
-            }
-            Handled::Continue
-        }
-        Ok(VcpuExit::MmioWrite(AGENT_DOORBELL, data)) => {
-            let code = data.iter().rev().fold(0, |code, &b| (code << 8) | u32::from(b));
-            let regs = vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
-            Handled::Agent(AgentCall {
-                message: AgentMessage::from_code(code),
-                rdi: regs.rdi,
-                rsi: regs.rsi,
-            })
-        }
-        Ok(VcpuExit::MmioRead(_, data)) => {
-            data.fill(0xff);
-            Handled::Continue
-        }
-        Ok(VcpuExit::Shutdown) => Handled::Shutdown,
-        Ok(VcpuExit::Debug(debug)) => Handled::Debug(debug),
-        Ok(VcpuExit::FailEntry(reason, _)) => {
-            return Err(Error::Kernel(format!(
-                "KVM could not enter the guest (reason {reason:#x})"
-            )));
-        }
-        Ok(VcpuExit::InternalError) => {
-            return Err(Error::Kernel("KVM reported an internal error running the kernel".into()));
-        }
-        Ok(_) => Handled::Continue,
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Handled::Interrupted,
-        Err(e) => return Err(Error::kvm("KVM_RUN")(e)),
-    };
-    Ok(handled)
 }

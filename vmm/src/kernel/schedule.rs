@@ -181,6 +181,11 @@ impl KernelSchedule {
     pub fn is_kernel_schedule(text: &str) -> bool {
         text.contains(FORMAT)
     }
+
+    /// Whether the file at `path` is a kernel schedule; `false` if it cannot be read.
+    pub fn is_kernel_schedule_file(path: &std::path::Path) -> bool {
+        std::fs::read_to_string(path).is_ok_and(|text| Self::is_kernel_schedule(&text))
+    }
 }
 
 #[cfg(test)]

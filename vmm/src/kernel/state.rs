@@ -4,8 +4,16 @@
 //! page by page from KVM's dirty log, as for the built-in guest) and the vCPU's registers, its
 //! next run depends on the LAPIC (the timer), the PIC and IOAPIC, the PIT, KVM's clock and the
 //! MSRs (the TSC, the TSC deadline, kvmclock's and SYSCALL's MSRs). Every piece is restored at
-//! every reset, so that every run starts from the same machine: the same TSC, the same clock,
-//! the same pending timer.
+//! every reset, so that every run starts from the same machine: the same TSC and the same
+//! clock.
+//!
+//! With one exception, the timer: the kernel's tick would fire wherever the host's clock has
+//! got to, a different instruction in every run, and the runs would drift apart (a reproducer
+//! of the #DB-inside-NMI crash gave the same verdict 15 times in 20 with it). The LAPIC timer
+//! is restored disarmed (TSC deadline and initial count zero): a run lasts milliseconds and
+//! the kernel goes without its tick meanwhile. When the kernel does wait for its timer (it
+//! halts in its idle loop: `perf_event_open` waits for an RCU grace period), the VMM makes the
+//! timer fire at once ([`wake_timer`]): at the same instruction in every run.
 
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MP_STATE_RUNNABLE, Msrs,
@@ -54,8 +62,16 @@ impl MachineState {
             xsave: vcpu.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?,
             xcrs: vcpu.get_xcrs().map_err(Error::kvm("KVM_GET_XCRS"))?,
             debugregs: vcpu.get_debug_regs().map_err(Error::kvm("KVM_GET_DEBUGREGS"))?,
-            lapic: vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?,
-            msrs: restorable_msrs(kvm, vcpu)?,
+            lapic: without_timer(vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?),
+            msrs: restorable_msrs(kvm, vcpu)?
+                .into_iter()
+                .map(|mut msr| {
+                    if msr.index == MSR_IA32_TSC_DEADLINE {
+                        msr.data = 0;
+                    }
+                    msr
+                })
+                .collect(),
             irqchips,
             pit: vm.get_pit2().map_err(Error::kvm("KVM_GET_PIT2"))?,
             clock,
@@ -110,6 +126,44 @@ impl MachineState {
         vcpu.set_mp_state(runnable).map_err(Error::kvm("KVM_SET_MP_STATE"))?;
         Ok(pages)
     }
+}
+
+/// The TSC.
+const MSR_IA32_TSC: u32 = 0x10;
+/// The TSC-deadline MSR: the LAPIC timer's next expiry in TSC-deadline mode (0: disarmed).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The LAPIC's initial-count register (one-shot and periodic modes; 0: stopped).
+const APIC_TMICT: usize = 0x380;
+
+/// `lapic` with its timer stopped.
+fn without_timer(mut lapic: kvm_lapic_state) -> kvm_lapic_state {
+    lapic.regs[APIC_TMICT..APIC_TMICT + 4].fill(0);
+    lapic
+}
+
+/// The LAPIC's timer register (LVTT): bits 18:17 are the mode, 10b TSC-deadline.
+const APIC_LVTT: usize = 0x320;
+
+/// Makes the LAPIC timer fire now, in whatever mode the kernel runs it.
+pub fn wake_timer(vcpu: &VcpuFd) -> Result<()> {
+    let mut lapic = vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?;
+    let register =
+        |at: usize| u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[at + i] as u8));
+    if (register(APIC_LVTT) >> 17) & 3 == 0b10 {
+        let mut tsc =
+            Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+                .map_err(|e| Error::Kernel(format!("cannot build the MSR list: {e:?}")))?;
+        vcpu.get_msrs(&mut tsc).map_err(Error::kvm("KVM_GET_MSRS"))?;
+        let now = tsc.as_slice()[0].data;
+        return set_msrs(
+            vcpu,
+            &[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: now, ..Default::default() }],
+        );
+    }
+    for (i, byte) in 1u32.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[APIC_TMICT + i] = byte as _;
+    }
+    vcpu.set_lapic(&lapic).map_err(Error::kvm("KVM_SET_LAPIC"))
 }
 
 fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {

@@ -112,13 +112,22 @@ impl fmt::Display for KernelVerdict {
     }
 }
 
-/// The first console line that is a finding, if any.
+/// The first console line that is a finding, if any, without printk's timestamp (which
+/// differs from run to run and would make one finding many).
 pub fn console_finding(lines: &[String]) -> Option<&str> {
     lines
         .iter()
         .filter(|line| !EXPECTED_CONSOLE.iter().any(|e| line.contains(e)))
         .find(|line| CONSOLE_FINDINGS.iter().any(|f| line.contains(f)))
-        .map(String::as_str)
+        .map(|line| without_timestamp(line))
+}
+
+/// `line` without a leading `[    4.499121] `.
+fn without_timestamp(line: &str) -> &str {
+    match line.strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
+        Some((stamp, rest)) if stamp.trim().parse::<f64>().is_ok() => rest,
+        _ => line,
+    }
 }
 
 /// The lost-NMI oracle: every delivered NMI must be followed by a pass of the kernel's
@@ -151,6 +160,8 @@ mod tests {
         .into();
         assert_eq!(console_finding(&lines[..2]), None);
         assert_eq!(console_finding(&lines), Some(lines[2].as_str()));
+        let stamped = vec!["[    4.499121] Kernel panic - not syncing: x".to_owned()];
+        assert_eq!(console_finding(&stamped), Some("Kernel panic - not syncing: x"));
     }
 
     #[test]
