@@ -136,22 +136,24 @@ fn kvm_an_nmi_in_the_syscall_gap_is_delivered_handled_and_returns() {
         r#"[{"at": "entry_SYSCALL_64", "occurrence": 2}]"#,
     );
     // A hardware watchpoint on nmi_state: exc_nmi reads it before it clears DR7, so the CPU
-    // raises #DB inside the NMI's handling, and the #DB's IRET opens NMIs again.
+    // raises #DB inside the NMI's handling, and the #DB's IRET opens NMIs again. The NMI comes
+    // at the second system call: the first is the watchpoint's perf_event_open.
     let watch = schedule(
         &dir,
         "watch.json",
         &kernel,
         r#"[{"watch": {"per_cpu": "nmi_state"}}, {"syscall": 1}]"#,
-        r#"[{"at": "entry_SYSCALL_64", "occurrence": 1}]"#,
+        r#"[{"at": "entry_SYSCALL_64", "occurrence": 2}]"#,
     );
     let out = nmifuzz(&["replay", "--trace", gap.to_str().unwrap(), watch.to_str().unwrap()]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("NMI injected at entry_SYSCALL_64 (execution 2)"), "{stdout}");
     assert!(
-        stdout.contains("NMI delivered (depth 0): interrupted entry_SYSCALL_64 with RSP"),
+        stdout.contains("NMI delivered: interrupted entry_SYSCALL_64 with RSP 0xfffffe"),
         "{stdout}"
     );
+    assert!(stdout.contains("(on the NMI stack)"), "{stdout}");
     assert!(stdout.contains("NMI returned to entry_SYSCALL_64\n"), "{stdout}");
     assert!(stdout.contains("#DB raised by the kernel's watchpoint"), "{stdout}");
     assert!(stdout.contains("after exc_nmi+"), "the #DB came inside the NMI: {stdout}");

@@ -115,6 +115,14 @@ fn operation(rand: &mut impl Rand) -> Operation {
     }
 }
 
+/// Drops every watchpoint after the first: the VMM mirrors one (`vmm::kernel`'s `exec`), and
+/// a second would be armed in the kernel but never fire.
+fn keep_first_watch(operations: &mut Vec<Operation>) {
+    let mut seen = false;
+    operations
+        .retain(|op| !matches!(op, Operation::Watch(_)) || !std::mem::replace(&mut seen, true));
+}
+
 fn nmi(points: &Points, rand: &mut impl Rand) -> NmiPoint {
     NmiPoint { at: points.pick(rand), occurrence: small(rand) }
 }
@@ -135,7 +143,8 @@ impl<'p> KernelGenerator<'p> {
 impl<S: HasRand> Generator<KernelInput, S> for KernelGenerator<'_> {
     fn generate(&mut self, state: &mut S) -> Result<KernelInput, Error> {
         let rand = state.rand_mut();
-        let operations = (0..1 + rand.below_or_zero(4)).map(|_| operation(rand)).collect();
+        let mut operations = (0..1 + rand.below_or_zero(4)).map(|_| operation(rand)).collect();
+        keep_first_watch(&mut operations);
         let nmis = (0..1 + rand.below_or_zero(3)).map(|_| nmi(self.points, rand)).collect();
         Ok(KernelInput(KernelSchedule {
             format: FORMAT.into(),
@@ -209,6 +218,7 @@ impl<S: HasRand> Mutator<KernelInput, S> for KernelMutator {
         for _ in 0..1 + rand.below_or_zero(4) {
             changed |= self.edit(&mut input.0, rand);
         }
+        keep_first_watch(&mut input.0.operations);
         input.0.description = "mutated".into();
         Ok(if changed { MutationResult::Mutated } else { MutationResult::Skipped })
     }
@@ -258,6 +268,9 @@ mod tests {
             schedule.validate().unwrap();
             assert!(schedule.nmis.iter().all(|n| all.contains(&&n.at)), "{:?}", schedule.nmis);
             assert!(schedule.operations.len() <= MAX_OPERATIONS);
+            keep_first_watch(&mut schedule.operations);
+            let watches = schedule.operations.iter().filter(|o| matches!(o, Operation::Watch(_)));
+            assert!(watches.count() <= 1);
         }
     }
 

@@ -9,8 +9,9 @@
 //! - DR1, the NMI entry (`asm_exc_nmi`): every delivery stops there, so the host knows each
 //!   one, what it interrupted (the hardware frame on the NMI stack) and the kernel's NMI count
 //!   at that moment.
-//! - DR2, the return watch: the instruction the outermost NMI interrupted. When it runs again
-//!   with the same RSP, the NMI has returned, and CS, SS and RFLAGS must be what they were.
+//! - DR2, the return watch: the ring-0 instruction the outermost NMI interrupted. When it runs
+//!   again with the same RSP, the NMI has returned, and CS, SS and RFLAGS must be what they
+//!   were. (Returns to ring 3 are judged by the agent's register checks.)
 //! - DR3, the guest's own watchpoint, mirrored: while the VMM debugs the guest, KVM gives the
 //!   CPU the VMM's debug registers instead of the guest's, so the agent's `perf_event_open`
 //!   breakpoint would never fire. The VMM watches the same address and, when the kernel
@@ -40,6 +41,9 @@ use crate::hash::Fnv1a;
 /// restored disarmed and fires only when the kernel waits for it).
 const IDLE_CHECK: Duration = Duration::from_millis(20);
 
+/// The size of Linux's NMI stack (EXCEPTION_STKSZ), what its stack test compares with.
+const NMI_STACK_BYTES: u64 = 4096;
+
 /// RFLAGS.RF, the resume flag.
 const RF: u64 = 1 << 16;
 /// RFLAGS bits a correct return need not restore: bit 1 (always one), TF and RF.
@@ -56,7 +60,8 @@ pub struct Delivery {
     pub rip: u64,
     /// The interrupted RSP.
     pub rsp: u64,
-    /// NMIs being handled when it came (0: the outermost).
+    /// 1 when the interrupted RSP was on the NMI stack: a nested NMI, or one the kernel's
+    /// stack test takes for nested (RSP on the NMI stack in the SYSCALL gap); else 0.
     pub depth: u32,
     /// The kernel's NMI count at the delivery.
     pub nmi_count: u32,
@@ -344,12 +349,14 @@ impl KernelVm {
             self.write_virtual(rsp + 16, &rflags.to_le_bytes())?;
             run.out.trace.push("(RF in the NMI's frame cleared, for the return watch)".into());
         }
-        let depth = u32::from(run.watch.is_some());
+        let top = self.facts.nmi_stack_top;
+        let depth = u32::from((top - NMI_STACK_BYTES..=top).contains(&old_rsp));
         let interrupted = self.symbols.describe(rip);
         let nmi_count = self.nmi_count();
         run.out.trace.push(format!(
-            "NMI delivered (depth {depth}): interrupted {interrupted} with RSP {old_rsp:#x}, CS \
-             {cs:#x}, SS {ss:#x}, RFLAGS {rflags:#x}; kernel NMI count {nmi_count}"
+            "NMI delivered: interrupted {interrupted} with RSP {old_rsp:#x}{}, CS {cs:#x}, SS \
+             {ss:#x}, RFLAGS {rflags:#x}; kernel NMI count {nmi_count}",
+            if depth == 1 { " (on the NMI stack)" } else { "" }
         ));
         run.out.trace.extend(self.stack_diagram(rsp));
         run.feature(&[b"delivery", interrupted.as_bytes(), &depth.to_le_bytes()]);
@@ -360,7 +367,10 @@ impl KernelVm {
             depth,
             nmi_count,
         });
-        if run.watch.is_none() {
+        // An NMI that interrupted ring 3 is judged by the agent, which checks every register
+        // after it: on the emulated kvm_amd the breakpoint at a ring-3 instruction never
+        // stopped the return (not understood; returns to ring 0 stop as they should).
+        if run.watch.is_none() && cs & 3 == 0 {
             run.watch = Some(ReturnWatch { rip, rsp: old_rsp, cs, rflags, ss, interrupted });
         }
         Ok(())
