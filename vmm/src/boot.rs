@@ -45,7 +45,7 @@ pub fn write_boot_tables(ram: &mut GuestRam) -> Result<()> {
 }
 
 /// Decodes a GDT entry into the segment KVM wants (Firecracker's `kvm_segment_from_gdt`).
-fn segment(entry: u64, index: u16) -> kvm_segment {
+pub(crate) fn segment(entry: u64, index: u16) -> kvm_segment {
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let granular = (entry >> 55) & 1 == 1;
     let present = ((entry >> 47) & 1) as u8;

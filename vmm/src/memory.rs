@@ -166,9 +166,25 @@ impl GuestRam {
         Ok(dirty)
     }
 
+    /// Copies back from `image`, a full copy of guest memory, every page written since the last
+    /// [`GuestRam::take_dirty_pages`]; returns how many.
+    pub fn restore_dirty_pages(&mut self, vm: &VmFd, image: &[u8]) -> Result<usize> {
+        let dirty = self.take_dirty_pages(vm)?;
+        let mut pages = 0;
+        for (word_index, mut word) in dirty.into_iter().enumerate() {
+            while word != 0 {
+                let bit = word.trailing_zeros() as u64;
+                word &= word - 1;
+                self.restore_page(word_index as u64 * 64 + bit, image)?;
+                pages += 1;
+            }
+        }
+        Ok(pages)
+    }
+
     /// Copies page `page` back from `image`, a full copy of guest memory, without marking it
     /// as host-written: it is being restored, not changed.
-    pub fn restore_page(&self, page: u64, image: &[u8]) -> Result<()> {
+    fn restore_page(&self, page: u64, image: &[u8]) -> Result<()> {
         let start = page * PAGE_SIZE;
         let src = image
             .get(start as usize..(start + PAGE_SIZE) as usize)

@@ -55,16 +55,7 @@ impl Snapshot {
     /// Restores memory now and queues the register state for the next KVM_RUN. Returns the
     /// number of pages restored.
     pub fn restore(&self, vm: &VmFd, vcpu: &mut VcpuFd, ram: &mut GuestRam) -> Result<usize> {
-        let dirty = ram.take_dirty_pages(vm)?;
-        let mut pages = 0;
-        for (word_index, mut word) in dirty.into_iter().enumerate() {
-            while word != 0 {
-                let bit = word.trailing_zeros() as u64;
-                word &= word - 1;
-                ram.restore_page(word_index as u64 * 64 + bit, &self.memory)?;
-                pages += 1;
-            }
-        }
+        let pages = ram.restore_dirty_pages(vm, &self.memory)?;
         let sync = vcpu.sync_regs_mut();
         sync.regs = self.regs;
         sync.sregs = self.sregs;

@@ -3,12 +3,13 @@
 //! (`arch/x86_64/{regs,msr,interrupts}.rs`, `cpu_config/x86_64/cpuid/normalize.rs`).
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::boot::{GDT, GDT_CODE, GDT_DATA, GDT_TSS};
 use super::layout::{BOOT_GDT, BOOT_IDT, BOOT_STACK, PML4, ZERO_PAGE};
+use crate::boot::segment;
 use crate::error::{Error, Result};
 
 /// CR0: PE, MP, ET, NE, WP, AM, PG (what the kernel itself sets in `CR0_STATE`).
@@ -128,35 +129,13 @@ fn setup_lint(vcpu: &VcpuFd) -> Result<()> {
     vcpu.set_lapic(&lapic).map_err(Error::kvm("KVM_SET_LAPIC"))
 }
 
-/// Decodes a GDT entry into the segment KVM wants (Firecracker's `kvm_segment_from_gdt`).
-fn segment(entry: u64, index: usize) -> kvm_segment {
-    let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
-    let granular = (entry >> 55) & 1 == 1;
-    let present = ((entry >> 47) & 1) as u8;
-    kvm_segment {
-        base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
-        limit: if granular { (limit << 12) | 0xfff } else { limit },
-        selector: (index * 8) as u16,
-        type_: ((entry >> 40) & 0xf) as u8,
-        present,
-        dpl: ((entry >> 45) & 3) as u8,
-        db: ((entry >> 54) & 1) as u8,
-        s: ((entry >> 44) & 1) as u8,
-        l: ((entry >> 53) & 1) as u8,
-        g: granular as u8,
-        avl: ((entry >> 52) & 1) as u8,
-        unusable: (present == 0) as u8,
-        padding: 0,
-    }
-}
-
 /// Long mode with paging on the identity map, flat segments from the boot GDT.
 fn setup_sregs(vcpu: &VcpuFd) -> Result<()> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-    let data = segment(GDT[GDT_DATA], GDT_DATA);
-    sregs.cs = segment(GDT[GDT_CODE], GDT_CODE);
+    let data = segment(GDT[GDT_DATA], GDT_DATA as u16);
+    sregs.cs = segment(GDT[GDT_CODE], GDT_CODE as u16);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-    sregs.tr = segment(GDT[GDT_TSS], GDT_TSS);
+    sregs.tr = segment(GDT[GDT_TSS], GDT_TSS as u16);
     sregs.gdt.base = BOOT_GDT;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = BOOT_IDT;
@@ -174,11 +153,11 @@ mod tests {
 
     #[test]
     fn boot_segments_match_the_boot_protocol() {
-        let cs = segment(GDT[GDT_CODE], GDT_CODE);
+        let cs = segment(GDT[GDT_CODE], GDT_CODE as u16);
         assert_eq!((cs.selector, cs.type_, cs.l, cs.db, cs.g, cs.present), (0x10, 0xb, 1, 0, 1, 1));
-        let ds = segment(GDT[GDT_DATA], GDT_DATA);
+        let ds = segment(GDT[GDT_DATA], GDT_DATA as u16);
         assert_eq!((ds.selector, ds.type_, ds.db, ds.s, ds.limit), (0x18, 3, 1, 1, 0xffff_ffff));
-        let tr = segment(GDT[GDT_TSS], GDT_TSS);
+        let tr = segment(GDT[GDT_TSS], GDT_TSS as u16);
         assert_eq!((tr.selector, tr.type_, tr.s), (0x20, 0xb, 0));
     }
 }

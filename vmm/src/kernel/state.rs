@@ -95,16 +95,7 @@ impl MachineState {
 
     /// Puts the machine back. Returns the number of memory pages restored.
     pub fn restore(&self, vm: &VmFd, vcpu: &VcpuFd, ram: &mut GuestRam) -> Result<usize> {
-        let dirty = ram.take_dirty_pages(vm)?;
-        let mut pages = 0;
-        for (word_index, mut word) in dirty.into_iter().enumerate() {
-            while word != 0 {
-                let bit = word.trailing_zeros() as u64;
-                word &= word - 1;
-                ram.restore_page(word_index as u64 * 64 + bit, &self.memory)?;
-                pages += 1;
-            }
-        }
+        let pages = ram.restore_dirty_pages(vm, &self.memory)?;
         for chip in &self.irqchips {
             vm.set_irqchip(chip).map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
         }
