@@ -49,7 +49,8 @@ impl KernelTarget {
             system_map: system_map.map(|m| absolute(m).display().to_string()),
             hash: format!("{:016x}", fnv1a(&image)),
         };
-        println!(
+        // Progress on stderr: stdout is for results (`replay --json` prints one object a line).
+        eprintln!(
             "INFO: booting {} ({} KiB, fnv1a {}) with the nmifuzz agent as /init ...",
             kernel.display(),
             image.len() >> 10,
@@ -61,7 +62,7 @@ impl KernelTarget {
         let vm =
             KernelVm::boot(&config).with_context(|| format!("booting {}", kernel.display()))?;
         let facts = vm.facts();
-        println!(
+        eprintln!(
             "INFO: booted to the agent in {:.1} s; {} symbols from {}; {}-level paging; NMI stack \
              top {:#x}; snapshot {} MiB",
             started.elapsed().as_secs_f64(),
